@@ -1,0 +1,59 @@
+"""Batch backends: each declares how to submit, poll and cancel; nothing else knows
+which scheduler is behind a job. Loaded by name through hpcmove.plugins."""
+import time
+from dataclasses import dataclass, field
+
+# Scheduler states in which a job may still run (Slurm's names; other backends map to them).
+ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING",
+                    "COMPLETING", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT",
+                    "STOPPED", "UNKNOWN"})
+
+
+@dataclass
+class SubmitSpec:
+    """What a backend needs to start one job's chain."""
+
+    jobdir: bytes
+    scripts: dict  # name -> path of the rendered script ('transfer.sh' may be absent)
+    n_tasks: int
+    stripe_width: int
+    dependency: str = ""  # sbatch syntax, applies to the transfer step
+    logs: dict = field(default_factory=dict)  # name -> output path pattern
+
+
+@dataclass
+class Submitted:
+    array_id: str | None
+    final_id: str
+
+
+class Backend:
+    """Base of every backend. Subclasses set `name` and implement the four calls."""
+
+    name = "base"
+
+    def submit(self, spec):
+        """Start the transfer array and the dependent final job; return their ids."""
+        raise NotImplementedError
+
+    def poll(self, ids):
+        """{id: state} for many ids in one query; an unknown id maps to 'UNKNOWN'."""
+        raise NotImplementedError
+
+    def cancel(self, ids):
+        raise NotImplementedError
+
+    def task_states(self, array_id):
+        """{task index: (state, node)} of the array's tasks, for reasons of the dead."""
+        raise NotImplementedError
+
+    def wait_gone(self, ids, timeout=120.0):
+        """Block until none of `ids` can still run (after cancel); True if so in time."""
+        deadline, delay = time.monotonic() + timeout, 0.2
+        while time.monotonic() < deadline:
+            polled = self.poll(ids)
+            if not any(polled.get(i, "UNKNOWN") in ACTIVE - {"UNKNOWN"} for i in ids):
+                return True
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        return False

@@ -1,0 +1,62 @@
+"""The embedded default: the same rendered scripts run as detached local processes.
+
+A runner process (hpcmove.backends.local_runner) runs the array tasks, at most
+stripe-width at a time, then the finalize script whatever the tasks' outcome
+(afterany, as on Slurm). Its id is 'local-PID'; it keeps its state in a small
+JSON file under the data directory, which poll reads.
+"""
+import os
+import signal
+import subprocess
+import sys
+
+from ..errors import SchedulerError, UsageError
+from . import Backend, Submitted
+from .local_runner import pid_of, read_state
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def submit(self, spec):
+        if spec.dependency:
+            raise UsageError("--dependency needs a batch system; the local backend has none")
+        argv = [sys.executable, "-m", "hpcmove.backends.local_runner", "spawn",
+                os.fsdecode(spec.jobdir), str(spec.n_tasks), str(spec.stripe_width)]
+        done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise SchedulerError(argv, done.returncode, done.stdout, done.stderr)
+        job_id = done.stdout.strip()
+        return Submitted(job_id if spec.n_tasks else None, job_id)
+
+    def poll(self, ids):
+        out = {}
+        for job_id in filter(None, ids):
+            state = read_state(job_id)
+            if "final" in state:
+                out[job_id] = "COMPLETED" if state["final"] == 0 else "FAILED"
+            elif _alive(pid_of(job_id)):
+                out[job_id] = "RUNNING"
+            else:
+                out[job_id] = "CANCELLED" if state.get("cancelled") else "FAILED"
+        return out
+
+    def cancel(self, ids):
+        for job_id in set(filter(None, ids)):
+            try:
+                os.killpg(pid_of(job_id), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def task_states(self, array_id):
+        tasks = read_state(array_id).get("tasks", {})
+        return {int(t): ("COMPLETED" if rc == 0 else f"FAILED (exit {rc})", "localhost")
+                for t, rc in tasks.items()}

@@ -1,0 +1,158 @@
+"""Slurm through its command-line tools (sbatch, squeue, sacct, scancel), via `sh`.
+
+Argument lists only; one squeue and at most one sacct call per poll, whatever the
+number of jobs; a failed command raises SchedulerError with its full output.
+"""
+import os
+import re
+
+import sh
+
+from ..errors import SchedulerError
+from . import ACTIVE, Backend, Submitted
+
+_ARRAY_RANGE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
+
+
+def run(command, *args):
+    """Run a Slurm command; stdout as text, or SchedulerError explaining the failure."""
+    argv = [command, *[os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args]]
+    try:
+        return str(sh.Command(command)(*argv[1:], _env=dict(os.environ), _tty_out=False))
+    except sh.CommandNotFound as e:
+        raise SchedulerError(argv, 127, "", f"{command}: command not found") from e
+    except sh.ErrorReturnCode as e:
+        raise SchedulerError(argv, e.exit_code, e.stdout.decode(errors="replace"),
+                             e.stderr.decode(errors="replace")) from e
+
+
+def available():
+    try:
+        run("sinfo", "--version")
+        run("squeue", "--noheader", "--me", "--format=%i")
+        return True
+    except SchedulerError:
+        return False
+
+
+def _state(text):
+    # sacct prints "CANCELLED by 1001"; squeue prints plain names.
+    return text.split()[0].rstrip("+") if text.strip() else "UNKNOWN"
+
+
+def _expand(spec):
+    """'0-3,7' (array task list, maybe with %N) -> [0, 1, 2, 3, 7]."""
+    out = []
+    for part in spec.split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _parse_rows(text):
+    """'JobID|State|NodeList' rows -> [(job id, task or None, state, nodes)]."""
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        jobid, state, nodes = (line.split("|") + ["", ""])[:3]
+        m = _ARRAY_RANGE.match(jobid)
+        if m:
+            rows.extend((m.group(1), t, _state(state), nodes) for t in _expand(m.group(2)))
+        elif "_" in jobid:
+            base, task = jobid.split("_", 1)
+            rows.append((base, int(task), _state(state), nodes))
+        elif "." not in jobid:
+            rows.append((jobid, None, _state(state), nodes))
+    return rows
+
+
+def _parse_squeue(text):
+    """'ArrayJobID|ArrayTaskID|State|NodeList' rows (task 'N/A' outside arrays)."""
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        jobid, tasks, state, nodes = (line.split("|") + ["", "", ""])[:4]
+        if tasks in ("N/A", ""):
+            rows.append((jobid, None, _state(state), nodes))
+        else:
+            rows.extend((jobid, t, _state(state), nodes) for t in _expand(tasks))
+    return rows
+
+
+def _overall(states):
+    """One state for a job from its tasks' states: active wins, then failures."""
+    if not states:
+        return "UNKNOWN"
+    for s in states:
+        if s in ACTIVE and s != "UNKNOWN":
+            return s
+    if all(s == "COMPLETED" for s in states):
+        return "COMPLETED"
+    return next(s for s in states if s != "COMPLETED")
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    def submit(self, spec):
+        array_id = None
+        if "transfer.sh" in spec.scripts:
+            args = ["--parsable", f"--output={os.fsdecode(spec.logs['transfer'])}"]
+            if spec.dependency:
+                args += [f"--dependency={spec.dependency}", "--kill-on-invalid-dep=yes"]
+            array_id = self._sbatch(*args, spec.scripts["transfer.sh"])
+        args = ["--parsable", f"--output={os.fsdecode(spec.logs['finalize'])}"]
+        if array_id:
+            # afterany: finalize runs also when tasks failed, to record why and clean up;
+            # it then exits non-zero so afterok chains on it never start.
+            args.append(f"--dependency=afterany:{array_id}")
+        elif spec.dependency:
+            args += [f"--dependency={spec.dependency}", "--kill-on-invalid-dep=yes"]
+        try:
+            final_id = self._sbatch(*args, spec.scripts["finalize.sh"])
+        except SchedulerError:
+            if array_id:
+                self.cancel([array_id])
+            raise
+        return Submitted(array_id, final_id)
+
+    @staticmethod
+    def _sbatch(*args):
+        return run("sbatch", *args).strip().split(";")[0]
+
+    def _rows(self, ids):
+        """Rows for `ids`: live ones from squeue, the rest from accounting."""
+        ids = [str(i) for i in ids if i]
+        if not ids:
+            return []
+        try:
+            rows = _parse_squeue(run("squeue", "--noheader", "--array", "--states=all",
+                                     f"--jobs={','.join(ids)}", "--format=%F|%K|%T|%N"))
+        except SchedulerError:
+            rows = []  # squeue refuses a list in which every id has left its memory
+        seen = {r[0] for r in rows}
+        missing = [i for i in ids if i not in seen]
+        if missing:
+            try:
+                rows += _parse_rows(run("sacct", "--noheader", "--parsable2", "--allocations",
+                                        f"--jobs={','.join(missing)}",
+                                        "--format=JobID,State,NodeList"))
+            except SchedulerError:
+                pass  # no accounting at this site: what squeue knows is all there is
+        return rows
+
+    def poll(self, ids):
+        by_job = {}
+        for job, _task, state, _nodes in self._rows(ids):
+            by_job.setdefault(job, []).append(state)
+        return {str(i): _overall(by_job.get(str(i), [])) for i in ids if i}
+
+    def cancel(self, ids):
+        ids = [str(i) for i in ids if i]
+        if ids:
+            run("scancel", *ids)
+
+    def task_states(self, array_id):
+        return {t: (s, n) for j, t, s, n in self._rows([array_id]) if t is not None}

@@ -1,0 +1,236 @@
+"""The job database: peewee models, connection and state transitions.
+
+SQLite by default (under the user's data directory, 0600 in a 0700 directory);
+HPCMOVE_DB takes any playhouse.db_url URL (e.g. postgresql://host/db).
+Array tasks on many nodes write at once: SQLite transactions start IMMEDIATE
+under a long busy timeout so concurrent writers queue instead of failing.
+"""
+import os
+import time
+from urllib.parse import urlparse
+
+import peewee as pw
+from playhouse import db_url
+
+from . import states
+from .errors import DatabaseError, IllegalTransition
+from .paths import data_dir
+
+proxy = pw.DatabaseProxy()
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 120_000
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = proxy
+
+
+class Job(BaseModel):
+    token = pw.CharField(unique=True)
+    owner = pw.CharField()
+    state = pw.CharField(default=states.SUBMITTED, index=True)
+    reason = pw.TextField(default="")
+    backend = pw.CharField()
+    jobdir = pw.BlobField()
+    array_id = pw.CharField(null=True)
+    final_id = pw.CharField(null=True, index=True)
+    move = pw.BooleanField(default=False)
+    stripe_width = pw.IntegerField()
+    slice_size = pw.BigIntegerField()
+    n_tasks = pw.IntegerField()
+    bytes_total = pw.BigIntegerField()
+    created = pw.DoubleField(default=time.time)
+    finished = pw.DoubleField(null=True)
+    options = pw.TextField(default="{}")
+
+    @property
+    def label(self):
+        return f"hm-{self.id}"
+
+
+class File(BaseModel):
+    job = pw.ForeignKeyField(Job, backref="files", on_delete="CASCADE")
+    index = pw.IntegerField()
+    kind = pw.CharField()
+    src = pw.BlobField()
+    dst = pw.BlobField()
+    spool = pw.BlobField()
+    size = pw.BigIntegerField(default=0)
+    mode = pw.IntegerField(default=0)
+    mtime_ns = pw.BigIntegerField(default=0)
+    link_target = pw.BlobField(null=True)
+    link_to = pw.IntegerField(default=-1)
+    state = pw.CharField(default=states.SUBMITTED)
+    reason = pw.TextField(default="")
+    checksum = pw.CharField(default="")
+
+    class Meta:
+        indexes = ((("job", "index"), True),)
+
+
+class Slice(BaseModel):
+    job = pw.ForeignKeyField(Job, backref="slices", on_delete="CASCADE")
+    file = pw.ForeignKeyField(File, backref="slices", on_delete="CASCADE")
+    index = pw.IntegerField()
+    offset = pw.BigIntegerField()
+    length = pw.BigIntegerField()
+    task = pw.IntegerField()
+    state = pw.CharField(default=states.SUBMITTED)
+    host = pw.CharField(default="")
+    attempts = pw.IntegerField(default=0)
+    seconds = pw.DoubleField(default=0.0)
+    src_digest = pw.CharField(default="")
+    dst_digest = pw.CharField(default="")
+    reason = pw.TextField(default="")
+
+    class Meta:
+        indexes = ((("file", "index"), True), (("job", "task"), False))
+
+
+class Event(BaseModel):
+    job = pw.ForeignKeyField(Job, backref="events", on_delete="CASCADE")
+    time = pw.DoubleField(default=time.time)
+    kind = pw.CharField()
+    message = pw.TextField(default="")
+
+
+class SchemaVersion(BaseModel):
+    version = pw.IntegerField()
+
+
+MODELS = (Job, File, Slice, Event, SchemaVersion)
+
+
+def default_url():
+    return os.environ.get("HPCMOVE_DB") or "sqlite:///" + os.path.join(data_dir(), "hpcmove.db")
+
+
+def connect(url=None):
+    """Open the database named by `url` (default: HPCMOVE_DB, else SQLite in the data dir),
+    create or upgrade the schema, and bind the models to it. Returns the url used."""
+    url = url or default_url()
+    parsed = urlparse(url)
+    try:
+        if parsed.scheme.startswith("sqlite"):
+            path = parsed.path
+            if path and path != "/:memory:":
+                _private_file(path)
+            db = db_url.connect(url, lock_type="IMMEDIATE", pragmas={
+                "busy_timeout": BUSY_TIMEOUT_MS, "foreign_keys": 1})
+        else:
+            db = db_url.connect(url)
+        proxy.initialize(db)
+        db.connect(reuse_if_open=True)
+        _migrate(db)
+    except pw.DatabaseError as e:
+        raise DatabaseError(f"cannot use the job database {_redact(url)}: {e}") from e
+    return url
+
+
+def close():
+    if proxy.obj is not None and not proxy.is_closed():
+        proxy.close()
+
+
+def _redact(url):
+    p = urlparse(url)
+    return url.replace(p.password, "***") if p.password else url
+
+
+def _private_file(path):
+    """The SQLite file and its directory are the user's alone (0600 in 0700)."""
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+# Numbered migrations: index i upgrades schema version i to i + 1.
+MIGRATIONS = []
+
+
+def _migrate(db):
+    with db.atomic():
+        if not db.table_exists(SchemaVersion._meta.table_name):
+            db.create_tables(MODELS, safe=True)
+            SchemaVersion.create(version=SCHEMA_VERSION)
+            return
+        row = SchemaVersion.select().order_by(SchemaVersion.version.desc()).first()
+        version = row.version if row else 0
+        if version > SCHEMA_VERSION:
+            raise DatabaseError(f"database schema {version} is newer than this hpcmove "
+                                f"({SCHEMA_VERSION}); upgrade hpcmove")
+        for step in MIGRATIONS[version - 1:]:
+            step(db)
+            version += 1
+            SchemaVersion.create(version=version)
+
+
+def atomic():
+    return proxy.atomic()
+
+
+# --- state transitions -----------------------------------------------------------
+
+def set_job_state(job, new, reason=None):
+    """Move `job` to `new` if the table allows it from its current state in the database.
+    Raises IllegalTransition otherwise. Returns the refreshed job."""
+    with atomic():
+        current = Job.get_by_id(job.id)
+        if current.state == new:
+            return current
+        states.check("job", current.state, new)
+        fields = {Job.state: new}
+        if reason is not None:
+            fields[Job.reason] = reason
+        if new in states.JOB_TERMINAL:
+            fields[Job.finished] = time.time()
+        Job.update(fields).where(Job.id == job.id).execute()
+        Event.create(job=job.id, kind="state", message=f"{current.state} -> {new}"
+                     + (f": {reason}" if reason else ""))
+    return Job.get_by_id(job.id)
+
+
+def try_job_state(job_id, new):
+    """Move the job to `new` only where the table allows it from the current state;
+    silently nothing otherwise (for 'first task started' style updates)."""
+    return (Job.update(state=new)
+            .where(Job.id == job_id, Job.state.in_(states.sources_of("job", new)))
+            .execute())
+
+
+def bulk_state(model, kind, query_filter, new, **fields):
+    """Set `new` on every row matching the filter whose state allows it; returns the count."""
+    values = {model.state: new}
+    values.update({getattr(model, k): v for k, v in fields.items()})
+    return (model.update(values)
+            .where(query_filter, model.state.in_(states.sources_of(kind, new)))
+            .execute())
+
+
+def event(job_id, kind, message):
+    Event.create(job=job_id, kind=kind, message=message)
+
+
+def insert_plan(job, plan):
+    """Record every entry and slice of `plan` under `job`, in one transaction."""
+    with atomic():
+        rows = [dict(job=job.id, index=e.index, kind=e.kind, src=e.src, dst=e.dst,
+                     spool=e.spool, size=e.size, mode=e.mode, mtime_ns=e.mtime_ns,
+                     link_target=e.link_target, link_to=e.link_to) for e in plan.entries]
+        for batch in pw.chunked(rows, 500):
+            File.insert_many(batch).execute()
+        ids = dict(File.select(File.index, File.id).where(File.job == job.id).tuples())
+        rows = [dict(job=job.id, file=ids[s.entry], index=s.index, offset=s.offset,
+                     length=s.length, task=s.task) for s in plan.slices]
+        for batch in pw.chunked(rows, 500):
+            Slice.insert_many(batch).execute()
+        slice_ids = {(f_index, s_index): sid for sid, f_index, s_index in
+                     Slice.select(Slice.id, File.index, Slice.index).join(File)
+                     .where(Slice.job == job.id).tuples()}
+    return ids, slice_ids
+
+
+__all__ = ["Job", "File", "Slice", "Event", "connect", "close", "IllegalTransition"]

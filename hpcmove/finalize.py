@@ -1,0 +1,204 @@
+"""Runs in the job that depends on the transfer array: verify, rename into place, clean up.
+
+All or nothing: files are placed only when every slice of every file verified and
+no source changed since it was planned; otherwise nothing is placed, the spool is
+removed, the job ends Failed with reasons, and this exits 1 so that jobs chained
+with afterok never start.
+
+Usage (from the rendered finalize script): python -m hpcmove.finalize JOBDIR
+"""
+import os
+import shutil
+import sys
+
+import xxhash
+
+from . import db, plugins, states
+from .plan import DIR, FILE, HARDLINK, SYMLINK
+
+
+def file_checksum(slices):
+    """Whole-file checksum from the verified slice digests: a single slice is the plain
+    xxh3-128 of the data (what `xxhsum -H2` prints); more are hashed as a list."""
+    digests = [s.dst_digest for s in sorted(slices, key=lambda s: s.index)]
+    if len(digests) == 1:
+        return "xxh3_128:" + digests[0]
+    tree = xxhash.xxh3_128(b"".join(bytes.fromhex(d) for d in digests)).hexdigest()
+    return f"xxh3_128-tree/{slices[0].length}:{tree}"
+
+
+def _name(path):
+    return os.fsdecode(path)
+
+
+def slice_problem(s, tasks):
+    if s.state == states.DONE and s.src_digest and s.src_digest == s.dst_digest:
+        return None
+    if s.state == states.FAILED:
+        return s.reason
+    state, node = tasks.get(s.task, ("NOT RUN", ""))
+    where = f" on {node}" if node else ""
+    return (f"slice at offset {s.offset} was not copied: transfer task {s.task} "
+            f"ended {state}{where}")
+
+
+def source_problem(f):
+    try:
+        st = os.lstat(f.src)
+    except OSError as e:
+        return f"source vanished during transfer: {_name(f.src)} ({e.strerror})"
+    if f.kind == FILE and (st.st_size != f.size or st.st_mtime_ns != f.mtime_ns):
+        return f"source changed during transfer: {_name(f.src)}"
+    return None
+
+
+def check(job, files, slices_by_file):
+    """{file id: reason} for every file that may not be placed."""
+    tasks = None
+    problems = {}
+    for f in files:
+        if f.kind != FILE:
+            continue
+        reasons = []
+        for s in slices_by_file.get(f.id, []):
+            if s.state != states.DONE and tasks is None:
+                tasks = _task_states(job)
+            reason = slice_problem(s, tasks or {})
+            if reason:
+                reasons.append(reason)
+        reason = source_problem(f)
+        if reason:
+            reasons.append(reason)
+        if reasons:
+            problems[f.id] = f"{_name(f.src)}: " + "; ".join(dict.fromkeys(reasons))
+    return problems
+
+
+def _task_states(job):
+    if not job.array_id:
+        return {}
+    try:
+        return plugins.backend(job.backend).task_states(job.array_id)
+    except Exception as e:  # the reason is a courtesy; never let it hide the failure
+        return {-1: (f"unknown ({e})", "")}
+
+
+def _set_meta(path, f, symlink=False):
+    if not symlink:
+        os.chmod(path, f.mode)
+    os.utime(path, ns=(f.mtime_ns, f.mtime_ns), follow_symlinks=not symlink)
+
+
+def place(files, move):
+    """Create directories, rename spool files into place, make links; then directory
+    metadata deepest first (their mtimes change while entries are placed)."""
+    by_index = {f.index: f for f in files}
+    dirs = [f for f in files if f.kind == DIR]
+    for d in dirs:
+        os.makedirs(d.dst, mode=0o700, exist_ok=True)
+    for f in files:
+        tmp = os.path.join(f.spool, b"%d" % f.index)
+        if f.kind == FILE:
+            _set_meta(tmp, f)
+            if move:
+                _fsync(tmp)
+            os.rename(tmp, f.dst)
+        elif f.kind == SYMLINK:
+            os.symlink(f.link_target, tmp)
+            _set_meta(tmp, f, symlink=True)
+            os.rename(tmp, f.dst)
+        elif f.kind == HARDLINK:
+            os.link(by_index[f.link_to].dst, tmp)
+            os.rename(tmp, f.dst)
+    for d in sorted(dirs, key=lambda d: -d.dst.count(b"/")):
+        _set_meta(d.dst, d)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_sources(files):
+    """--move: sources go only after every copy is verified and in place."""
+    for f in files:
+        if f.kind != DIR:
+            os.unlink(f.src)
+    for d in sorted((f for f in files if f.kind == DIR), key=lambda d: -d.src.count(b"/")):
+        try:
+            os.rmdir(d.src)
+        except OSError:
+            pass  # something new appeared in it: leave it
+
+
+def remove_spools(files):
+    for spool in {f.spool for f in files}:
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def fail(job, files, problems):
+    failed = [f for f in files if f.id in problems]
+    with db.atomic():
+        for f in failed:
+            db.bulk_state(db.File, "file", db.File.id == f.id, states.FAILED, reason=problems[f.id])
+        others = [f.id for f in files if f.id not in problems]
+        for chunk in (others[i:i + 500] for i in range(0, len(others), 500)):
+            db.bulk_state(db.File, "file", db.File.id.in_(chunk), states.FAILED,
+                          reason="not placed: other files of the job failed")
+    first = problems[failed[0].id]
+    more = f" (and {len(failed) - 1} more failed files)" if len(failed) > 1 else ""
+    db.set_job_state(job, states.FAILED, reason=first + more)
+
+
+def finish(job, files, slices_by_file):
+    with db.atomic():
+        for f in files:
+            checksum = file_checksum(slices_by_file[f.id]) if f.kind == FILE else ""
+            db.File.update(state=states.DONE, reason="", checksum=checksum).where(
+                db.File.id == f.id).execute()
+    db.set_job_state(job, states.DONE)
+
+
+def run(path):
+    db.connect()
+    job = db.Job.get(db.Job.jobdir == path)
+    files = list(job.files.order_by(db.File.index))
+    if job.state in (states.CANCELLING, states.CANCELLED):
+        remove_spools(files)
+        return 1
+    slices_by_file = {}
+    for s in db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.index):
+        slices_by_file.setdefault(s.file_id, []).append(s)
+    problems = check(job, files, slices_by_file)
+    if not problems:
+        try:
+            place(files, job.move)
+        except OSError as e:
+            problems = {files[0].id: f"cannot place into destination: {e}"}
+            bad = next((f for f in files if os.fsencode(e.filename or b"") in (f.dst,)), None)
+            if bad is not None:
+                problems = {bad.id: f"{_name(bad.dst)}: cannot place: {e.strerror}"}
+    if problems:
+        remove_spools(files)
+        fail(job, files, problems)
+        return 1
+    finish(job, files, slices_by_file)
+    if job.move:
+        remove_sources(files)
+    remove_spools(files)
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m hpcmove.finalize JOBDIR", file=sys.stderr)
+        return 2
+    return run(os.fsencode(argv[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""A job's run directory: manifest (the work of each array task), scripts and logs.
+
+Lives under the user's data directory (0700). Paths are stored with
+surrogateescape so any byte sequence round-trips through JSON.
+"""
+import json
+import os
+
+from .paths import jobs_dir
+
+
+def create(token):
+    path = os.path.join(os.fsencode(jobs_dir()), token.encode())
+    os.makedirs(path, mode=0o700, exist_ok=False)
+    os.makedirs(os.path.join(path, b"tasks"), mode=0o700)
+    os.makedirs(os.path.join(path, b"logs"), mode=0o700)
+    return path
+
+
+def _enc(p):
+    return os.fsdecode(p)
+
+
+def _dec(p):
+    return os.fsencode(p)
+
+
+def write_manifest(path, plan, file_ids, slice_ids):
+    """One JSON file per array task, listing its slices with everything the worker needs."""
+    entries = plan.entries
+    by_task = {}
+    for s in plan.slices:
+        e = entries[s.entry]
+        by_task.setdefault(s.task, []).append({
+            "slice": slice_ids[(s.entry, s.index)], "file": file_ids[s.entry],
+            "src": _enc(e.src), "spool": _enc(e.spool_path), "offset": s.offset,
+            "length": s.length, "size": e.size, "mtime_ns": e.mtime_ns})
+    for task, items in by_task.items():
+        with open(os.path.join(path, b"tasks", b"%d.json" % task), "w") as f:
+            json.dump(items, f)
+
+
+def read_task(path, task):
+    with open(os.path.join(os.fsencode(path), b"tasks", b"%d.json" % int(task))) as f:
+        items = json.load(f)
+    for item in items:
+        item["src"], item["spool"] = _dec(item["src"]), _dec(item["spool"])
+    return items
+
+
+def write_scripts(path, scripts):
+    written = {}
+    for name, text in scripts.items():
+        target = os.path.join(path, name.encode())
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(text)
+        written[name] = target
+    return written
+
+
+def log_path(path, name):
+    return os.path.join(path, b"logs", name.encode())

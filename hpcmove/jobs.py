@@ -1,0 +1,252 @@
+"""The library API behind the CLI: submit, find, refresh, status, cancel, wait.
+
+Side effects live here and in the backends; planning and rendering stay pure.
+"""
+import getpass
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+from . import db, jobdir, plugins, render, states
+from .backends import ACTIVE, SubmitSpec
+from .backends import slurm as slurm_backend
+from .errors import HpcmoveError, JobNotFound, PlanError, UsageError
+from .plan import FILE, Options, plan, plan_pairs
+
+
+@dataclass
+class SubmitOptions:
+    backend: str = ""  # '' = Slurm when sbatch answers, else local
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time: str = ""
+    dependency: str = ""
+    stripe_width: int = 0  # 0 = backend default
+    slice_size: int = 256 << 20
+    move: bool = False
+
+
+@dataclass
+class Submission:
+    job: object  # db.Job, or None for a dry run
+    plan: object
+    scripts: dict
+
+
+def choose_backend(name):
+    if name:
+        plugins.load("backend", name)  # unknown or broken: a clear error now
+        return name
+    return "slurm" if slurm_backend.available() else "local"
+
+
+def default_stripe_width(backend):
+    return (os.cpu_count() or 1) if backend == "local" else 4
+
+
+def read_copyjob(path):
+    """A copyjob file (FTS, fdtcp): one 'SRC DST' pair per line; '#' comments. Names with
+    spaces are written with shell-style quoting."""
+    import shlex
+    pairs = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = os.fsdecode(raw.rstrip(b"\n"))
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                words = shlex.split(line)
+            except ValueError as e:
+                raise UsageError(f"{path}:{number}: {e}") from e
+            if len(words) != 2:
+                raise UsageError(f"{path}:{number}: expected 'SRC DST', got {len(words)} fields")
+            pairs.append((os.fsencode(words[0]), os.fsencode(words[1])))
+    return pairs
+
+
+def submit(sources, dest, options, pairs=None, dry_run=False):
+    """Plan, record and submit a job. With dry_run: plan and render only; nothing is
+    written, recorded or submitted."""
+    backend = choose_backend(options.backend)
+    width = options.stripe_width or default_stripe_width(backend)
+    token = uuid.uuid4().hex[:12]
+    plan_options = Options(slice_size=options.slice_size, stripe_width=width)
+    the_plan = plan_pairs(pairs, plan_options, token) if pairs else \
+        plan(sources, dest, plan_options, token)
+    if dry_run:
+        settings = _script_settings(options, "hm-DRYRUN", b"JOBDIR", db.default_url())
+        return Submission(None, the_plan, render.render(settings, the_plan.n_tasks, width))
+    _make_spools(the_plan)
+    try:
+        db.connect()
+        return _record_and_submit(the_plan, options, backend, width)
+    except BaseException:
+        for spool in the_plan.spools:
+            shutil.rmtree(spool, ignore_errors=True)
+        raise
+
+
+def _make_spools(the_plan):
+    for spool in the_plan.spools:
+        try:
+            os.mkdir(spool, 0o700)
+        except OSError as e:
+            for made in the_plan.spools:
+                if made == spool:
+                    break
+                shutil.rmtree(made, ignore_errors=True)
+            raise PlanError(f"cannot create spool directory {os.fsdecode(spool)}: "
+                            f"{e.strerror}") from e
+
+
+def _script_settings(options, label, path, url):
+    return render.ScriptSettings(label=label, jobdir=path, db_url=url, python=sys.executable,
+                                 partition=options.partition, account=options.account,
+                                 qos=options.qos, time=options.time)
+
+
+def _record_and_submit(the_plan, options, backend, width):
+    path = jobdir.create(the_plan.token)
+    job = db.Job.create(token=the_plan.token, owner=getpass.getuser(), backend=backend,
+                        jobdir=path, move=options.move, stripe_width=width,
+                        slice_size=options.slice_size, n_tasks=the_plan.n_tasks,
+                        bytes_total=the_plan.bytes_total, options=json.dumps(asdict(options)))
+    try:
+        file_ids, slice_ids = db.insert_plan(job, the_plan)
+        jobdir.write_manifest(path, the_plan, file_ids, slice_ids)
+        settings = _script_settings(options, job.label, path, db.default_url())
+        scripts = render.render(settings, the_plan.n_tasks, width)
+        written = jobdir.write_scripts(path, scripts)
+        _to_pending(job)
+        spec = SubmitSpec(path, written, the_plan.n_tasks, width, options.dependency,
+                          logs={"transfer": jobdir.log_path(path, "transfer-%A_%a.out"),
+                                "finalize": jobdir.log_path(path, "finalize-%j.out")})
+        submitted = plugins.backend(backend).submit(spec)
+    except HpcmoveError as e:
+        db.set_job_state(job, states.FAILED, reason=f"submission failed: {e}")
+        raise
+    db.Job.update(array_id=submitted.array_id, final_id=submitted.final_id).where(
+        db.Job.id == job.id).execute()
+    db.event(job.id, "submit", f"array {submitted.array_id}, final {submitted.final_id}")
+    return Submission(db.Job.get_by_id(job.id), the_plan, scripts)
+
+
+def _to_pending(job):
+    with db.atomic():
+        db.set_job_state(job, states.PENDING)
+        db.bulk_state(db.File, "file", db.File.job == job.id, states.PENDING)
+        db.bulk_state(db.Slice, "slice", db.Slice.job == job.id, states.PENDING)
+
+
+def find(ident):
+    """A job by 'hm-N', by the id of its final batch job (what --parsable printed), or by N."""
+    text = str(ident).strip()
+    if text.lower().startswith("hm"):
+        number = text[2:].lstrip("-")
+        if number.isdigit():
+            job = db.Job.get_or_none(db.Job.id == int(number))
+            if job:
+                return job
+        raise JobNotFound(f"no job {text}")
+    job = db.Job.select().where(db.Job.final_id == text).order_by(db.Job.id.desc()).first()
+    if job is None and text.isdigit():
+        job = db.Job.get_or_none(db.Job.id == int(text))
+    if job is None:
+        raise JobNotFound(f"no job with id or final batch id {text}")
+    return job
+
+
+def refresh(jobs):
+    """Reconcile unfinished jobs with the batch system: one poll per backend. A job whose
+    final batch job has ended without recording a result is marked Failed."""
+    open_jobs = [j for j in jobs if j.state not in states.JOB_TERMINAL and j.final_id]
+    by_backend = {}
+    for j in open_jobs:
+        by_backend.setdefault(j.backend, []).append(j)
+    for name, group in by_backend.items():
+        polled = plugins.backend(name).poll([j.final_id for j in group])
+        for j in group:
+            state = polled.get(j.final_id, "UNKNOWN")
+            if state in ACTIVE:
+                continue
+            current = db.Job.get_by_id(j.id)
+            if current.state in states.JOB_TERMINAL or current.state == states.CANCELLING:
+                continue
+            db.set_job_state(current, states.FAILED,
+                             reason=f"final batch job {j.final_id} ended {state} "
+                                    "without recording a result")
+    return [db.Job.get_by_id(j.id) for j in jobs]
+
+
+def bytes_done(job):
+    return (db.Slice.select(db.fn.COALESCE(db.fn.SUM(db.Slice.length), 0))
+            .where(db.Slice.job == job.id, db.Slice.state == states.DONE).scalar())
+
+
+def _text(path):
+    return os.fsdecode(path) if path is not None else None
+
+
+def summary(job):
+    return {"id": job.label, "state": job.state, "reason": job.reason, "backend": job.backend,
+            "slurm_job_ids": [{"id": i, "role": r, "final": r == "finalize"}
+                              for i, r in ((job.array_id, "transfer"),
+                                           (job.final_id, "finalize")) if i],
+            "final_slurm_id": job.final_id, "bytes_total": job.bytes_total,
+            "bytes_done": bytes_done(job) if job.state != states.DONE else job.bytes_total,
+            "created": job.created, "finished": job.finished}
+
+
+def status_dict(job):
+    """The full status: summary plus every file with its slices."""
+    out = summary(job)
+    slices = {}
+    for s in db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.index):
+        slices.setdefault(s.file_id, []).append(
+            {"offset": s.offset, "length": s.length, "state": s.state, "host": s.host,
+             "attempts": s.attempts})
+    out["files"] = [{"src": _text(f.src), "dst": _text(f.dst), "type": f.kind, "size": f.size,
+                     "state": f.state, "reason": f.reason, "checksum": f.checksum,
+                     "slices": slices.get(f.id, [])}
+                    for f in job.files.order_by(db.File.index)]
+    return out
+
+
+def cancel(job, timeout=120.0):
+    """Stop the job's batch jobs, remove its spool, mark what had not finished Cancelled."""
+    job = db.set_job_state(job, states.CANCELLING)
+    backend = plugins.backend(job.backend)
+    ids = [i for i in (job.array_id, job.final_id) if i]
+    backend.cancel(ids)
+    if not backend.wait_gone(ids, timeout):
+        raise HpcmoveError(f"{job.label}: batch jobs {', '.join(ids)} still running "
+                           f"{timeout:.0f} s after cancel; state left Cancelling")
+    files = list(job.files)
+    for spool in {f.spool for f in files}:
+        shutil.rmtree(spool, ignore_errors=True)
+    with db.atomic():
+        db.bulk_state(db.Slice, "slice", db.Slice.job == job.id, states.CANCELLED)
+        db.bulk_state(db.File, "file", db.File.job == job.id, states.CANCELLED)
+    return db.set_job_state(job, states.CANCELLED)
+
+
+def wait(job, timeout=None, poll_max=5.0):
+    """Block until the job is terminal (or timeout seconds pass); return the job."""
+    start, delay = time.monotonic(), 0.25
+    while True:
+        job = refresh([db.Job.get_by_id(job.id)])[0]
+        if job.state in states.JOB_TERMINAL:
+            return job
+        if timeout is not None and time.monotonic() - start >= timeout:
+            return job
+        time.sleep(delay)
+        delay = min(poll_max, max(delay * 1.5, 0.25))
+
+
+__all__ = ["SubmitOptions", "submit", "find", "refresh", "status_dict", "summary",
+           "cancel", "wait", "FILE"]

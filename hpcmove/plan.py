@@ -1,0 +1,208 @@
+"""Planning: sources + options -> entries, slices and array tasks.
+
+Pure apart from reading the source trees (lstat/scandir); no database, no
+scheduler, no writes. Every path is bytes, so names that are not UTF-8 survive.
+"""
+import heapq
+import math
+import os
+import stat
+from dataclasses import dataclass, field
+
+from .errors import PlanError
+
+FILE, DIR, SYMLINK, HARDLINK = "file", "dir", "symlink", "hardlink"
+
+
+@dataclass
+class Entry:
+    """One thing to create at the destination."""
+
+    index: int
+    kind: str  # FILE, DIR, SYMLINK or HARDLINK
+    src: bytes
+    dst: bytes
+    spool: bytes  # spool directory (same file system as dst)
+    size: int = 0
+    mode: int = 0
+    mtime_ns: int = 0
+    link_target: bytes = b""  # SYMLINK: what the link says
+    link_to: int = -1  # HARDLINK: index of the entry whose data it shares
+
+    @property
+    def spool_path(self):
+        return os.path.join(self.spool, b"%d" % self.index)
+
+
+@dataclass
+class Slice:
+    entry: int
+    index: int
+    offset: int
+    length: int
+    task: int = -1
+
+
+@dataclass
+class Options:
+    slice_size: int = 256 << 20
+    stripe_width: int = 4
+    max_task_bytes: int = 64 << 30
+
+
+@dataclass
+class Plan:
+    token: str
+    entries: list = field(default_factory=list)
+    slices: list = field(default_factory=list)
+    n_tasks: int = 0
+    warnings: list = field(default_factory=list)
+
+    @property
+    def bytes_total(self):
+        return sum(e.size for e in self.entries if e.kind == FILE)
+
+    @property
+    def spools(self):
+        return sorted({e.spool for e in self.entries})
+
+    def task_slices(self, task):
+        return [s for s in self.slices if s.task == task]
+
+
+def spool_dir(parent, token):
+    return os.path.join(parent, b".hpcmove-" + token.encode() + b".spool")
+
+
+def resolve_pairs(sources, dst):
+    """Like cp/rsync: DST is a directory to copy into when it exists as one, ends in '/',
+    or there are several sources; otherwise it is the new name. A source ending in '/'
+    that is a directory puts its contents, not itself, into the target (rsync's rule)."""
+    sources = [os.fsencode(s) for s in sources]
+    dst = os.fsencode(dst)
+    if not sources:
+        raise PlanError("no source given")
+    into = len(sources) > 1 or dst.endswith(b"/") or os.path.isdir(dst)
+    if len(sources) > 1 and not os.path.isdir(dst):
+        raise PlanError(f"destination is not a directory: {os.fsdecode(dst)}")
+    pairs = []
+    for src in sources:
+        if into and src.endswith(b"/") and os.path.isdir(src):
+            pairs.append((src, dst))
+        elif into:
+            pairs.append((src, os.path.join(dst, os.path.basename(src.rstrip(b"/")))))
+        else:
+            pairs.append((src, dst))
+    return pairs
+
+
+def _check_pair(src, dst):
+    try:
+        st = os.lstat(src)
+    except OSError as e:
+        raise PlanError(f"cannot read source {os.fsdecode(src)}: {e.strerror}") from e
+    parent = os.path.dirname(os.path.abspath(dst.rstrip(b"/") or b"/"))
+    if not os.path.isdir(parent):
+        raise PlanError(f"destination directory does not exist: {os.fsdecode(parent)}")
+    a_src, a_dst = os.path.realpath(src), os.path.realpath(dst)
+    if a_src == a_dst:
+        raise PlanError(f"source and destination are the same: {os.fsdecode(src)}")
+    if stat.S_ISDIR(st.st_mode) and (a_dst + b"/").startswith(a_src.rstrip(b"/") + b"/"):
+        raise PlanError(f"destination {os.fsdecode(dst)} is inside source {os.fsdecode(src)}")
+    return parent
+
+
+class _Walker:
+    """Turns source paths into entries, remembering hard links across the whole plan."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.inodes = {}
+
+    def add(self, kind, src, dst, spool, st, **extra):
+        e = Entry(len(self.plan.entries), kind, src, dst, spool, mode=stat.S_IMODE(st.st_mode),
+                  mtime_ns=st.st_mtime_ns, **extra)
+        self.plan.entries.append(e)
+        return e
+
+    def visit(self, src, dst, spool, st):
+        mode = st.st_mode
+        if stat.S_ISLNK(mode):
+            self.add(SYMLINK, src, dst, spool, st, link_target=os.readlink(src))
+        elif stat.S_ISREG(mode):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self.inodes:
+                self.add(HARDLINK, src, dst, spool, st, link_to=self.inodes[key], size=0)
+                return
+            e = self.add(FILE, src, dst, spool, st, size=st.st_size)
+            if st.st_nlink > 1:
+                self.inodes[key] = e.index
+        elif stat.S_ISDIR(mode):
+            self.add(DIR, src, dst, spool, st)
+            self.walk(src, dst, spool)
+        else:
+            self.plan.warnings.append(f"skipping special file {os.fsdecode(src)}")
+
+    def walk(self, src, dst, spool):
+        try:
+            with os.scandir(src) as it:
+                children = sorted(it, key=lambda d: d.name)
+        except OSError as e:
+            raise PlanError(f"cannot read directory {os.fsdecode(src)}: {e.strerror}") from e
+        for child in children:
+            self.visit(child.path, os.path.join(dst, child.name), spool,
+                       child.stat(follow_symlinks=False))
+
+
+def cut(entry, slice_size):
+    """Offset/length slices of a regular file; an empty file still gets one (empty) slice."""
+    if entry.size == 0:
+        return [Slice(entry.index, 0, 0, 0)]
+    n = math.ceil(entry.size / slice_size)
+    return [Slice(entry.index, i, i * slice_size, min(slice_size, entry.size - i * slice_size))
+            for i in range(n)]
+
+
+def pack(slices, stripe_width, max_task_bytes):
+    """Assign slices to array tasks balanced by bytes (largest first onto the lightest task).
+    Returns the number of tasks. Inside a task, slices keep file/offset order."""
+    if not slices:
+        return 0
+    total = sum(s.length for s in slices)
+    n = min(len(slices), max(stripe_width, math.ceil(total / max_task_bytes)))
+    heap = [(0, 0, t) for t in range(n)]
+    for s in sorted(slices, key=lambda s: -s.length):
+        load, count, t = heapq.heappop(heap)
+        s.task = t
+        heapq.heappush(heap, (load + s.length, count + 1, t))
+    return n
+
+
+def plan(sources, dst, options, token):
+    """The whole plan for copying `sources` to `dst` (see resolve_pairs)."""
+    return plan_pairs(resolve_pairs(sources, dst), options, token)
+
+
+def plan_pairs(pairs, options, token):
+    """The whole plan for explicit (src, dst) pairs, as a copyjob file gives them."""
+    if options.slice_size <= 0 or options.stripe_width <= 0:
+        raise PlanError("slice size and stripe width must be positive")
+    result = Plan(token=token)
+    walker = _Walker(result)
+    for src, dst in pairs:
+        src, dst = os.fsencode(src), os.fsencode(dst)
+        parent = _check_pair(src, dst)
+        st = os.lstat(src)
+        if stat.S_ISDIR(st.st_mode) and src.endswith(b"/") and os.path.isdir(dst):
+            # rsync's trailing slash: the contents go into an existing dst, which keeps
+            # its own entry so its mode and mtime follow the source's.
+            walker.add(DIR, src, dst, spool_dir(dst, token), st)
+            walker.walk(src, dst, spool_dir(dst, token))
+        else:
+            walker.visit(src, dst.rstrip(b"/") or dst, spool_dir(parent, token), st)
+    for e in result.entries:
+        if e.kind == FILE:
+            result.slices.extend(cut(e, options.slice_size))
+    result.n_tasks = pack(result.slices, options.stripe_width, options.max_task_bytes)
+    result.slices.sort(key=lambda s: (s.task, s.entry, s.index))
+    return result

@@ -1,0 +1,88 @@
+"""Rendering: job settings -> batch script text, from the Jinja2 templates.
+
+Pure: no subprocess, no database. StrictUndefined makes a missing value an error,
+`shquote` quotes anything bound for the shell, and `sbatch_value` refuses values
+that could break out of an #SBATCH line.
+"""
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from importlib import resources
+
+import jinja2
+
+from .errors import UsageError
+
+# What may stand in an #SBATCH value: Slurm names, times, lists, dependency specs.
+_SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_.:,@+=%/\[\]-]+$")
+
+
+def shquote(value):
+    """Quote one value for bash. Bytes paths keep non-UTF-8 bytes (surrogateescape)."""
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    return shlex.quote(str(value))
+
+
+def sbatch_value(value):
+    text = str(value)
+    if not _SBATCH_SAFE.match(text):
+        raise UsageError(f"value not allowed in a batch directive: {text!r}")
+    return text
+
+
+def packaged_dir():
+    return str(resources.files("hpcmove.templates"))
+
+
+def environment(search_path=()):
+    """Template environment: directories in `search_path` first, then the packaged ones."""
+    loader = jinja2.FileSystemLoader([*search_path, packaged_dir()])
+    env = jinja2.Environment(loader=loader, undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, autoescape=False)
+    env.filters["shquote"] = shquote
+    env.filters["sbatch_value"] = sbatch_value
+    return env
+
+
+@dataclass
+class ScriptSettings:
+    """Everything the templates see, besides the plan's shape."""
+
+    label: str
+    jobdir: bytes
+    db_url: str
+    python: str
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time: str = ""
+    finalize_partition: str = ""
+    extra: list = field(default_factory=list)  # further "--opt=value" strings
+
+
+def sbatch_options(settings, partition):
+    pairs = [("partition", partition), ("account", settings.account),
+             ("qos", settings.qos), ("time", settings.time)]
+    options = [f"--{k}={sbatch_value(v)}" for k, v in pairs if v]
+    return options + [sbatch_value(x) for x in settings.extra]
+
+
+def render(settings, n_tasks, stripe_width, search_path=()):
+    """Both scripts of a job as {'transfer.sh': text, 'finalize.sh': text}.
+    A job with nothing to copy (only directories and links) has no transfer script."""
+    env = environment(search_path)
+    common = dict(label=settings.label, jobdir=settings.jobdir, db_url=settings.db_url,
+                  python=settings.python)
+    scripts = {}
+    if n_tasks:
+        scripts["transfer.sh"] = env.get_template("transfer.sh.j2").render(
+            common, purpose="transfer array task", job_name=f"hpcmove-{settings.label}",
+            n_tasks=n_tasks, stripe_width=stripe_width,
+            sbatch_options=sbatch_options(settings, settings.partition))
+    scripts["finalize.sh"] = env.get_template("finalize.sh.j2").render(
+        common, purpose="finalize (verify, rename into place)",
+        job_name=f"hpcmove-{settings.label}-final",
+        sbatch_options=sbatch_options(settings, settings.finalize_partition or settings.partition))
+    return scripts

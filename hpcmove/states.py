@@ -1,0 +1,72 @@
+"""Job, file and slice states (after the gLite FTS states) and the one transition table.
+
+Pure: no I/O. db.py applies these rules to rows; everything else asks here.
+"""
+from .errors import IllegalTransition
+
+# Job states
+SUBMITTED, PENDING, ACTIVE, DONE, FAILED = "Submitted", "Pending", "Active", "Done", "Failed"
+CANCELLING, CANCELLED, HOLD = "Cancelling", "Cancelled", "Hold"
+# File and slice states beyond the job ones
+WAIT = "Wait"
+
+JOB_STATES = (SUBMITTED, PENDING, ACTIVE, DONE, FAILED, CANCELLING, CANCELLED, HOLD)
+FILE_STATES = (SUBMITTED, PENDING, ACTIVE, DONE, FAILED, WAIT, HOLD, CANCELLED)
+
+JOB_TERMINAL = frozenset({DONE, FAILED, CANCELLED})
+FILE_TERMINAL = frozenset({DONE, FAILED, CANCELLED})
+
+_JOB = {
+    SUBMITTED: {PENDING, FAILED, CANCELLING, CANCELLED},
+    PENDING: {ACTIVE, DONE, FAILED, CANCELLING, HOLD},
+    ACTIVE: {DONE, FAILED, CANCELLING, HOLD},
+    HOLD: {PENDING, FAILED, CANCELLING},
+    CANCELLING: {CANCELLED},
+    DONE: set(),
+    FAILED: set(),
+    CANCELLED: set(),
+}
+
+_FILE = {
+    SUBMITTED: {PENDING, FAILED, CANCELLED},
+    PENDING: {ACTIVE, DONE, FAILED, CANCELLED},
+    # Active -> Active: a requeued or re-run task takes the slice up again.
+    ACTIVE: {ACTIVE, DONE, FAILED, WAIT, CANCELLED},
+    WAIT: {PENDING, ACTIVE, HOLD, FAILED, CANCELLED},
+    HOLD: {PENDING, FAILED, CANCELLED},
+    DONE: set(),
+    FAILED: set(),
+    CANCELLED: set(),
+}
+
+TABLES = {"job": _JOB, "file": _FILE, "slice": _FILE}
+
+
+def allowed(kind, old, new):
+    """True when `kind` ('job', 'file' or 'slice') may go from `old` to `new`."""
+    return new in TABLES[kind][old]
+
+
+def check(kind, old, new):
+    """Raise IllegalTransition unless the change is in the table."""
+    if not allowed(kind, old, new):
+        raise IllegalTransition(kind, old, new)
+
+
+def sources_of(kind, new):
+    """Every state from which `kind` may move to `new` (for conditional bulk updates)."""
+    return sorted(old for old, targets in TABLES[kind].items() if new in targets)
+
+
+def job_state_from_files(file_states):
+    """The job state implied by its files' states (FTS: a function of the file states)."""
+    states = set(file_states)
+    if not states or states <= {DONE}:
+        return DONE
+    if HOLD in states:
+        return HOLD
+    if states <= FILE_TERMINAL:
+        return CANCELLED if CANCELLED in states and FAILED not in states else FAILED
+    if states & {ACTIVE, DONE, WAIT}:
+        return ACTIVE
+    return PENDING

@@ -1,0 +1,29 @@
+"""Parsing and printing sizes. Pure."""
+import re
+
+from .errors import UsageError
+
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text):
+    """'64M', '1G', '1.5GiB', '4096' -> bytes (binary multiples, as sbatch and dd read them)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise UsageError(f"not a size: {text!r} (use e.g. 4096, 64M, 1G)")
+    value = int(float(m.group(1)) * _SUFFIX[m.group(2).upper()])
+    if value <= 0:
+        raise UsageError(f"size must be positive: {text!r}")
+    return value
+
+
+def human(n):
+    """Bytes as a short binary-unit string: 1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"

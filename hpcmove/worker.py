@@ -1,0 +1,117 @@
+"""Runs inside one batch array task: copy and verify this task's slices, record results.
+
+Usage (from the rendered transfer script): python -m hpcmove.worker JOBDIR TASK
+Exit status 0 when every slice of the task is Done, 1 otherwise.
+"""
+import os
+import socket
+import sys
+import time
+
+from . import db, jobdir, plugins, states
+from .errors import TransferError
+
+RETRIES = 3  # transient I/O errors retried in the task
+FLUSH_SECONDS = 1.0  # results are written in batches, not one transaction per slice
+
+
+class Recorder:
+    """Buffers slice results and writes them in one transaction at a time."""
+
+    def __init__(self, host):
+        self.host, self.pending, self.last = host, [], time.monotonic()
+
+    def add(self, result):
+        self.pending.append(result)
+        if time.monotonic() - self.last >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self):
+        if not self.pending:
+            return
+        with db.atomic():
+            for r in self.pending:
+                db.Slice.update(state=r["state"], host=self.host, seconds=r["seconds"],
+                                attempts=db.Slice.attempts + r["attempts"],
+                                src_digest=r["src"], dst_digest=r["dst"], reason=r["reason"]
+                                ).where(db.Slice.id == r["slice"],
+                                        db.Slice.state.in_(states.sources_of("slice", r["state"]))
+                                        ).execute()
+        self.pending, self.last = [], time.monotonic()
+
+
+def copy_one(engine, item):
+    """Copy one slice with bounded retries of transient errors; returns a result dict."""
+    work = plugins.SliceWork(item["src"], item["spool"], item["offset"], item["length"],
+                             item["size"], item["mtime_ns"])
+    start, attempts = time.monotonic(), 0
+    while True:
+        attempts += 1
+        try:
+            src, dst = engine.copy_slice(work)
+            ok = src == dst
+            reason = "" if ok else f"verification failed: destination slice at offset " \
+                                   f"{item['offset']} differs from source"
+            break
+        except TransferError as e:
+            if e.transient and attempts < RETRIES:
+                time.sleep(0.5 * 2 ** (attempts - 1))
+                continue
+            src = dst = ""
+            ok, reason = False, str(e)
+            break
+    return {"slice": item["slice"], "state": states.DONE if ok else states.FAILED,
+            "seconds": time.monotonic() - start, "attempts": attempts,
+            "src": src, "dst": dst, "reason": reason}
+
+
+def start_task(job_id, items, host):
+    """Mark the job, files and slices of this task Active; return the slices already Done
+    (a requeued task skips them)."""
+    ids = [i["slice"] for i in items]
+    with db.atomic():
+        db.try_job_state(job_id, states.ACTIVE)
+        done = set()
+        for chunk in _chunks(ids):
+            done |= {sid for (sid,) in db.Slice.select(db.Slice.id).where(
+                db.Slice.id.in_(chunk), db.Slice.state == states.DONE).tuples()}
+            db.bulk_state(db.Slice, "slice", db.Slice.id.in_(chunk), states.ACTIVE, host=host)
+        files = list({i["file"] for i in items})
+        for chunk in _chunks(files):
+            db.bulk_state(db.File, "file", db.File.id.in_(chunk), states.ACTIVE)
+    return done
+
+
+def _chunks(seq, n=500):
+    return (seq[i:i + n] for i in range(0, len(seq), n))
+
+
+def run(path, task):
+    items = jobdir.read_task(path, task)
+    db.connect()
+    job_id = db.Job.get(db.Job.jobdir == os.fsencode(path)).id
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    done = start_task(job_id, items, host)
+    engine = plugins.engine("copy")
+    recorder, failed = Recorder(host), 0
+    for item in items:
+        if item["slice"] in done:
+            continue
+        result = copy_one(engine, item)
+        failed += result["state"] != states.DONE
+        recorder.add(result)
+    recorder.flush()
+    return 1 if failed else 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m hpcmove.worker JOBDIR TASK", file=sys.stderr)
+        return 2
+    path = os.fsencode(argv[0])
+    return run(path, int(argv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Transfer engines shipped with hpcmove, registered under the `hpcmove.engines` entry points."""
