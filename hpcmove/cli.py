@@ -56,13 +56,15 @@ def cli():
               help="Files larger than this are cut into slices of this size.")
 @click.option("--backend", type=click.Choice(["slurm", "local"]), envvar="HPCMOVE_BACKEND",
               default=None, help="Batch backend [default: slurm if sbatch answers, else local].")
+@click.option("--bwlimit", type=Size(), default=None,
+              help="Bandwidth limit per array task, bytes per second (e.g. 100M).")
 @click.option("--move", is_flag=True, help="Remove each source once its copy is verified and in place.")
 @click.option("--from-file", "from_file", type=click.Path(exists=True, dir_okay=False),
               help="Copyjob file: one 'SRC DST' pair per line (instead of SRC... DST).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the batch scripts; submit nothing.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job to end; exit 0 only if Done.")
 def submit(paths, partition, account, qos, time_, dependency, parsable, stripe_width,
-           slice_size, backend, move, from_file, dry_run, wait_):
+           slice_size, bwlimit, backend, move, from_file, dry_run, wait_):
     """Copy SRC... to DST through the batch system and print the job id at once.
 
     \b
@@ -76,7 +78,8 @@ def submit(paths, partition, account, qos, time_, dependency, parsable, stripe_w
         raise click.UsageError("need at least one SRC and a DST")
     options = jobs.SubmitOptions(backend=backend or "", partition=partition, account=account,
                                  qos=qos, time=time_, dependency=dependency,
-                                 stripe_width=stripe_width or 0, slice_size=slice_size, move=move)
+                                 stripe_width=stripe_width or 0, slice_size=slice_size,
+                                 bwlimit=bwlimit or 0, move=move)
     pairs = _run(jobs.read_copyjob, from_file) if from_file else None
     sources, dest = (paths[:-1], paths[-1]) if paths else ((), None)
     sub = _run(jobs.submit, sources, dest, options, pairs=pairs, dry_run=dry_run)

@@ -11,6 +11,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
+from peewee import fn
+
 from . import db, jobdir, plugins, render, states
 from .backends import ACTIVE, SubmitSpec
 from .backends import slurm as slurm_backend
@@ -28,6 +30,7 @@ class SubmitOptions:
     dependency: str = ""
     stripe_width: int = 0  # 0 = backend default
     slice_size: int = 256 << 20
+    bwlimit: int = 0  # bytes per second per task; 0 = unlimited
     move: bool = False
 
 
@@ -184,7 +187,7 @@ def refresh(jobs):
 
 
 def bytes_done(job):
-    return (db.Slice.select(db.fn.COALESCE(db.fn.SUM(db.Slice.length), 0))
+    return (db.Slice.select(fn.COALESCE(fn.SUM(db.Slice.length), 0))
             .where(db.Slice.job == job.id, db.Slice.state == states.DONE).scalar())
 
 

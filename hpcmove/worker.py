@@ -3,6 +3,7 @@
 Usage (from the rendered transfer script): python -m hpcmove.worker JOBDIR TASK
 Exit status 0 when every slice of the task is Done, 1 otherwise.
 """
+import json
 import os
 import socket
 import sys
@@ -89,10 +90,10 @@ def _chunks(seq, n=500):
 def run(path, task):
     items = jobdir.read_task(path, task)
     db.connect()
-    job_id = db.Job.get(db.Job.jobdir == os.fsencode(path)).id
+    job = db.Job.get(db.Job.jobdir == os.fsencode(path))
     host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    done = start_task(job_id, items, host)
-    engine = plugins.engine("copy")
+    done = start_task(job.id, items, host)
+    engine = plugins.load("engine", "copy")(bwlimit=json.loads(job.options).get("bwlimit", 0))
     recorder, failed = Recorder(host), 0
     for item in items:
         if item["slice"] in done:

@@ -6,6 +6,7 @@ destination; their zeros are still hashed so digests cover every byte.
 """
 import errno
 import os
+import time
 from dataclasses import dataclass
 
 import xxhash
@@ -59,9 +60,20 @@ class CopyEngine:
 
     name = "copy"
 
-    def __init__(self, buffer_size=BUFFER):
+    def __init__(self, buffer_size=BUFFER, bwlimit=0):
         self.buf = bytearray(buffer_size)
         self.zeros = bytes(buffer_size)
+        self.bwlimit = bwlimit  # bytes per second for this task; 0 = unlimited
+        self._budget_start, self._budget_bytes = time.monotonic(), 0
+
+    def _throttle(self, n):
+        """Sleep as needed so this task's data rate stays under bwlimit."""
+        if not self.bwlimit:
+            return
+        self._budget_bytes += n
+        ahead = self._budget_bytes / self.bwlimit - (time.monotonic() - self._budget_start)
+        if ahead > 0:
+            time.sleep(ahead)
 
     def copy_slice(self, work):
         """Copy and verify one slice; returns (source digest, destination digest)."""
@@ -109,6 +121,7 @@ class CopyEngine:
                 while written < n:
                     written += os.pwritev(dst_fd, [mv[written:n]], pos + written)
                 pos += n
+                self._throttle(n)
         return h.hexdigest()
 
     def _digest(self, fd, offset, length):

@@ -1,0 +1,4 @@
+"""`python -m hpcmove` is the `hpcmove` command."""
+from .cli import main
+
+main()

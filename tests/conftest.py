@@ -1,0 +1,151 @@
+"""Fixtures shared by the test tiers.
+
+The behaviour tests drive the real `hpcmove` command in a subprocess, as an
+unprivileged user when the suite runs as root (root reads every file, so
+permission failures could not show), against the local backend and against the
+real Slurm testbed that tests/run brings up (slurm/testbed).
+"""
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+TEST_USER = "hpcmove-u1" if os.geteuid() == 0 else None
+BASE = os.environ.get("HPCMOVE_TEST_BASE", "/var/tmp/hpcmove-tests")
+
+
+def run_as_user(argv, env, cwd=None, timeout=900, check=False, input=None):
+    """Run argv as the test user (or as ourselves when not root); bytes in, bytes out."""
+    full = ["runuser", "-u", TEST_USER, "--", "env", "-i",
+            *[f"{k}={v}" for k, v in env.items()], *argv] if TEST_USER else list(argv)
+    return subprocess.run(full, env=None if TEST_USER else env, cwd=cwd, capture_output=True,
+                          timeout=timeout, check=check, input=input)
+
+
+def chown_tree(path):
+    if TEST_USER:
+        shutil.chown(path, TEST_USER, TEST_USER)
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                os.lchown(os.path.join(root, name), *_ids())
+
+
+def _ids():
+    import pwd
+    pw = pwd.getpwnam(TEST_USER)
+    return pw.pw_uid, pw.pw_gid
+
+
+@pytest.fixture(scope="session")
+def base():
+    path = os.path.join(BASE, uuid.uuid4().hex[:8])
+    os.makedirs(path, mode=0o755)
+    os.chmod(BASE, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Area:
+    """A test's own directory: src/, dst/ and home/ (HPCMOVE_HOME), owned by the test user."""
+
+    def __init__(self, root):
+        self.root = root
+        self.src, self.dst, self.home = (os.path.join(root, d) for d in ("src", "dst", "home"))
+        for d in (self.src, self.dst, self.home):
+            os.makedirs(d)
+
+    def own(self):
+        chown_tree(self.root)
+
+
+@pytest.fixture
+def area(base, request):
+    root = os.path.join(base, request.node.name.replace("/", "_")[:80] + "-" + uuid.uuid4().hex[:4])
+    os.makedirs(root)
+    a = Area(root)
+    a.own()
+    return a
+
+
+class Hpcmove:
+    """Runs the hpcmove command for one backend, as the test user."""
+
+    def __init__(self, backend, area):
+        self.backend, self.area = backend, area
+        self.env = {"PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin:/usr/sbin:/sbin",
+                    "HPCMOVE_HOME": area.home, "LANG": "C.UTF-8", "HOME": area.home}
+        if os.environ.get("SLURM_CONF"):
+            self.env["SLURM_CONF"] = os.environ["SLURM_CONF"]
+        self.backend_args = ["--backend", backend] + (["-p", "dtn"] if backend == "slurm" else [])
+
+    def run(self, *args, check=True, timeout=900):
+        argv = [sys.executable, "-m", "hpcmove", *args]
+        done = run_as_user(argv, self.env, cwd=self.area.root, timeout=timeout)
+        if check and done.returncode != 0:
+            raise AssertionError(f"hpcmove {shlex.join(map(os.fsdecode, args))} exited "
+                                 f"{done.returncode}\nstdout: {done.stdout.decode(errors='replace')}"
+                                 f"\nstderr: {done.stderr.decode(errors='replace')}")
+        return done
+
+    def submit(self, *args):
+        """Submit with --parsable; returns the id it printed."""
+        return self.run("submit", "--parsable", *self.backend_args, *args).stdout.decode().strip()
+
+    def status(self, job):
+        return json.loads(self.run("status", "--json", job).stdout)
+
+    def wait(self, job, timeout=600):
+        self.run("wait", "--timeout", str(timeout), job, check=False, timeout=timeout + 60)
+        return self.status(job)
+
+    def wait_for(self, job, predicate, timeout=300):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.status(job)
+            if predicate(s):
+                return s
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting on {job}: {s}")
+
+
+def slurm_env():
+    if not os.environ.get("SLURM_CONF"):
+        pytest.fail("the Slurm testbed is not up: run tests/run (or slurm/testbed up and "
+                    "eval \"$(slurm/testbed env)\")")
+    return os.environ["SLURM_CONF"]
+
+
+@pytest.fixture(params=["local", "slurm"])
+def backend(request):
+    if request.param == "slurm":
+        slurm_env()
+    return request.param
+
+
+@pytest.fixture
+def hpcmove(backend, area):
+    return Hpcmove(backend, area)
+
+
+@pytest.fixture(scope="session")
+def dataset(base):
+    """Shared read-only data: a 1 GiB random file and a 2,000-file tree."""
+    root = os.path.join(base, "dataset")
+    os.makedirs(os.path.join(root, "tree"))
+    big = os.path.join(root, "big.bin")
+    with open(big, "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(16 << 20))
+    for i in range(2000):
+        d = os.path.join(root, "tree", f"d{i % 20:02d}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"f{i:04d}"), "wb") as f:
+            f.write(os.urandom(1024 + (i * 37) % 7000))
+    subprocess.run(["chmod", "-R", "a+rX", root], check=True)
+    return root

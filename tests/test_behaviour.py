@@ -1,0 +1,255 @@
+"""The shared behaviour suite: the same tests against every backend that runs here
+(the local embedded default and the real Slurm testbed), through the real CLI."""
+import filecmp
+import os
+import shlex
+import stat
+import subprocess
+import time
+
+import pytest
+
+from conftest import chown_tree, run_as_user
+
+HOSTILE = [b"a b", b"single'quote", b'double"quote', b"new\nline", b"$(touch pwned)",
+           b"`touch pwned`", b"-leading-dash", b"--help", b"\xff\xfe not utf-8",
+           b"semi;colon & amp | pipe", b"star*?[x]", b" leading space"]
+
+
+def tree_equal(a, b):
+    """Recursive comparison of content, type, mode and mtime (rsync -a's fidelity)."""
+    a, b = os.fsencode(a), os.fsencode(b)
+    sa, sb = os.lstat(a), os.lstat(b)
+    assert stat.S_IFMT(sa.st_mode) == stat.S_IFMT(sb.st_mode), (a, b)
+    if stat.S_ISLNK(sa.st_mode):
+        assert os.readlink(a) == os.readlink(b)
+        return
+    assert stat.S_IMODE(sa.st_mode) == stat.S_IMODE(sb.st_mode), (a, b)
+    assert sa.st_mtime_ns == sb.st_mtime_ns, (a, b)
+    if stat.S_ISDIR(sa.st_mode):
+        names = sorted(os.listdir(a))
+        assert names == sorted(os.listdir(b)), (a, b)
+        for n in names:
+            tree_equal(os.path.join(a, n), os.path.join(b, n))
+    else:
+        assert filecmp.cmp(a, b, shallow=False), (a, b)
+
+
+def no_spool_left(directory):
+    leftovers = [n for n in os.listdir(directory) if n.startswith(".hpcmove-")]
+    assert not leftovers, leftovers
+
+
+def test_big_file_and_tree(hpcmove, dataset, area):
+    job = hpcmove.submit("--slice-size", "64M", "--stripe-width", "3",
+                         os.path.join(dataset, "big.bin"), os.path.join(dataset, "tree"),
+                         area.dst)
+    s = hpcmove.wait(job)
+    assert s["state"] == "Done", s["reason"]
+    assert subprocess.run(["cmp", os.path.join(dataset, "big.bin"),
+                           os.path.join(area.dst, "big.bin")]).returncode == 0
+    tree_equal(os.path.join(dataset, "tree"), os.path.join(area.dst, "tree"))
+    big = next(f for f in s["files"] if f["src"].endswith("big.bin"))
+    assert len(big["slices"]) == 16 and all(x["state"] == "Done" for x in big["slices"])
+    assert big["checksum"].startswith("xxh3_128-tree/")
+    hosts = {x["host"] for x in big["slices"]}
+    if hpcmove.backend == "slurm":
+        assert len(hosts) >= 2 and hosts <= {"dtn1", "dtn2", "dtn3"}, hosts
+    assert s["bytes_done"] == s["bytes_total"] == (1 << 30) + sum(
+        f["size"] for f in s["files"] if f["type"] == "file" and "tree" in f["src"])
+    no_spool_left(area.dst)
+
+
+def test_tree_fidelity(hpcmove, area):
+    src = os.path.join(area.src, "t")
+    os.makedirs(os.path.join(src, "a", "deep", "er"))
+    os.makedirs(os.path.join(src, "empty"))
+    os.makedirs(os.path.join(src, "b"))
+    with open(os.path.join(src, "a", "data"), "wb") as f:
+        f.write(os.urandom(3 << 20))
+    os.link(os.path.join(src, "a", "data"), os.path.join(src, "b", "data-hardlink"))
+    os.symlink("../a/data", os.path.join(src, "b", "rel-link"))
+    os.symlink("/nonexistent/target", os.path.join(src, "dangling"))
+    sparse = os.path.join(src, "sparse")
+    with open(sparse, "wb") as f:
+        f.truncate(256 << 20)
+        f.seek(100 << 20)
+        f.write(b"island")
+    os.chmod(os.path.join(src, "a", "data"), 0o640)
+    os.chmod(os.path.join(src, "a", "deep"), 0o750)
+    os.utime(os.path.join(src, "a", "deep", "er"), ns=(10**18, 10**18))
+    os.utime(os.path.join(src, "empty"), ns=(1, 123456789))
+    area.own()
+    # small slices and width 3: the hard-linked names land in different tasks
+    job = hpcmove.submit("--slice-size", "1M", "--stripe-width", "3", src, area.dst)
+    s = hpcmove.wait(job)
+    assert s["state"] == "Done", s["reason"]
+    out = os.path.join(area.dst, "t")
+    tree_equal(src, out)
+    assert os.stat(os.path.join(out, "a", "data")).st_ino == \
+        os.stat(os.path.join(out, "b", "data-hardlink")).st_ino
+    assert os.stat(os.path.join(out, "sparse")).st_blocks * 512 < (8 << 20)
+    no_spool_left(area.dst)
+
+
+def test_hostile_names_arrive_intact_and_run_nothing(hpcmove, area, base):
+    src = os.path.join(os.fsencode(area.src), b"in $(touch pwned) 'q'")
+    os.makedirs(os.path.join(src, b"sub dir\n$(touch pwned)"))
+    expected = {}
+    for i, name in enumerate(HOSTILE):
+        for parent in (src, os.path.join(src, b"sub dir\n$(touch pwned)")):
+            path = os.path.join(parent, name)
+            with open(path, "wb") as f:
+                f.write(b"content %d of %s" % (i, path))
+            expected[os.path.relpath(path, src)] = open(path, "rb").read()
+    area.own()
+    dst = os.path.join(os.fsencode(area.dst), b"-out `touch pwned` \"x\"")
+    os.makedirs(dst)
+    chown_tree(dst)
+    job = hpcmove.submit("--slice-size", "4K", src, dst + b"/")
+    s = hpcmove.wait(job)
+    assert s["state"] == "Done", s["reason"]
+    out = os.path.join(dst, os.path.basename(src))
+    for rel, content in expected.items():
+        with open(os.path.join(out, rel), "rb") as f:
+            assert f.read() == content, rel
+    found = subprocess.run(["find", base, area.home, "-name", "pwned"], capture_output=True)
+    assert found.stdout == b""
+    assert not os.path.exists(os.path.join(os.path.expanduser("~"), "pwned"))
+
+
+def test_unreadable_source_fails_job_and_places_nothing(hpcmove, area):
+    if os.geteuid() != 0 and os.access("/etc/shadow", os.R_OK):
+        pytest.fail("needs an unprivileged user for the transfer")
+    src = os.path.join(area.src, "set")
+    os.makedirs(src)
+    for name in ("good-1", "secret file", "good-2"):
+        with open(os.path.join(src, name), "wb") as f:
+            f.write(os.urandom(100_000))
+    area.own()
+    os.chmod(os.path.join(src, "secret file"), 0)
+    job = hpcmove.submit(src, area.dst)
+    chained = None
+    if hpcmove.backend == "slurm":
+        marker = os.path.join(area.root, "compute-ran")
+        chained = sbatch(area, "-p", "compute", f"--dependency=afterok:{job}",
+                         "--wrap", f"touch {shlex.quote(marker)}")
+    s = hpcmove.wait(job)
+    assert s["state"] == "Failed"
+    assert "secret file" in s["reason"]
+    bad = next(f for f in s["files"] if f["src"].endswith("secret file"))
+    assert bad["state"] == "Failed" and "secret file" in bad["reason"] \
+        and "ermission denied" in bad["reason"]
+    assert not os.path.exists(os.path.join(area.dst, "set"))
+    no_spool_left(area.dst)
+    assert sorted(os.listdir(src)) == ["good-1", "good-2", "secret file"]  # source untouched
+    if chained:
+        reason = wait_pending_reason(area, chained)
+        assert reason == "DependencyNeverSatisfied"
+        assert not os.path.exists(marker)
+        run_as_user(["scancel", chained], slurm_user_env(area))
+
+
+def test_cancel_during_transfer(hpcmove, dataset, area):
+    job = hpcmove.submit("--bwlimit", "20M", "--stripe-width", "2", "--slice-size", "64M",
+                         os.path.join(dataset, "big.bin"), area.dst)
+    s = hpcmove.wait_for(job, lambda s: s["state"] == "Active")
+    time.sleep(1)
+    hpcmove.run("cancel", job)
+    s = hpcmove.status(job)
+    assert s["state"] == "Cancelled"
+    assert not os.path.exists(os.path.join(area.dst, "big.bin"))
+    no_spool_left(area.dst)
+    if hpcmove.backend == "slurm":
+        ids = ",".join(x["id"] for x in s["slurm_job_ids"])
+        left = run_as_user(["squeue", "-h", "-j", ids], slurm_user_env(area))
+        assert left.stdout.strip() == b""
+
+
+def test_move_removes_sources_only_after_placing(hpcmove, area):
+    src = os.path.join(area.src, "m")
+    os.makedirs(os.path.join(src, "inner"))
+    payload = {}
+    for name in ("one", "inner/two"):
+        payload[name] = os.urandom(50_000)
+        with open(os.path.join(src, name), "wb") as f:
+            f.write(payload[name])
+    area.own()
+    job = hpcmove.submit("--move", src, area.dst)
+    s = hpcmove.wait(job)
+    assert s["state"] == "Done", s["reason"]
+    for name, data in payload.items():
+        with open(os.path.join(area.dst, "m", name), "rb") as f:
+            assert f.read() == data
+    assert not os.path.exists(src)
+
+
+def test_status_json_fields(hpcmove, area):
+    with open(os.path.join(area.src, "f"), "wb") as f:
+        f.write(b"x" * 5000)
+    area.own()
+    job = hpcmove.submit("--slice-size", "4K", os.path.join(area.src, "f"),
+                         os.path.join(area.dst, "g"))
+    s = hpcmove.wait(job)
+    assert {"id", "state", "slurm_job_ids", "bytes_total", "bytes_done", "files"} <= set(s)
+    assert [x["final"] for x in s["slurm_job_ids"]][-1] is True
+    (f,) = s["files"]
+    assert {"src", "dst", "size", "state", "reason", "checksum", "slices"} <= set(f)
+    assert [(x["offset"], x["length"]) for x in f["slices"]] == [(0, 4096), (4096, 904)]
+    assert all({"offset", "length", "state", "host", "attempts"} <= set(x) for x in f["slices"])
+    listed = hpcmove.run("list", "--json").stdout
+    assert s["id"].encode() in listed and b'"files"' not in listed
+    assert open(os.path.join(area.dst, "g"), "rb").read() == b"x" * 5000
+    # the hpcmove id works wherever the final batch id does
+    assert hpcmove.status(s["id"])["id"] == s["id"]
+
+
+# --- Slurm-only: chaining compute jobs on the final job ------------------------------
+
+def slurm_user_env(area):
+    return {"PATH": "/usr/bin:/bin", "SLURM_CONF": os.environ["SLURM_CONF"], "HOME": area.home}
+
+
+def sbatch(area, *args):
+    done = run_as_user(["sbatch", "--parsable", *args], slurm_user_env(area), cwd=area.root)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.decode().strip().split(";")[0]
+
+
+def wait_pending_reason(area, job_id, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = run_as_user(["squeue", "-h", "-j", job_id, "-o", "%T %r"],
+                          slurm_user_env(area)).stdout.decode().split()
+        if len(out) == 2 and out[0] == "PENDING" and out[1] == "DependencyNeverSatisfied":
+            return out[1]
+        time.sleep(1)
+    return out
+
+
+def sacct_state(area, job_id, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = run_as_user(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "State"],
+                          slurm_user_env(area)).stdout.decode().split()
+        if out and out[0] not in ("PENDING", "RUNNING", "COMPLETING"):
+            return out[0]
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {out}")
+
+
+@pytest.mark.parametrize("backend", ["slurm"], indirect=True)
+def test_compute_job_chains_on_parsable_id(hpcmove, dataset, area):
+    big = os.path.join(dataset, "big.bin")
+    out = os.path.join(area.dst, "big.bin")
+    marker = os.path.join(area.root, "compute-saw")
+    # exactly the documented pattern, through a shell as a user would type it
+    line = (f"sbatch --parsable -p compute --dependency=afterok:$(hpcmove submit --parsable "
+            f"-p dtn --backend slurm --slice-size 128M {shlex.quote(big)} "
+            f"{shlex.quote(area.dst)}) --wrap {shlex.quote(f'cmp {big} {out} && touch {marker}')}")
+    env = dict(hpcmove.env, SLURM_CONF=os.environ["SLURM_CONF"])
+    done = run_as_user(["bash", "-c", line], env, cwd=area.root)
+    assert done.returncode == 0, done.stderr
+    compute = done.stdout.decode().strip().split(";")[0]
+    assert sacct_state(area, compute) == "COMPLETED"
+    assert os.path.exists(marker)
