@@ -1,0 +1,100 @@
+"""The job database: transitions enforced on rows, and many array tasks recording at
+the same moment without losing a result to 'database is locked'."""
+import multiprocessing
+import os
+
+import pytest
+
+from hpcmove import db, states, worker
+from hpcmove.errors import DatabaseError, IllegalTransition
+from hpcmove.plan import Options, plan
+
+
+def make_job(tmp_path, n_files=64):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(n_files):
+        (src / f"f{i}").write_bytes(b"x" * 10)
+    (tmp_path / "dst").mkdir()
+    the_plan = plan([str(src)], str(tmp_path / "dst"), Options(stripe_width=n_files), "tok")
+    job = db.Job.create(token="tok", owner="me", backend="local", jobdir=b"/nowhere",
+                        stripe_width=n_files, slice_size=1 << 20, n_tasks=the_plan.n_tasks,
+                        bytes_total=the_plan.bytes_total)
+    db.insert_plan(job, the_plan)
+    return job, the_plan
+
+
+@pytest.fixture
+def url(tmp_path):
+    u = f"sqlite:///{tmp_path}/jobs.db"
+    db.connect(u)
+    yield u
+    db.close()
+
+
+def test_illegal_job_transition_raises(url, tmp_path):
+    job, _ = make_job(tmp_path, 2)
+    job = db.set_job_state(job, states.PENDING)
+    job = db.set_job_state(job, states.DONE)
+    with pytest.raises(IllegalTransition):
+        db.set_job_state(job, states.ACTIVE)
+    assert db.Job.get_by_id(job.id).state == states.DONE
+    assert db.Event.select().where(db.Event.job == job.id).count() == 2
+
+
+def test_bulk_state_skips_rows_that_may_not_move(url, tmp_path):
+    job, _ = make_job(tmp_path, 3)
+    first = db.Slice.select().first()
+    db.Slice.update(state=states.DONE).where(db.Slice.id == first.id).execute()
+    moved = db.bulk_state(db.Slice, "slice", db.Slice.job == job.id, states.CANCELLED)
+    assert moved == 2
+    assert db.Slice.get_by_id(first.id).state == states.DONE
+
+
+def test_database_file_is_private(tmp_path):
+    path = tmp_path / "sub" / "jobs.db"
+    db.connect(f"sqlite:///{path}")
+    db.close()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert oct(path.parent.stat().st_mode & 0o777) == "0o700"
+
+
+def test_corrupt_database_is_a_clear_error(tmp_path):
+    path = tmp_path / "jobs.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(DatabaseError, match="cannot use the job database"):
+        db.connect(f"sqlite:///{path}")
+
+
+def _record_task(url, slice_ids, barrier):
+    db.connect(url)
+    barrier.wait()
+    rec = worker.Recorder(host=f"node{os.getpid()}")
+    for sid in slice_ids:
+        rec.add({"slice": sid, "state": states.DONE, "seconds": 0.01, "attempts": 1,
+                 "src": "ab", "dst": "ab", "reason": ""})
+    rec.flush()
+    db.close()
+
+
+def test_many_tasks_record_at_the_same_moment(url, tmp_path):
+    job, _ = make_job(tmp_path, 64)
+    db.bulk_state(db.Slice, "slice", db.Slice.job == job.id, states.PENDING)
+    db.bulk_state(db.Slice, "slice", db.Slice.job == job.id, states.ACTIVE)
+    tasks = {}
+    for sid, task in db.Slice.select(db.Slice.id, db.Slice.task).tuples():
+        tasks.setdefault(task, []).append(sid)
+    assert len(tasks) >= 32
+    db.close()
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(len(tasks))
+    procs = [ctx.Process(target=_record_task, args=(url, ids, barrier)) for ids in tasks.values()]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+    db.connect(url)
+    done = db.Slice.select().where(db.Slice.job == job.id, db.Slice.state == states.DONE)
+    assert done.count() == 64
+    assert len({s.host for s in done}) == len(tasks)
