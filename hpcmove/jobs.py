@@ -238,17 +238,21 @@ def cancel(job, timeout=120.0):
     return db.set_job_state(job, states.CANCELLED)
 
 
-def wait(job, timeout=None, poll_max=5.0):
-    """Block until the job is terminal (or timeout seconds pass); return the job."""
-    start, delay = time.monotonic(), 0.25
+def wait(job, timeout=None, poll_max=5.0, scheduler_every=2.0):
+    """Block until the job is terminal (or timeout seconds pass); return the job.
+    The database is read often (cheap, and short jobs end quickly); the batch system
+    is asked at most every `scheduler_every` seconds."""
+    start, delay, asked = time.monotonic(), 0.05, float("-inf")
     while True:
-        job = refresh([db.Job.get_by_id(job.id)])[0]
+        job = db.Job.get_by_id(job.id)
+        if job.state not in states.JOB_TERMINAL and time.monotonic() - asked >= scheduler_every:
+            job, asked = refresh([job])[0], time.monotonic()
         if job.state in states.JOB_TERMINAL:
             return job
         if timeout is not None and time.monotonic() - start >= timeout:
             return job
         time.sleep(delay)
-        delay = min(poll_max, max(delay * 1.5, 0.25))
+        delay = min(poll_max, delay * 1.5)
 
 
 __all__ = ["SubmitOptions", "submit", "find", "refresh", "status_dict", "summary",
