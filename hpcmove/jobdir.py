@@ -6,11 +6,19 @@ surrogateescape so any byte sequence round-trips through JSON.
 import json
 import os
 
+from .errors import UsageError
 from .paths import jobs_dir
 
 
 def create(token):
-    path = os.path.join(os.fsencode(jobs_dir()), token.encode())
+    base = jobs_dir()
+    try:
+        base.encode("utf-8")
+    except UnicodeEncodeError:
+        # the job dir is named on batch command lines; data paths may be any bytes
+        raise UsageError(f"hpcmove's data directory must be a UTF-8 path: {base!r} "
+                         "(set HPCMOVE_HOME)") from None
+    path = os.path.join(os.fsencode(base), token.encode())
     os.makedirs(path, mode=0o700, exist_ok=False)
     os.makedirs(os.path.join(path, b"tasks"), mode=0o700)
     os.makedirs(os.path.join(path, b"logs"), mode=0o700)

@@ -27,7 +27,7 @@ def shquote(value):
 
 def sbatch_value(value):
     text = str(value)
-    if not _SBATCH_SAFE.match(text):
+    if not _SBATCH_SAFE.fullmatch(text):
         raise UsageError(f"value not allowed in a batch directive: {text!r}")
     return text
 

@@ -69,3 +69,15 @@ def test_plugins_lists_backends_and_engines(runner):
     assert result.exit_code == 0
     for row in ("backend\tlocal\tok", "backend\tslurm\tok", "engine\tcopy\tok"):
         assert row in result.output
+
+
+def test_non_utf8_data_directory_is_refused_before_anything_is_submitted(tmp_path, monkeypatch):
+    home = os.path.join(os.fsencode(tmp_path), b"home-\xff")
+    monkeypatch.setenv("HPCMOVE_HOME", os.fsdecode(home))
+    (tmp_path / "f").write_bytes(b"x")
+    (tmp_path / "d").mkdir()
+    result = CliRunner().invoke(cli.cli, ["submit", "--backend", "local", str(tmp_path / "f"),
+                                          str(tmp_path / "d")])
+    db.close()
+    assert result.exit_code == 1 and "must be a UTF-8 path" in result.output
+    assert os.listdir(tmp_path / "d") == []  # the spool was removed again

@@ -24,6 +24,8 @@ def run(command, *args):
     except sh.ErrorReturnCode as e:
         raise SchedulerError(argv, e.exit_code, e.stdout.decode(errors="replace"),
                              e.stderr.decode(errors="replace")) from e
+    except (sh.ForkException, UnicodeError) as e:
+        raise SchedulerError(argv, -1, "", f"cannot start {command}: {e}") from e
 
 
 def available():
@@ -56,13 +58,15 @@ def _parse_rows(text):
         if not line.strip():
             continue
         jobid, state, nodes = (line.split("|") + ["", ""])[:3]
+        if "." in jobid:
+            continue  # a job step (123.batch, 123_4.extern), not an allocation
         m = _ARRAY_RANGE.match(jobid)
         if m:
             rows.extend((m.group(1), t, _state(state), nodes) for t in _expand(m.group(2)))
         elif "_" in jobid:
             base, task = jobid.split("_", 1)
             rows.append((base, int(task), _state(state), nodes))
-        elif "." not in jobid:
+        else:
             rows.append((jobid, None, _state(state), nodes))
     return rows
 
