@@ -242,7 +242,7 @@ def wait(job, timeout=None, poll_max=5.0, scheduler_every=2.0):
     """Block until the job is terminal (or timeout seconds pass); return the job.
     The database is read often (cheap, and short jobs end quickly); the batch system
     is asked at most every `scheduler_every` seconds."""
-    start, delay, asked = time.monotonic(), 0.05, float("-inf")
+    start, delay, asked = time.monotonic(), 0.1, float("-inf")
     while True:
         job = db.Job.get_by_id(job.id)
         if job.state not in states.JOB_TERMINAL and time.monotonic() - asked >= scheduler_every:
@@ -252,7 +252,8 @@ def wait(job, timeout=None, poll_max=5.0, scheduler_every=2.0):
         if timeout is not None and time.monotonic() - start >= timeout:
             return job
         time.sleep(delay)
-        delay = min(poll_max, delay * 1.5)
+        if time.monotonic() - start > 10:  # short jobs are noticed at once, long ones lazily
+            delay = min(poll_max, delay * 1.5)
 
 
 __all__ = ["SubmitOptions", "submit", "find", "refresh", "status_dict", "summary",

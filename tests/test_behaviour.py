@@ -134,7 +134,9 @@ def test_unreadable_source_fails_job_and_places_nothing(hpcmove, area):
         marker = os.path.join(area.root, "compute-ran")
         chained = sbatch(area, "-p", "compute", f"--dependency=afterok:{job}",
                          "--wrap", f"touch {shlex.quote(marker)}")
-    s = hpcmove.wait(job)
+    waited = hpcmove.run("wait", "--timeout", "600", job, check=False)
+    assert waited.returncode == 1  # wait exits 0 only for Done
+    s = hpcmove.status(job)
     assert s["state"] == "Failed"
     assert "secret file" in s["reason"]
     bad = next(f for f in s["files"] if f["src"].endswith("secret file"))
@@ -182,6 +184,25 @@ def test_move_removes_sources_only_after_placing(hpcmove, area):
         with open(os.path.join(area.dst, "m", name), "rb") as f:
             assert f.read() == data
     assert not os.path.exists(src)
+
+
+def test_copyjob_file_pairs(hpcmove, area):
+    pairs = []
+    for i, name in enumerate(["plain", "with space"]):
+        path = os.path.join(area.src, name)
+        with open(path, "wb") as f:
+            f.write(b"%d" % i * 1000)
+        pairs.append((path, os.path.join(area.dst, f"renamed {i}")))
+    listing = os.path.join(area.root, "copyjob")
+    with open(listing, "w") as f:
+        f.write("# source destination\n\n")
+        f.writelines(f"{shlex.quote(a)} {shlex.quote(b)}\n" for a, b in pairs)
+    area.own()
+    job = hpcmove.submit("--from-file", listing)
+    s = hpcmove.wait(job)
+    assert s["state"] == "Done", s["reason"]
+    for a, b in pairs:
+        assert open(a, "rb").read() == open(b, "rb").read()
 
 
 def test_status_json_fields(hpcmove, area):
@@ -253,3 +274,18 @@ def test_compute_job_chains_on_parsable_id(hpcmove, dataset, area):
     compute = done.stdout.decode().strip().split(";")[0]
     assert sacct_state(area, compute) == "COMPLETED"
     assert os.path.exists(marker)
+
+
+@pytest.mark.parametrize("backend", ["slurm"], indirect=True)
+def test_task_killed_outside_hpcmove_fails_with_reason_from_slurm(hpcmove, dataset, area):
+    job = hpcmove.submit("--bwlimit", "20M", "--stripe-width", "2", "--slice-size", "64M",
+                         os.path.join(dataset, "big.bin"), area.dst)
+    s = hpcmove.wait_for(job, lambda s: s["state"] == "Active")
+    array = next(x["id"] for x in s["slurm_job_ids"] if x["role"] == "transfer")
+    done = run_as_user(["scancel", f"{array}_1"], slurm_user_env(area))
+    assert done.returncode == 0, done.stderr
+    s = hpcmove.wait(job)
+    assert s["state"] == "Failed"
+    assert "transfer task 1 ended CANCELLED" in s["reason"], s["reason"]
+    assert not os.path.exists(os.path.join(area.dst, "big.bin"))
+    no_spool_left(area.dst)
