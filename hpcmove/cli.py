@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from . import db, jobs, plugins, states
+from . import db, jobs, plugins, policy, states
 from .errors import HpcmoveError, UsageError
 from .units import human, parse_size
 
@@ -39,33 +39,50 @@ def cli():
     nodes, verified, renamed into place, chainable with afterok."""
 
 
+# flag name -> policy key, for the flags that set a policy value
+FLAG_KEYS = {"partition": "partition", "account": "account", "qos": "qos", "time_": "time",
+             "stripe_width": "stripe_width", "slice_size": "slice_size", "bwlimit": "bwlimit",
+             "backend": "backend"}
+
+
+def effective_settings(flags):
+    """The policy layers resolved with the flags the user gave (None = not given)."""
+    site = policy.load_site()
+    user, user_path = policy.load_user()
+    given = {FLAG_KEYS[k]: (v, "--" + FLAG_KEYS[k].replace("_", "-"))
+             for k, v in flags.items() if k in FLAG_KEYS and v is not None}
+    return policy.resolve(site, user, user_path, os.environ, given)
+
+
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.argument("paths", nargs=-1, type=click.Path(), metavar="SRC... DST")
-@click.option("-p", "--partition", envvar="HPCMOVE_PARTITION", default="",
+@click.option("-p", "--partition", default=None,
               help="Partition for the transfer and finalize jobs (sbatch -p).")
-@click.option("-A", "--account", envvar="HPCMOVE_ACCOUNT", default="", help="Account (sbatch -A).")
-@click.option("-q", "--qos", envvar="HPCMOVE_QOS", default="", help="QOS (sbatch -q).")
-@click.option("-t", "--time", "time_", default="", help="Time limit per task (sbatch -t).")
+@click.option("-A", "--account", default=None, help="Account (sbatch -A).")
+@click.option("-q", "--qos", default=None, help="QOS (sbatch -q).")
+@click.option("-t", "--time", "time_", default=None, help="Time limit per task (sbatch -t).")
 @click.option("-d", "--dependency", default="",
               help="Start the transfer after these jobs, e.g. afterok:123 (sbatch -d).")
 @click.option("--parsable", is_flag=True,
               help="Print only the batch id of the final job, for --dependency=afterok:ID.")
 @click.option("--stripe-width", type=click.IntRange(min=1), default=None,
               help="Array tasks running at once [default: 4 on Slurm, cores locally].")
-@click.option("--slice-size", type=Size(), default="256M", show_default=True,
-              help="Files larger than this are cut into slices of this size.")
-@click.option("--backend", type=click.Choice(["slurm", "local"]), envvar="HPCMOVE_BACKEND",
-              default=None, help="Batch backend [default: slurm if sbatch answers, else local].")
+@click.option("--slice-size", type=Size(), default=None,
+              help="Files larger than this are cut into slices of this size [default: 256M].")
 @click.option("--bwlimit", type=Size(), default=None,
               help="Bandwidth limit per array task, bytes per second (e.g. 100M).")
+@click.option("--backend", type=click.Choice(["slurm", "local"]), default=None,
+              help="Batch backend [default: slurm if sbatch answers, else local].")
 @click.option("--move", is_flag=True, help="Remove each source once its copy is verified and in place.")
 @click.option("--from-file", "from_file", type=click.Path(exists=True, dir_okay=False),
               help="Copyjob file: one 'SRC DST' pair per line (instead of SRC... DST).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the batch scripts; submit nothing.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job to end; exit 0 only if Done.")
-def submit(paths, partition, account, qos, time_, dependency, parsable, stripe_width,
-           slice_size, bwlimit, backend, move, from_file, dry_run, wait_):
+def submit(paths, dependency, parsable, move, from_file, dry_run, wait_, **flags):
     """Copy SRC... to DST through the batch system and print the job id at once.
+
+    Defaults come from the site policy and your config (see `hpcmove policy show`);
+    flags and HPCMOVE_* variables override them within the site's limits.
 
     \b
     Examples:
@@ -76,13 +93,13 @@ def submit(paths, partition, account, qos, time_, dependency, parsable, stripe_w
         raise click.UsageError("give either SRC... DST or --from-file, not both")
     if not from_file and len(paths) < 2:
         raise click.UsageError("need at least one SRC and a DST")
-    options = jobs.SubmitOptions(backend=backend or "", partition=partition, account=account,
-                                 qos=qos, time=time_, dependency=dependency,
-                                 stripe_width=stripe_width or 0, slice_size=slice_size,
-                                 bwlimit=bwlimit or 0, move=move)
+    eff = _run(effective_settings, flags)
+    for note in eff.notes:
+        click.echo(f"note: {note}", err=True)
+    options = jobs.SubmitOptions.from_policy(eff, dependency=dependency, move=move)
     pairs = _run(jobs.read_copyjob, from_file) if from_file else None
     sources, dest = (paths[:-1], paths[-1]) if paths else ((), None)
-    sub = _run(jobs.submit, sources, dest, options, pairs=pairs, dry_run=dry_run)
+    sub = _run(jobs.submit, sources, dest, options, pairs=pairs, dry_run=dry_run, site=eff.site)
     for warning in sub.plan.warnings:
         click.echo(f"warning: {warning}", err=True)
     if dry_run:
@@ -98,6 +115,53 @@ def submit(paths, partition, account, qos, time_, dependency, parsable, stripe_w
     if wait_:
         job = _run(jobs.wait, job)
         sys.exit(0 if job.state == states.DONE else 1)
+
+
+@cli.group("policy")
+def policy_():
+    """Site policy and your settings: what applies, and where each value came from."""
+
+
+@policy_.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def policy_show(as_json):
+    """Print the effective settings and the source of each value."""
+    eff = _run(effective_settings, {})
+    site = eff.site
+    data = {"policy_file": site.path or None, "settings": eff.as_dict(), "limits": site.limits,
+            "allowed_roots": site.allowed_roots, "allowed_hosts": site.allowed_hosts,
+            "size_table": [{"min_size": m, "slice_size": s, "stripe_width": w}
+                           for m, s, w in site.size_table],
+            "template_dirs": list(_run(jobs.template_dirs, site)),
+            "locked_templates": site.locked_templates, "notes": eff.notes}
+    if as_json:
+        click.echo(json.dumps(data, indent=1))
+        return
+    click.echo(f"policy file: {site.path or '(none: ' + policy.policy_path() + ' not found)'}")
+    for k, v in eff.values.items():
+        lock = "  [locked]" if k in site.locked else ""
+        click.echo(f"{k:22} {v.value!r:28} {v.source}{lock}")
+    for k, v in site.limits.items():
+        click.echo(f"limit {k:16} {v!r}")
+    if site.allowed_roots:
+        click.echo(f"allowed roots: {', '.join(site.allowed_roots)}")
+    if site.allowed_hosts:
+        click.echo(f"allowed hosts: {', '.join(site.allowed_hosts)}")
+
+
+@policy_.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--partitions/--no-partitions", default=True,
+              help="Also ask Slurm whether the partitions named exist.")
+def policy_check(path, partitions):
+    """Validate a policy file: unknown keys, wrong types, unreachable partitions."""
+    site = _run(lambda: policy.parse_site(policy._read_toml(path), path))
+    if partitions:
+        for key in ("partition", "finalize_partition"):
+            name = site.defaults.get(key)
+            if name:
+                _run(jobs.check_partition, name, f"{path}: defaults.{key}")
+    click.echo(f"{path}: ok")
 
 
 def _print_dry_run(sub):

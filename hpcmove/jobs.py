@@ -13,25 +13,65 @@ from dataclasses import asdict, dataclass
 
 from peewee import fn
 
-from . import db, jobdir, plugins, render, states
+from . import db, jobdir, plugins, policy, render, states
 from .backends import ACTIVE, SubmitSpec
 from .backends import slurm as slurm_backend
 from .errors import HpcmoveError, JobNotFound, PlanError, UsageError
-from .plan import FILE, Options, plan, plan_pairs
+from .plan import FILE, Options, plan_pairs, resolve_pairs
+from .units import parse_duration
+
+# A task is planned to finish within this share of its time limit at the assumed rate.
+WALLTIME_SAFETY = 0.8
 
 
 @dataclass
 class SubmitOptions:
     backend: str = ""  # '' = Slurm when sbatch answers, else local
     partition: str = ""
+    finalize_partition: str = ""
     account: str = ""
     qos: str = ""
     time: str = ""
     dependency: str = ""
     stripe_width: int = 0  # 0 = backend default
+    width_cap: int = 0  # the site's limit on tasks at once; 0 = none
     slice_size: int = 256 << 20
     bwlimit: int = 0  # bytes per second per task; 0 = unlimited
+    retries: int = 3
+    retry_backoff: int = 1
+    rate: int = 200 << 20  # assumed bytes/s per task, for fitting tasks in the time limit
+    size_table: tuple = ()  # ((min_size, slice_size), ...) when the size is the site's
+    template_dirs: tuple = ()  # user then site override directories
     move: bool = False
+
+    @classmethod
+    def from_policy(cls, eff, dependency="", move=False):
+        """Options from effective settings; the site's size table applies where the slice
+        size was not chosen by the user."""
+        user_chose = not eff.values["slice_size"].source.startswith(("built-in", "site"))
+        table = () if user_chose else tuple((m, s) for m, s, _w in eff.site.size_table)
+        return cls(backend=eff["backend"], partition=eff["partition"],
+                   finalize_partition=eff["finalize_partition"], account=eff["account"],
+                   qos=eff["qos"], time=eff["time"], dependency=dependency,
+                   stripe_width=eff["stripe_width"], width_cap=eff.site.width_cap,
+                   slice_size=eff["slice_size"],
+                   bwlimit=eff["bwlimit"], retries=eff["retries"],
+                   retry_backoff=eff["retry_backoff"], rate=eff["rate"], size_table=table,
+                   template_dirs=template_dirs(eff.site), move=move)
+
+
+def template_dirs(site, env=os.environ):
+    """[user dir, site dir] that exist; a user dir may not replace a locked site template."""
+    user = env.get("HPCMOVE_USER_TEMPLATES") or os.path.join(
+        os.path.dirname(policy.user_config_path(env)), "templates")
+    site_dir = env.get("HPCMOVE_TEMPLATES", site.template_dir)
+    if os.path.isdir(user):
+        clash = sorted(set(os.listdir(user)) & set(site.locked_templates))
+        if clash:
+            raise policy.PolicyError(f"templates {', '.join(clash)} in {user} may not override "
+                                     f"the site's locked templates (templates.locked in "
+                                     f"{site.path})")
+    return tuple(d for d in (user, site_dir) if os.path.isdir(d))
 
 
 @dataclass
@@ -46,6 +86,15 @@ def choose_backend(name):
         plugins.load("backend", name)  # unknown or broken: a clear error now
         return name
     return "slurm" if slurm_backend.available() else "local"
+
+
+def check_partition(name, where):
+    """Refuse a partition Slurm does not know (for `policy check`)."""
+    try:
+        slurm_backend.run("scontrol", "show", "partition", name)
+    except HpcmoveError as e:
+        raise policy.PolicyError(f"{where}: partition {name!r} is not reachable: "
+                                 f"{getattr(e, 'stderr', '') or e}".strip()) from None
 
 
 def default_stripe_width(backend):
@@ -72,18 +121,45 @@ def read_copyjob(path):
     return pairs
 
 
-def submit(sources, dest, options, pairs=None, dry_run=False):
-    """Plan, record and submit a job. With dry_run: plan and render only; nothing is
-    written, recorded or submitted."""
+def check_paths(site, pairs):
+    """The site's allowed roots, for every source and destination, before anything runs."""
+    for src, dst in pairs:
+        policy.check_path(site, src, "source")
+        parent = os.path.dirname(os.path.abspath(os.fsencode(dst).rstrip(b"/") or b"/"))
+        policy.check_path(site, dst if os.path.lexists(dst) else parent, "destination")
+
+
+def max_task_bytes(backend, options):
+    """Bytes one task may be given so that, at the assumed rate, it ends within its time
+    limit: the smaller of the user's -t and the partition's MaxTime."""
+    limits = [parse_duration(options.time)] if options.time else []
+    partition_max = plugins.backend(backend).max_time(options.partition)
+    if partition_max:
+        limits.append(partition_max)
+    if not limits:
+        return Options.max_task_bytes
+    return max(1 << 20, int(min(limits) * options.rate * WALLTIME_SAFETY))
+
+
+def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
+    """Check against the site policy, plan, record and submit a job. With dry_run: plan
+    and render only; nothing is written, recorded or submitted."""
+    site = site or policy.Site()
+    pairs = pairs or resolve_pairs(sources, dest)
+    check_paths(site, pairs)
     backend = choose_backend(options.backend)
     width = options.stripe_width or default_stripe_width(backend)
+    if options.width_cap:
+        width = min(width, options.width_cap)
     token = uuid.uuid4().hex[:12]
-    plan_options = Options(slice_size=options.slice_size, stripe_width=width)
-    the_plan = plan_pairs(pairs, plan_options, token) if pairs else \
-        plan(sources, dest, plan_options, token)
+    plan_options = Options(slice_size=options.slice_size, stripe_width=width,
+                           max_task_bytes=max_task_bytes(backend, options),
+                           size_table=options.size_table)
+    the_plan = plan_pairs(pairs, plan_options, token)
     if dry_run:
         settings = _script_settings(options, "hm-DRYRUN", b"JOBDIR", db.default_url())
-        return Submission(None, the_plan, render.render(settings, the_plan.n_tasks, width))
+        return Submission(None, the_plan, render.render(settings, the_plan.n_tasks, width,
+                                                        options.template_dirs))
     _make_spools(the_plan)
     try:
         db.connect()
@@ -110,7 +186,8 @@ def _make_spools(the_plan):
 def _script_settings(options, label, path, url):
     return render.ScriptSettings(label=label, jobdir=path, db_url=url, python=sys.executable,
                                  partition=options.partition, account=options.account,
-                                 qos=options.qos, time=options.time)
+                                 qos=options.qos, time=options.time,
+                                 finalize_partition=options.finalize_partition)
 
 
 def _record_and_submit(the_plan, options, backend, width):
@@ -123,7 +200,7 @@ def _record_and_submit(the_plan, options, backend, width):
         file_ids, slice_ids = db.insert_plan(job, the_plan)
         jobdir.write_manifest(path, the_plan, file_ids, slice_ids)
         settings = _script_settings(options, job.label, path, db.default_url())
-        scripts = render.render(settings, the_plan.n_tasks, width)
+        scripts = render.render(settings, the_plan.n_tasks, width, options.template_dirs)
         written = jobdir.write_scripts(path, scripts)
         _to_pending(job)
         spec = SubmitSpec(path, written, the_plan.n_tasks, width, options.dependency,

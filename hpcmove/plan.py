@@ -47,7 +47,15 @@ class Slice:
 class Options:
     slice_size: int = 256 << 20
     stripe_width: int = 4
-    max_task_bytes: int = 64 << 30
+    max_task_bytes: int = 64 << 30  # e.g. what one task can move within its time limit
+    size_table: tuple = ()  # ((min_size, slice_size), ...) ascending: per-file slice size
+
+    def slice_size_for(self, size):
+        chosen = self.slice_size
+        for min_size, slice_size in self.size_table:
+            if size >= min_size:
+                chosen = slice_size
+        return chosen
 
 
 @dataclass
@@ -202,7 +210,8 @@ def plan_pairs(pairs, options, token):
             walker.visit(src, dst.rstrip(b"/") or dst, spool_dir(parent, token), st)
     for e in result.entries:
         if e.kind == FILE:
-            result.slices.extend(cut(e, options.slice_size))
+            result.slices.extend(cut(e, min(options.slice_size_for(e.size),
+                                            options.max_task_bytes)))
     result.n_tasks = pack(result.slices, options.stripe_width, options.max_task_bytes)
     result.slices.sort(key=lambda s: (s.task, s.entry, s.index))
     return result

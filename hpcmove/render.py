@@ -37,8 +37,12 @@ def packaged_dir():
 
 
 def environment(search_path=()):
-    """Template environment: directories in `search_path` first, then the packaged ones."""
-    loader = jinja2.FileSystemLoader([*search_path, packaged_dir()])
+    """Template environment: directories in `search_path` first (user, then site), then
+    the packaged ones, which stay reachable as 'packaged/NAME' so an override can
+    `{% extends "packaged/transfer.sh.j2" %}` and replace only a block (e.g. prologue)."""
+    packaged = jinja2.FileSystemLoader(packaged_dir())
+    loader = jinja2.ChoiceLoader([jinja2.FileSystemLoader(list(search_path)), packaged,
+                                  jinja2.PrefixLoader({"packaged": packaged})])
     env = jinja2.Environment(loader=loader, undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False)
     env.filters["shquote"] = shquote

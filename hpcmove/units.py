@@ -27,3 +27,29 @@ def human(n):
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} PiB"
+
+
+def parse_duration(text):
+    """Slurm time syntax -> seconds: 'MM', 'MM:SS', 'HH:MM:SS', 'D-HH', 'D-HH:MM',
+    'D-HH:MM:SS'. 'UNLIMITED'/'INFINITE' -> None."""
+    t = str(text).strip()
+    if t.upper() in ("UNLIMITED", "INFINITE", "NONE", ""):
+        return None
+    days = 0
+    if "-" in t:
+        d, t = t.split("-", 1)
+        days = int(d)
+        parts = [int(x) for x in t.split(":")]
+        parts += [0] * (3 - len(parts))
+        h, m, s = parts
+    else:
+        parts = [int(x) for x in t.split(":")]
+        if len(parts) == 1:
+            h, m, s = 0, parts[0], 0
+        elif len(parts) == 2:
+            h, m, s = 0, parts[0], parts[1]
+        elif len(parts) == 3:
+            h, m, s = parts
+        else:
+            raise UsageError(f"not a time: {text!r}")
+    return ((days * 24 + h) * 60 + m) * 60 + s

@@ -41,7 +41,7 @@ class Recorder:
         self.pending, self.last = [], time.monotonic()
 
 
-def copy_one(engine, item):
+def copy_one(engine, item, retries=RETRIES, backoff=0.5):
     """Copy one slice with bounded retries of transient errors; returns a result dict."""
     work = plugins.SliceWork(item["src"], item["spool"], item["offset"], item["length"],
                              item["size"], item["mtime_ns"])
@@ -55,8 +55,8 @@ def copy_one(engine, item):
                                    f"{item['offset']} differs from source"
             break
         except TransferError as e:
-            if e.transient and attempts < RETRIES:
-                time.sleep(0.5 * 2 ** (attempts - 1))
+            if e.transient and attempts < retries:
+                time.sleep(backoff * 2 ** (attempts - 1))
                 continue
             src = dst = ""
             ok, reason = False, str(e)
@@ -93,12 +93,14 @@ def run(path, task):
     job = db.Job.get(db.Job.jobdir == os.fsencode(path))
     host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     done = start_task(job.id, items, host)
-    engine = plugins.load("engine", "copy")(bwlimit=json.loads(job.options).get("bwlimit", 0))
+    options = json.loads(job.options)
+    engine = plugins.load("engine", "copy")(bwlimit=options.get("bwlimit", 0))
+    retries, backoff = options.get("retries", RETRIES), options.get("retry_backoff", 0.5)
     recorder, failed = Recorder(host), 0
     for item in items:
         if item["slice"] in done:
             continue
-        result = copy_one(engine, item)
+        result = copy_one(engine, item, retries, backoff)
         failed += result["state"] != states.DONE
         recorder.add(result)
     recorder.flush()

@@ -6,7 +6,15 @@ from click.testing import CliRunner
 
 from hpcmove import cli, db
 
-COMMANDS = ["submit", "status", "list", "cancel", "wait", "plugins"]
+COMMANDS = ["submit", "status", "list", "cancel", "wait", "plugins", "policy"]
+
+
+def all_commands(group=cli.cli, prefix=()):
+    """Every command path, groups included: ('policy',), ('policy', 'show'), ..."""
+    for name, command in sorted(group.commands.items()):
+        yield (*prefix, name), command
+        if hasattr(command, "commands"):
+            yield from all_commands(command, (*prefix, name))
 
 
 @pytest.fixture
@@ -17,11 +25,12 @@ def runner(tmp_path, monkeypatch):
     db.close()
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help(runner, command):
-    result = runner.invoke(cli.cli, [command, "--help"])
+@pytest.mark.parametrize("path, command", list(all_commands()),
+                         ids=[" ".join(p) for p, _ in all_commands()])
+def test_every_command_has_help(runner, path, command):
+    result = runner.invoke(cli.cli, [*path, "--help"])
     assert result.exit_code == 0
-    doc = cli.cli.commands[command].help
+    doc = command.help
     assert doc and len(doc.strip()) > 20
     assert doc.strip().splitlines()[0] in result.output
 

@@ -47,6 +47,10 @@ class Backend:
         """{task index: (state, node)} of the array's tasks, for reasons of the dead."""
         raise NotImplementedError
 
+    def max_time(self, partition):
+        """The longest a task may run in `partition`, in seconds; None when unlimited."""
+        return None
+
     def wait_gone(self, ids, timeout=120.0):
         """Block until none of `ids` can still run (after cancel); True if so in time."""
         deadline, delay = time.monotonic() + timeout, 0.2

@@ -9,6 +9,7 @@ import re
 import sh
 
 from ..errors import SchedulerError
+from ..units import parse_duration
 from . import ACTIVE, Backend, Submitted
 
 _ARRAY_RANGE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
@@ -157,6 +158,15 @@ class SlurmBackend(Backend):
         ids = [str(i) for i in ids if i]
         if ids:
             run("scancel", *ids)
+
+    def max_time(self, partition):
+        """MaxTime of the partition (its default partition when '') from scontrol."""
+        out = run("scontrol", "show", "partition", "--oneliner", *([partition] if partition else []))
+        for line in out.splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if partition or fields.get("Default") == "YES":
+                return parse_duration(fields.get("MaxTime", "UNLIMITED"))
+        return None
 
     def task_states(self, array_id):
         return {t: (s, n) for j, t, s, n in self._rows([array_id]) if t is not None}
