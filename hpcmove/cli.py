@@ -96,7 +96,7 @@ def submit(paths, dependency, parsable, move, from_file, dry_run, wait_, **flags
     eff = _run(effective_settings, flags)
     for note in eff.notes:
         click.echo(f"note: {note}", err=True)
-    options = jobs.SubmitOptions.from_policy(eff, dependency=dependency, move=move)
+    options = _run(jobs.SubmitOptions.from_policy, eff, dependency=dependency, move=move)
     pairs = _run(jobs.read_copyjob, from_file) if from_file else None
     sources, dest = (paths[:-1], paths[-1]) if paths else ((), None)
     sub = _run(jobs.submit, sources, dest, options, pairs=pairs, dry_run=dry_run, site=eff.site)

@@ -1,0 +1,72 @@
+"""Site policy on the real Slurm testbed: the array's throttle and a site prologue."""
+import os
+import subprocess
+
+import pytest
+
+from conftest import Hpcmove, run_as_user
+
+
+@pytest.fixture
+def site(area):
+    """A site policy and template directory inside the test's area."""
+    templates = os.path.join(area.root, "site-templates")
+    os.makedirs(templates)
+    marker = os.path.join(area.root, "prologue-ran")
+    with open(os.path.join(templates, "transfer.sh.j2"), "w") as f:
+        f.write('{% extends "packaged/transfer.sh.j2" %}\n'
+                '{% block prologue %}echo "$SLURMD_NODENAME" >> ' + marker + '\n{% endblock %}\n')
+    path = os.path.join(area.root, "policy.toml")
+    with open(path, "w") as f:
+        f.write('[defaults]\npartition = "dtn"\n'
+                '[limits]\nmax_stripe_width = 2\n'
+                f'[templates]\nsite_dir = "{templates}"\n')
+    area.own()
+    return path, marker
+
+
+def scontrol_job(area, job_id):
+    env = {"PATH": "/usr/bin:/bin", "SLURM_CONF": os.environ["SLURM_CONF"]}
+    return run_as_user(["scontrol", "show", "job", "--oneliner", job_id], env).stdout.decode()
+
+
+@pytest.mark.parametrize("backend", ["slurm"], indirect=True)
+def test_stripe_width_clamped_to_site_limit_and_site_prologue_runs(backend, area, site, dataset):
+    policy_path, marker = site
+    hm = Hpcmove(backend, area)
+    hm.env["HPCMOVE_POLICY"] = policy_path
+    hm.backend_args = ["--backend", "slurm"]  # the partition comes from the site policy
+    done = hm.run("submit", *hm.backend_args, "--stripe-width", "6", "--slice-size", "32M",
+                  "--bwlimit", "100M", os.path.join(dataset, "big.bin"), area.dst)
+    assert b"clamped to limits.max_stripe_width = 2" in done.stderr
+    label = done.stdout.decode().split()[1].rstrip(":")
+    s = hm.status(label)
+    array = next(x["id"] for x in s["slurm_job_ids"] if x["role"] == "transfer")
+    info = scontrol_job(area, array)
+    assert "ArrayTaskThrottle=2" in info and "Partition=dtn" in info, info
+    s = hm.wait(label)
+    assert s["state"] == "Done", s["reason"]
+    assert subprocess.run(["cmp", os.path.join(dataset, "big.bin"),
+                           os.path.join(area.dst, "big.bin")]).returncode == 0
+    with open(marker) as f:
+        nodes = f.read().split()
+    assert len(nodes) == 2 and set(nodes) <= {"dtn1", "dtn2", "dtn3"}
+
+
+@pytest.mark.parametrize("backend", ["slurm"], indirect=True)
+def test_stripe_width_over_limit_refused_when_site_says_so(backend, area, site):
+    policy_path, _ = site
+    text = open(policy_path).read().replace("[limits]\n", '[limits]\non_exceed = "refuse"\n')
+    with open(policy_path, "w") as f:
+        f.write(text)
+    hm = Hpcmove(backend, area)
+    hm.env["HPCMOVE_POLICY"] = policy_path
+    with open(os.path.join(area.src, "f"), "wb") as f:
+        f.write(b"x")
+    area.own()
+    done = hm.run("submit", "--backend", "slurm", "--stripe-width", "6",
+                  os.path.join(area.src, "f"), area.dst, check=False)
+    assert done.returncode == 1
+    assert b"stripe_width 6 is over the site limit limits.max_stripe_width = 2" in done.stderr
+    assert policy_path.encode() in done.stderr
+    assert not os.path.exists(os.path.join(area.home, "jobs"))
