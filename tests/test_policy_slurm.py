@@ -70,3 +70,36 @@ def test_stripe_width_over_limit_refused_when_site_says_so(backend, area, site):
     assert b"stripe_width 6 is over the site limit limits.max_stripe_width = 2" in done.stderr
     assert policy_path.encode() in done.stderr
     assert not os.path.exists(os.path.join(area.home, "jobs"))
+
+
+def sacct_partition(area, job_id, timeout=60):
+    import time
+    env = {"PATH": "/usr/bin:/bin", "SLURM_CONF": os.environ["SLURM_CONF"]}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = run_as_user(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "Partition"],
+                          env).stdout.decode().split()
+        if out:
+            return set(out)
+        time.sleep(1)
+    return set()
+
+
+@pytest.mark.parametrize("backend", ["slurm"], indirect=True)
+def test_site_job_submit_lua_routes_tagged_jobs_to_dtn(backend, area):
+    """slurm/job_submit.lua is loaded by the testbed: hpcmove's jobs (comment
+    'hpcmove:...') land in dtn without -p; other jobs keep the default partition."""
+    hm = Hpcmove(backend, area)
+    with open(os.path.join(area.src, "f"), "wb") as f:
+        f.write(os.urandom(10000))
+    area.own()
+    job = hm.run("submit", "--parsable", "--backend", "slurm", os.path.join(area.src, "f"),
+                 area.dst).stdout.decode().strip()
+    s = hm.wait(job)
+    assert s["state"] == "Done", s["reason"]
+    for x in s["slurm_job_ids"]:
+        assert sacct_partition(area, x["id"]) == {"dtn"}, x
+    env = {"PATH": "/usr/bin:/bin", "SLURM_CONF": os.environ["SLURM_CONF"]}
+    other = run_as_user(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true"], env,
+                        cwd=area.root).stdout.decode().strip()
+    assert sacct_partition(area, other) == {"compute"}

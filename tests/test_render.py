@@ -77,8 +77,8 @@ def test_empty_options_give_no_directives():
     s = render.ScriptSettings(label="hm-1", jobdir=b"/j", db_url="sqlite:///x", python="py")
     t = render.render(s, 2, 2)["transfer.sh"]
     sbatch = [line for line in t.splitlines() if line.startswith("#SBATCH")]
-    assert sbatch == ["#SBATCH --job-name=hpcmove-hm-1", "#SBATCH --array=0-1%2",
-                      "#SBATCH --requeue"]
+    assert sbatch == ["#SBATCH --job-name=hpcmove-hm-1", "#SBATCH --comment=hpcmove:hm-1",
+                      "#SBATCH --array=0-1%2", "#SBATCH --requeue"]
 
 
 # --------------------------------------------------------------------------- run it with bash
