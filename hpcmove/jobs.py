@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from peewee import fn
 
 from . import db, jobdir, plugins, policy, render, states
-from .backends import ACTIVE, SubmitSpec
+from .backends import ACTIVE, SubmitSpec, parse_batch_ids
 from .backends import slurm as slurm_backend
 from .errors import HpcmoveError, JobNotFound, PlanError, UsageError
 from .plan import FILE, Options, plan_pairs, resolve_pairs
@@ -205,7 +205,9 @@ def _record_and_submit(the_plan, options, backend, width):
         _to_pending(job)
         spec = SubmitSpec(path, written, the_plan.n_tasks, width, options.dependency,
                           logs={"transfer": jobdir.log_path(path, "transfer-%A_%a.out"),
-                                "finalize": jobdir.log_path(path, "finalize-%j.out")})
+                                "finalize": jobdir.log_path(path, "finalize-%j.out"),
+                                "feed": jobdir.log_path(path, "feed-%j.out")},
+                          label=job.label)
         submitted = plugins.backend(backend).submit(spec)
     except HpcmoveError as e:
         db.set_job_state(job, states.FAILED, reason=f"submission failed: {e}")
@@ -272,11 +274,19 @@ def _text(path):
     return os.fsdecode(path) if path is not None else None
 
 
+def batch_ids(job):
+    """[{id, role, final}] of every batch job of `job`, the final one last."""
+    arrays, feeders = parse_batch_ids(job.array_id)
+    out = [{"id": i, "role": "transfer", "final": False} for i, _ in arrays]
+    out += [{"id": i, "role": "feed", "final": False} for i in feeders]
+    if job.final_id:
+        out.append({"id": job.final_id, "role": "finalize", "final": True})
+    return out
+
+
 def summary(job):
     return {"id": job.label, "state": job.state, "reason": job.reason, "backend": job.backend,
-            "slurm_job_ids": [{"id": i, "role": r, "final": r == "finalize"}
-                              for i, r in ((job.array_id, "transfer"),
-                                           (job.final_id, "finalize")) if i],
+            "slurm_job_ids": batch_ids(job),
             "final_slurm_id": job.final_id, "bytes_total": job.bytes_total,
             "bytes_done": bytes_done(job) if job.state != states.DONE else job.bytes_total,
             "created": job.created, "finished": job.finished}
@@ -301,11 +311,16 @@ def cancel(job, timeout=120.0):
     """Stop the job's batch jobs, remove its spool, mark what had not finished Cancelled."""
     job = db.set_job_state(job, states.CANCELLING)
     backend = plugins.backend(job.backend)
-    ids = [i for i in (job.array_id, job.final_id) if i]
-    backend.cancel(ids)
-    if not backend.wait_gone(ids, timeout):
-        raise HpcmoveError(f"{job.label}: batch jobs {', '.join(ids)} still running "
-                           f"{timeout:.0f} s after cancel; state left Cancelling")
+    cancelled = set()
+    while True:  # a feeder may add a chunk while we cancel: repeat until nothing is new
+        ids = [x["id"] for x in batch_ids(db.Job.get_by_id(job.id))]
+        if set(ids) <= cancelled:
+            break
+        backend.cancel(ids)
+        cancelled |= set(ids)
+        if not backend.wait_gone(ids, timeout):
+            raise HpcmoveError(f"{job.label}: batch jobs {', '.join(ids)} still running "
+                               f"{timeout:.0f} s after cancel; state left Cancelling")
     files = list(job.files)
     for spool in {f.spool for f in files}:
         shutil.rmtree(spool, ignore_errors=True)

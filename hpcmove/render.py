@@ -85,6 +85,11 @@ def render(settings, n_tasks, stripe_width, search_path=()):
             common, purpose="transfer array task", job_name=f"hpcmove-{settings.label}",
             n_tasks=n_tasks, stripe_width=stripe_width,
             sbatch_options=sbatch_options(settings, settings.partition))
+        # used only when the backend must feed the array in chunks
+        scripts["feed.sh"] = env.get_template("feed.sh.j2").render(
+            common, purpose="feeder of the next transfer array chunk",
+            job_name=f"hpcmove-{settings.label}-feed",
+            sbatch_options=sbatch_options(settings, settings.finalize_partition or settings.partition))
     scripts["finalize.sh"] = env.get_template("finalize.sh.j2").render(
         common, purpose="finalize (verify, rename into place)",
         job_name=f"hpcmove-{settings.label}-final",

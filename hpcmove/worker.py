@@ -113,7 +113,9 @@ def main(argv=None):
         print("usage: python -m hpcmove.worker JOBDIR TASK", file=sys.stderr)
         return 2
     path = os.fsencode(argv[0])
-    return run(path, int(argv[1]))
+    # a job fed in chunks runs arrays whose indices start again at 0
+    offset = int(os.environ.get("HPCMOVE_TASK_OFFSET") or 0)
+    return run(path, int(argv[1]) + offset)
 
 
 if __name__ == "__main__":

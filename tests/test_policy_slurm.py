@@ -103,3 +103,34 @@ def test_site_job_submit_lua_routes_tagged_jobs_to_dtn(backend, area):
     other = run_as_user(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true"], env,
                         cwd=area.root).stdout.decode().strip()
     assert sacct_partition(area, other) == {"compute"}
+
+
+@pytest.mark.parametrize("backend", ["slurm"], indirect=True)
+def test_job_with_more_tasks_than_max_array_size_is_fed_in_chunks(backend, area):
+    env = {"PATH": "/usr/bin:/bin", "SLURM_CONF": os.environ["SLURM_CONF"]}
+    config = run_as_user(["scontrol", "show", "config"], env).stdout.decode()
+    max_array = int(next(l.split("=")[1] for l in config.splitlines()
+                         if l.startswith("MaxArraySize")))
+    assert max_array <= 64, "the testbed keeps MaxArraySize low to exercise feeding"
+    # rate and time make each task's share 1 MiB (the floor): one task per MiB of data
+    n_files = max_array * 2 + 5
+    for i in range(n_files):
+        with open(os.path.join(area.src, f"f{i:03d}"), "wb") as f:
+            f.write(os.urandom((1 << 20) - 4096))
+    policy_path = os.path.join(area.root, "policy.toml")
+    with open(policy_path, "w") as f:
+        f.write('[defaults]\npartition = "dtn"\nrate = "1K"\ntime = "5"\n')
+    area.own()
+    hm = Hpcmove(backend, area)
+    hm.env["HPCMOVE_POLICY"] = policy_path
+    final = hm.run("submit", "--parsable", "--backend", "slurm", "--stripe-width", "3",
+                   area.src, area.dst).stdout.decode().strip()
+    s = hm.wait(final)
+    assert s["state"] == "Done", s["reason"]
+    arrays = [x for x in s["slurm_job_ids"] if x["role"] == "transfer"]
+    assert len(arrays) == 3, s["slurm_job_ids"]
+    assert s["slurm_job_ids"][-1] == {"id": final, "role": "finalize", "final": True}
+    for i in range(n_files):
+        name = f"f{i:03d}"
+        assert open(os.path.join(area.src, name), "rb").read() == \
+            open(os.path.join(area.dst, "src", name), "rb").read()

@@ -46,7 +46,8 @@ def test_golden(name):
 
 def test_shape():
     scripts = render.render(golden_settings(), n_tasks=5, stripe_width=3)
-    assert set(scripts) == {"transfer.sh", "finalize.sh"}
+    assert set(scripts) == {"transfer.sh", "finalize.sh", "feed.sh"}
+    assert "-m hpcmove.feeder" in scripts["feed.sh"]
     t, f = scripts["transfer.sh"], scripts["finalize.sh"]
     assert t.startswith("#!/bin/bash\n") and f.startswith("#!/bin/bash\n")
     assert "#SBATCH --array=0-4%3\n" in t and "--array" not in f

@@ -194,20 +194,25 @@ def spec(dependency="", transfer=True):
                             "finalize": b"/j/logs/finalize-%j.out"})
 
 
+CONFIG = "MaxArraySize            = 1001\nMaxJobCount = 10000\n"
+
+
 def test_submit_chain(fake):
-    f = fake(sbatch=["500\n", "501;cluster\n"])
+    f = fake(sbatch=["500\n", "501;cluster\n"], scontrol=[CONFIG])
     assert slurm.SlurmBackend().submit(spec("afterok:77")) == Submitted("500", "501")
-    array, final = f.calls
-    assert array == ["sbatch", "--parsable", "--output=/j/logs/transfer-%A_%a.out",
+    array, final = f.of("sbatch")
+    assert array == ["sbatch", "--parsable", "--array=0-2%2", "--export=ALL,HPCMOVE_TASK_OFFSET=0",
+                     "--output=/j/logs/transfer-%A_%a.out",
                      "--dependency=afterok:77", "--kill-on-invalid-dep=yes", "/j/transfer.sh"]
     # the finalize job waits for the array whatever its outcome, not for the user's dependency
-    assert final == ["sbatch", "--parsable", "--output=/j/logs/finalize-%j.out",
-                     "--dependency=afterany:500", "/j/finalize.sh"]
+    assert final == ["sbatch", "--parsable", "--dependency=afterany:500",
+                     "--output=/j/logs/finalize-%j.out", "/j/finalize.sh"]
 
 
 def test_submit_without_user_dependency(fake):
-    f = fake(sbatch=["500", "501"])
+    f = fake(sbatch=["500", "501"], scontrol=[CONFIG])
     slurm.SlurmBackend().submit(spec())
+    f.calls = f.of("sbatch")
     assert not any("--kill-on-invalid-dep" in a for a in f.calls[0])
     assert not any(a.startswith("--dependency") for a in f.calls[0])
     assert opt(f.calls[1], "dependency") == "afterany:500"
@@ -224,19 +229,41 @@ def test_submit_without_transfer_script(fake):
 
 def test_submit_finalize_failure_cancels_array(fake):
     error = fail("sbatch")
-    f = fake(sbatch=["500\n", error], scancel=[""])
+    f = fake(sbatch=["500\n", error], scancel=[""], scontrol=[CONFIG])
     with pytest.raises(SchedulerError) as info:
         slurm.SlurmBackend().submit(spec())
     assert info.value is error
-    assert [c[0] for c in f.calls] == ["sbatch", "sbatch", "scancel"]
-    assert f.calls[2] == ["scancel", "500"]
+    assert [c[0] for c in f.calls] == ["scontrol", "sbatch", "sbatch", "scancel"]
+    assert f.calls[3] == ["scancel", "500"]
 
 
 def test_submit_array_failure_submits_nothing_else(fake):
-    f = fake(sbatch=[fail("sbatch")])
+    f = fake(sbatch=[fail("sbatch")], scontrol=[CONFIG])
     with pytest.raises(SchedulerError):
         slurm.SlurmBackend().submit(spec())
-    assert len(f.calls) == 1
+    assert len(f.of("sbatch")) == 1 and not f.of("scancel")
+
+
+def test_more_tasks_than_max_array_size_are_fed_in_chunks(fake):
+    f = fake(scontrol=["MaxArraySize = 2\n", "", ""], sbatch=["600", "601", "602"])
+    s = spec()
+    s.scripts["feed.sh"] = b"/j/feed.sh"
+    s.logs["feed"] = b"/j/logs/feed-%j.out"
+    assert slurm.SlurmBackend().submit(s) == Submitted("601@0,feed:602", "600")
+    final, array, feeder = f.of("sbatch")
+    assert "--hold" in final and final[-1] == "/j/finalize.sh"
+    assert "--array=0-1%2" in array and "--export=ALL,HPCMOVE_TASK_OFFSET=0" in array
+    assert feeder[-4:] == ["/j/feed.sh", "1", "2", "600"]
+    assert "--dependency=afterany:601" in feeder
+    assert f.of("scontrol")[1] == ["scontrol", "update", "JobId=600",
+                                   "Dependency=afterany:601:602"]
+    assert f.of("scontrol")[2] == ["scontrol", "release", "600"]
+
+
+def test_task_states_of_a_fed_job_add_each_chunk_offset(fake):
+    fake(squeue=["700|0-1|COMPLETED|dtn1\n710|0|FAILED|dtn2\n"])
+    assert slurm.SlurmBackend().task_states("700@0,710@2,feed:711") == {
+        0: ("COMPLETED", "dtn1"), 1: ("COMPLETED", "dtn1"), 2: ("FAILED", "dtn2")}
 
 
 # --------------------------------------------------------------------------- run() itself

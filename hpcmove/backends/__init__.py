@@ -9,6 +9,20 @@ ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "
                     "STOPPED", "UNKNOWN"})
 
 
+def parse_batch_ids(text):
+    """Job.array_id holds every transfer-side batch id: '123' or, for a job fed in
+    chunks, '123@0,140@64,feed:141' (array id @ first task index; feeder jobs).
+    Returns ([(array id, task offset)], [feeder ids])."""
+    arrays, feeders = [], []
+    for item in filter(None, (text or "").split(",")):
+        if item.startswith("feed:"):
+            feeders.append(item[5:])
+        else:
+            job_id, _, offset = item.partition("@")
+            arrays.append((job_id, int(offset or 0)))
+    return arrays, feeders
+
+
 @dataclass
 class SubmitSpec:
     """What a backend needs to start one job's chain."""
@@ -19,11 +33,12 @@ class SubmitSpec:
     stripe_width: int
     dependency: str = ""  # sbatch syntax, applies to the transfer step
     logs: dict = field(default_factory=dict)  # name -> output path pattern
+    label: str = ""  # hpcmove's job id (hm-N), for the feeder
 
 
 @dataclass
 class Submitted:
-    array_id: str | None
+    array_id: str | None  # see parse_batch_ids
     final_id: str
 
 

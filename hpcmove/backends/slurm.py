@@ -10,7 +10,7 @@ import sh
 
 from ..errors import SchedulerError
 from ..units import parse_duration
-from . import ACTIVE, Backend, Submitted
+from . import ACTIVE, Backend, Submitted, parse_batch_ids
 
 _ARRAY_RANGE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
 
@@ -102,26 +102,75 @@ class SlurmBackend(Backend):
     name = "slurm"
 
     def submit(self, spec):
-        array_id = None
-        if "transfer.sh" in spec.scripts:
-            args = ["--parsable", f"--output={os.fsdecode(spec.logs['transfer'])}"]
+        if "transfer.sh" not in spec.scripts:  # only directories and links: finalize alone
+            args = ["--parsable", f"--output={os.fsdecode(spec.logs['finalize'])}"]
             if spec.dependency:
                 args += [f"--dependency={spec.dependency}", "--kill-on-invalid-dep=yes"]
-            array_id = self._sbatch(*args, spec.scripts["transfer.sh"])
-        args = ["--parsable", f"--output={os.fsdecode(spec.logs['finalize'])}"]
-        if array_id:
+            return Submitted(None, self._sbatch(*args, spec.scripts["finalize.sh"]))
+        chunk = self.max_array_size()
+        if spec.n_tasks <= chunk:
+            array_id = self.submit_chunk(spec.scripts["transfer.sh"], spec.logs["transfer"],
+                                         0, spec.n_tasks, spec.stripe_width, spec.dependency)
             # afterany: finalize runs also when tasks failed, to record why and clean up;
             # it then exits non-zero so afterok chains on it never start.
-            args.append(f"--dependency=afterany:{array_id}")
-        elif spec.dependency:
-            args += [f"--dependency={spec.dependency}", "--kill-on-invalid-dep=yes"]
-        try:
-            final_id = self._sbatch(*args, spec.scripts["finalize.sh"])
-        except SchedulerError:
-            if array_id:
+            try:
+                final_id = self._sbatch("--parsable", f"--dependency=afterany:{array_id}",
+                                        f"--output={os.fsdecode(spec.logs['finalize'])}",
+                                        spec.scripts["finalize.sh"])
+            except SchedulerError:
                 self.cancel([array_id])
+                raise
+            return Submitted(array_id, final_id)
+        return self._submit_fed(spec, chunk)
+
+    def _submit_fed(self, spec, chunk):
+        """More tasks than one array may hold: submit the final job held, the first chunk
+        and a feeder that submits the next chunk when this one ends (and so on), then
+        point the final job at them. The final id the user chains on never changes."""
+        final_id = self._sbatch("--parsable", "--hold",
+                                f"--output={os.fsdecode(spec.logs['finalize'])}",
+                                spec.scripts["finalize.sh"])
+        submitted = [final_id]
+        try:
+            array_id = self.submit_chunk(spec.scripts["transfer.sh"], spec.logs["transfer"], 0,
+                                         chunk, spec.stripe_width, spec.dependency)
+            submitted.append(array_id)
+            feeder = self.submit_feeder(spec.scripts["feed.sh"], spec.logs["feed"], array_id,
+                                        1, chunk, final_id)
+            submitted.append(feeder)
+            self.point_final(final_id, array_id, feeder)
+            run("scontrol", "release", final_id)
+        except SchedulerError:
+            self.cancel(submitted)
             raise
-        return Submitted(array_id, final_id)
+        return Submitted(f"{array_id}@0,feed:{feeder}", final_id)
+
+    def submit_chunk(self, script, log, offset, count, width, dependency=""):
+        """One array of `count` tasks whose work starts at task index `offset`."""
+        args = ["--parsable", f"--array=0-{count - 1}%{width}",
+                f"--export=ALL,HPCMOVE_TASK_OFFSET={offset}", f"--output={os.fsdecode(log)}"]
+        if dependency:
+            args += [f"--dependency={dependency}", "--kill-on-invalid-dep=yes"]
+        return self._sbatch(*args, script)
+
+    def submit_feeder(self, script, log, after, chunk_index, chunk, final_id):
+        return self._sbatch("--parsable", f"--dependency=afterany:{after}",
+                            f"--output={os.fsdecode(log)}", script,
+                            str(chunk_index), str(chunk), final_id)
+
+    @staticmethod
+    def point_final(final_id, *after):
+        run("scontrol", "update", f"JobId={final_id}",
+            f"Dependency=afterany:{':'.join(after)}")
+
+    @staticmethod
+    def max_array_size():
+        """How many tasks one array may have (MaxArraySize: indices 0..N-1)."""
+        for line in run("scontrol", "show", "config").splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "MaxArraySize":
+                return int(value.strip())
+        return 1001
 
     @staticmethod
     def _sbatch(*args):
@@ -169,4 +218,7 @@ class SlurmBackend(Backend):
         return None
 
     def task_states(self, array_id):
-        return {t: (s, n) for j, t, s, n in self._rows([array_id]) if t is not None}
+        arrays, _feeders = parse_batch_ids(array_id)
+        offsets = dict(arrays)
+        return {t + offsets[j]: (s, n) for j, t, s, n in self._rows(list(offsets))
+                if t is not None and j in offsets}
