@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from peewee import fn
 
@@ -40,6 +40,8 @@ class SubmitOptions:
     retries: int = 3
     retry_backoff: int = 1
     rate: int = 200 << 20  # assumed bytes/s per task, for fitting tasks in the time limit
+    small_file_threshold: int = 4 << 20
+    bwlimit_per_user: int = 0  # the site's cap on one job's tasks together; 0 = none
     size_table: tuple = ()  # ((min_size, slice_size), ...) when the size is the site's
     template_dirs: tuple = ()  # user then site override directories
     move: bool = False
@@ -57,6 +59,8 @@ class SubmitOptions:
                    slice_size=eff["slice_size"],
                    bwlimit=eff["bwlimit"], retries=eff["retries"],
                    retry_backoff=eff["retry_backoff"], rate=eff["rate"], size_table=table,
+                   small_file_threshold=eff["small_file_threshold"],
+                   bwlimit_per_user=eff.site.limits.get("max_bwlimit_per_user", 0),
                    template_dirs=template_dirs(eff.site), move=move)
 
 
@@ -151,10 +155,14 @@ def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
     width = options.stripe_width or default_stripe_width(backend)
     if options.width_cap:
         width = min(width, options.width_cap)
+    if options.bwlimit_per_user:  # one job's tasks share the user's bandwidth
+        share = max(1, options.bwlimit_per_user // width)
+        options = replace(options, bwlimit=min(options.bwlimit or share, share))
     token = uuid.uuid4().hex[:12]
     plan_options = Options(slice_size=options.slice_size, stripe_width=width,
                            max_task_bytes=max_task_bytes(backend, options),
-                           size_table=options.size_table)
+                           size_table=options.size_table,
+                           small_file_threshold=options.small_file_threshold)
     the_plan = plan_pairs(pairs, plan_options, token)
     if dry_run:
         settings = _script_settings(options, "hm-DRYRUN", b"JOBDIR", db.default_url())

@@ -49,8 +49,11 @@ class Options:
     stripe_width: int = 4
     max_task_bytes: int = 64 << 30  # e.g. what one task can move within its time limit
     size_table: tuple = ()  # ((min_size, slice_size), ...) ascending: per-file slice size
+    small_file_threshold: int = 0  # files up to this size are never cut
 
     def slice_size_for(self, size):
+        if size <= self.small_file_threshold:
+            return max(size, 1)
         chosen = self.slice_size
         for min_size, slice_size in self.size_table:
             if size >= min_size:

@@ -80,7 +80,7 @@ KEYS = {k.name: k for k in [
 
 LIMIT_KEYS = {
     "max_stripe_width": _int, "max_running_tasks_per_user": _int, "max_slice_size": _size,
-    "max_bwlimit": _size0, "max_retries": _int, "on_exceed": _choice("clamp", "refuse"),
+    "max_bwlimit": _size0, "max_bwlimit_per_user": _size0, "max_retries": _int, "on_exceed": _choice("clamp", "refuse"),
     "locked": list,
 }
 SECTIONS = {"defaults", "limits", "paths", "remote", "size_table", "templates"}

@@ -196,3 +196,21 @@ def test_user_templates_may_not_shadow_locked_site_templates(env, monkeypatch):
     result = CliRunner().invoke(cli.cli, ["submit", "--dry-run", "--backend", "local",
                                           str(env / "f"), str(env / "g")])
     assert result.exit_code == 1 and "locked templates" in result.output
+
+
+def test_small_files_are_never_cut():
+    from hpcmove.plan import Options
+    o = Options(slice_size=1 << 20, small_file_threshold=4 << 20)
+    assert o.slice_size_for(3 << 20) == 3 << 20 and o.slice_size_for(5 << 20) == 1 << 20
+
+
+def test_per_user_bandwidth_is_shared_by_the_jobs_tasks(env, monkeypatch):
+    (env / "site.toml").write_text('[limits]\nmax_bwlimit_per_user = "100M"\n')
+    monkeypatch.setenv("HPCMOVE_POLICY", str(env / "site.toml"))
+    (env / "f").write_bytes(b"x" * 100)
+    (env / "d").mkdir()
+    result = CliRunner().invoke(cli.cli, ["submit", "--backend", "local", "--stripe-width", "4",
+                                          "--wait", str(env / "f"), str(env / "d")])
+    assert result.exit_code == 0, result.output
+    db.connect()
+    assert json.loads(db.Job.select().first().options)["bwlimit"] == (100 << 20) // 4
