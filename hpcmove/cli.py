@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from . import db, jobs, plugins, policy, states
+from . import cli_ops, db, jobs, notify, plugins, policy, progress, states
 from .errors import HpcmoveError, UsageError
 from .units import human, parse_size
 
@@ -42,7 +42,8 @@ def cli():
 # flag name -> policy key, for the flags that set a policy value
 FLAG_KEYS = {"partition": "partition", "account": "account", "qos": "qos", "time_": "time",
              "stripe_width": "stripe_width", "slice_size": "slice_size", "bwlimit": "bwlimit",
-             "backend": "backend"}
+             "backend": "backend", "engine": "engine", "mail_user": "mail_user",
+             "mail_type": "mail_type"}
 
 
 def effective_settings(flags):
@@ -71,8 +72,13 @@ def effective_settings(flags):
               help="Files larger than this are cut into slices of this size [default: 256M].")
 @click.option("--bwlimit", type=Size(), default=None,
               help="Bandwidth limit per array task, bytes per second (e.g. 100M).")
-@click.option("--backend", type=click.Choice(["slurm", "local"]), default=None,
-              help="Batch backend [default: slurm if sbatch answers, else local].")
+@click.option("--backend", type=click.Choice(["slurm", "local", "drmaa"]), default=None,
+              help="Batch backend [default: slurm if sbatch answers, else local; "
+                   "drmaa: Grid Engine].")
+@click.option("--engine", default=None, help="Transfer engine plugin [default: copy].")
+@click.option("--mail-type", "mail_type", default=None,
+              help="Mail on BEGIN, END, FAIL, AUTH, ALL or NONE (comma list, as sbatch).")
+@click.option("--mail-user", "mail_user", default=None, help="Where mail goes [default: you].")
 @click.option("--move", is_flag=True, help="Remove each source once its copy is verified and in place.")
 @click.option("--from-file", "from_file", type=click.Path(exists=True, dir_okay=False),
               help="Copyjob file: one 'SRC DST' pair per line (instead of SRC... DST).")
@@ -94,6 +100,7 @@ def submit(paths, dependency, parsable, move, from_file, dry_run, wait_, **flags
     if not from_file and len(paths) < 2:
         raise click.UsageError("need at least one SRC and a DST")
     eff = _run(effective_settings, flags)
+    _run(notify.parse_mail_types, eff["mail_type"])  # a typo is an error now, not at the end
     for note in eff.notes:
         click.echo(f"note: {note}", err=True)
     options = _run(jobs.SubmitOptions.from_policy, eff, dependency=dependency, move=move)
@@ -186,13 +193,19 @@ def _line(s):
 @cli.command()
 @click.argument("job_id", metavar="JOB")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every file.")
-def status(job_id, as_json):
+@click.option("--summary", is_flag=True, help="Entries and bytes per file state.")
+@click.option("--files", "files_", is_flag=True,
+              help="One line per file: state, size, src -> dst, reason.")
+def status(job_id, as_json, summary, files_):
     """Show a job's state. JOB is hm-N or the final batch id from --parsable."""
     _run(_connect)
     job = _run(jobs.find, job_id)
     job = _run(jobs.refresh, [job])[0]
     if as_json:
         click.echo(json.dumps(jobs.status_dict(job), indent=1))
+    elif summary or files_:
+        for line in (progress.summary_lines(job) if summary else progress.file_lines(job)):
+            click.echo(line)
     else:
         click.echo(_line(jobs.summary(job)))
 
@@ -220,17 +233,37 @@ def cancel(job_id):
     if job.state in states.JOB_TERMINAL:
         raise click.ClickException(f"{job.label} already ended {job.state}; nothing to cancel")
     job = _run(jobs.cancel, job)
+    notify.job_ended(job)
     click.echo(f"{job.label} {job.state}")
 
 
 @cli.command()
 @click.argument("job_id", metavar="JOB")
-@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
-def wait(job_id, timeout):
-    """Block until JOB ends; exit 0 only when it is Done."""
+def retry(job_id):
+    """Resubmit a job on Hold: only the slices not yet Done, as a new chain.
+
+    Fix what held it first (see `hpcmove status JOB --json`, the files' reasons). The
+    job keeps its id; `status` shows the new final batch id, the history is kept.
+    """
     _run(_connect)
     job = _run(jobs.find, job_id)
-    job = _run(jobs.wait, job, timeout)
+    job, _scripts = _run(jobs.retry, job)
+    click.echo(f"{job.label} resubmitted: final {job.final_id}")
+
+
+@cli.command()
+@click.argument("job_id", metavar="JOB")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option("--progress", "show_progress", is_flag=True,
+              help="Show live progress on stderr (a bar on a terminal, lines otherwise).")
+def wait(job_id, timeout, show_progress):
+    """Block until JOB ends (or is on Hold); exit 0 only when it is Done."""
+    _run(_connect)
+    job = _run(jobs.find, job_id)
+    if show_progress:
+        job = _run(progress.watch, job.id, sys.stderr, sys.stderr.isatty(), timeout=timeout)
+    else:
+        job = _run(jobs.wait, job, timeout)
     click.echo(_line(jobs.summary(job)))
     sys.exit(0 if job.state == states.DONE else 1)
 
@@ -247,6 +280,9 @@ def plugins_(as_json):
     for r in rows:
         click.echo(f"{r['kind']}\t{r['name']}\t{'ok' if r['available'] else 'unavailable'}"
                    f"\t{r['reason']}".rstrip())
+
+
+cli_ops.register(cli)
 
 
 def main():

@@ -9,11 +9,12 @@ Usage (from the rendered finalize script): python -m hpcmove.finalize JOBDIR
 """
 import os
 import shutil
+import stat
 import sys
 
 import xxhash
 
-from . import db, plugins, states
+from . import db, notify, plugins, recover, states
 from .plan import DIR, FILE, HARDLINK, SYMLINK
 
 
@@ -31,11 +32,8 @@ def _name(path):
     return os.fsdecode(path)
 
 
-def slice_problem(s, tasks):
-    if s.state == states.DONE and s.src_digest and s.src_digest == s.dst_digest:
-        return None
-    if s.state == states.FAILED:
-        return s.reason
+def task_reason(s, tasks):
+    """Why a slice's array task left it unfinished, from the batch system's record."""
     state, node = tasks.get(s.task, ("NOT RUN", ""))
     where = f" on {node}" if node else ""
     return (f"slice at offset {s.offset} was not copied: transfer task {s.task} "
@@ -52,26 +50,24 @@ def source_problem(f):
     return None
 
 
-def check(job, files, slices_by_file):
-    """{file id: reason} for every file that may not be placed."""
-    tasks = None
-    problems = {}
+def check(files, slices_by_file):
+    """({file id: reason} that failed for good, {file id: reason} on hold)."""
+    failed, held = {}, {}
     for f in files:
         if f.kind != FILE:
             continue
-        reasons = []
-        for s in slices_by_file.get(f.id, []):
-            if s.state != states.DONE and tasks is None:
-                tasks = _task_states(job)
-            reason = slice_problem(s, tasks or {})
-            if reason:
-                reasons.append(reason)
-        reason = source_problem(f)
-        if reason:
-            reasons.append(reason)
-        if reasons:
-            problems[f.id] = f"{_name(f.src)}: " + "; ".join(dict.fromkeys(reasons))
-    return problems
+        slices = slices_by_file.get(f.id, [])
+        bad = [s.reason for s in slices if s.state == states.FAILED]
+        source = source_problem(f)
+        if source:
+            bad.insert(0, source)
+        if bad:
+            failed[f.id] = f"{_name(f.src)}: " + "; ".join(dict.fromkeys(bad))
+            continue
+        hold = [s.reason for s in slices if s.state != states.DONE]
+        if hold:
+            held[f.id] = f"{_name(f.src)}: " + "; ".join(dict.fromkeys(hold))
+    return failed, held
 
 
 def _task_states(job):
@@ -87,6 +83,25 @@ def _set_meta(path, f, symlink=False):
     if not symlink:
         os.chmod(path, f.mode)
     os.utime(path, ns=(f.mtime_ns, f.mtime_ns), follow_symlinks=not symlink)
+
+
+def conflicts(files):
+    """What would stop placement half-way, found before anything is placed: a file whose
+    destination is a directory, a directory whose destination is something else."""
+    problems = {}
+    for f in files:
+        try:
+            st = os.lstat(f.dst)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            problems[f.id] = f"{_name(f.dst)}: cannot place: {e.strerror}"
+            continue
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if (f.kind == DIR) != is_dir:
+            what = "a directory" if is_dir else "not a directory"
+            problems[f.id] = f"{_name(f.dst)}: cannot place: destination is {what}"
+    return problems
 
 
 def place(files, move):
@@ -139,6 +154,19 @@ def remove_spools(files):
         shutil.rmtree(spool, ignore_errors=True)
 
 
+def hold(job, files, held):
+    """Retries ran out: keep the spool (what is done stays done), Hold for a person."""
+    with db.atomic():
+        for f in files:
+            if f.id in held:  # Active -> Wait -> Hold, as the table has it
+                db.bulk_state(db.File, "file", db.File.id == f.id, states.WAIT)
+                db.bulk_state(db.File, "file", db.File.id == f.id, states.HOLD, reason=held[f.id])
+    first = next(iter(held.values()))
+    more = f" (and {len(held) - 1} more files)" if len(held) > 1 else ""
+    db.set_job_state(job, states.HOLD, reason=f"on hold after retries: {first}{more}; "
+                                              f"fix the cause, then: hpcmove retry {job.label}")
+
+
 def fail(job, files, problems):
     failed = [f for f in files if f.id in problems]
     with db.atomic():
@@ -147,7 +175,7 @@ def fail(job, files, problems):
         others = [f.id for f in files if f.id not in problems]
         for chunk in (others[i:i + 500] for i in range(0, len(others), 500)):
             db.bulk_state(db.File, "file", db.File.id.in_(chunk), states.FAILED,
-                          reason="not placed: other files of the job failed")
+                          reason=states.NOT_PLACED)
     first = problems[failed[0].id]
     more = f" (and {len(failed) - 1} more failed files)" if len(failed) > 1 else ""
     db.set_job_state(job, states.FAILED, reason=first + more)
@@ -172,23 +200,34 @@ def run(path):
     slices_by_file = {}
     for s in db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.index):
         slices_by_file.setdefault(s.file_id, []).append(s)
-    problems = check(job, files, slices_by_file)
+    tasks = {}
+    if any(s.state != states.DONE for ss in slices_by_file.values() for s in ss):
+        tasks = _task_states(job)
+    recover.run(job, files, slices_by_file, lambda s: task_reason(s, tasks))
+    problems, held = check(files, slices_by_file)
+    if not problems and held:
+        hold(job, files, held)
+        return 1
+    if not problems:
+        problems = conflicts(files)
     if not problems:
         try:
             place(files, job.move)
         except OSError as e:
-            problems = {files[0].id: f"cannot place into destination: {e}"}
-            bad = next((f for f in files if os.fsencode(e.filename or b"") in (f.dst,)), None)
-            if bad is not None:
-                problems = {bad.id: f"{_name(bad.dst)}: cannot place: {e.strerror}"}
+            # os.rename names the spool path first and the destination second
+            target = os.fsencode(e.filename2 or e.filename or b"")
+            bad = next((f for f in files if target in (f.dst, f.src)), files[0])
+            problems = {bad.id: f"{_name(bad.dst)}: cannot place: {e.strerror or e}"}
     if problems:
         remove_spools(files)
         fail(job, files, problems)
+        notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
         return 1
     finish(job, files, slices_by_file)
     if job.move:
         remove_sources(files)
     remove_spools(files)
+    notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
     return 0
 
 

@@ -33,18 +33,29 @@ def _dec(p):
     return os.fsencode(p)
 
 
+def manifest_item(slice_id, file_id, src, spool_path, offset, length, size, mtime_ns):
+    return {"slice": slice_id, "file": file_id, "src": _enc(src), "spool": _enc(spool_path),
+            "offset": offset, "length": length, "size": size, "mtime_ns": mtime_ns}
+
+
 def write_manifest(path, plan, file_ids, slice_ids):
     """One JSON file per array task, listing its slices with everything the worker needs."""
-    entries = plan.entries
     by_task = {}
     for s in plan.slices:
-        e = entries[s.entry]
-        by_task.setdefault(s.task, []).append({
-            "slice": slice_ids[(s.entry, s.index)], "file": file_ids[s.entry],
-            "src": _enc(e.src), "spool": _enc(e.spool_path), "offset": s.offset,
-            "length": s.length, "size": e.size, "mtime_ns": e.mtime_ns})
+        e = plan.entries[s.entry]
+        by_task.setdefault(s.task, []).append(manifest_item(
+            slice_ids[(s.entry, s.index)], file_ids[s.entry], e.src, e.spool_path, s.offset,
+            s.length, e.size, e.mtime_ns))
+    write_tasks(path, by_task)
+
+
+def write_tasks(path, by_task):
+    """Replace the manifest with {task index: [items]}."""
+    tasks = os.path.join(path, b"tasks")
+    for name in os.listdir(tasks):
+        os.unlink(os.path.join(tasks, name))
     for task, items in by_task.items():
-        with open(os.path.join(path, b"tasks", b"%d.json" % task), "w") as f:
+        with open(os.path.join(tasks, b"%d.json" % task), "w") as f:
             json.dump(items, f)
 
 

@@ -17,7 +17,7 @@ from . import db, jobdir, plugins, policy, render, states
 from .backends import ACTIVE, SubmitSpec, parse_batch_ids
 from .backends import slurm as slurm_backend
 from .errors import HpcmoveError, JobNotFound, PlanError, UsageError
-from .plan import FILE, Options, plan_pairs, resolve_pairs
+from .plan import FILE, Options, pack, plan_pairs, resolve_pairs
 from .units import parse_duration
 
 # A task is planned to finish within this share of its time limit at the assumed rate.
@@ -37,10 +37,13 @@ class SubmitOptions:
     width_cap: int = 0  # the site's limit on tasks at once; 0 = none
     slice_size: int = 256 << 20
     bwlimit: int = 0  # bytes per second per task; 0 = unlimited
+    engine: str = "copy"  # transfer engine plugin
+    mail_user: str = ""
+    mail_type: str = ""  # sbatch's spelling: BEGIN, END, FAIL, ALL, NONE; and AUTH
     retries: int = 3
     retry_backoff: int = 1
     rate: int = 200 << 20  # assumed bytes/s per task, for fitting tasks in the time limit
-    small_file_threshold: int = 4 << 20
+    small_file_threshold: int = 0
     bwlimit_per_user: int = 0  # the site's cap on one job's tasks together; 0 = none
     size_table: tuple = ()  # ((min_size, slice_size), ...) when the size is the site's
     template_dirs: tuple = ()  # user then site override directories
@@ -57,7 +60,8 @@ class SubmitOptions:
                    qos=eff["qos"], time=eff["time"], dependency=dependency,
                    stripe_width=eff["stripe_width"], width_cap=eff.site.width_cap,
                    slice_size=eff["slice_size"],
-                   bwlimit=eff["bwlimit"], retries=eff["retries"],
+                   bwlimit=eff["bwlimit"], engine=eff["engine"], retries=eff["retries"],
+                   mail_user=eff["mail_user"], mail_type=eff["mail_type"],
                    retry_backoff=eff["retry_backoff"], rate=eff["rate"], size_table=table,
                    small_file_threshold=eff["small_file_threshold"],
                    bwlimit_per_user=eff.site.limits.get("max_bwlimit_per_user", 0),
@@ -207,23 +211,34 @@ def _record_and_submit(the_plan, options, backend, width):
     try:
         file_ids, slice_ids = db.insert_plan(job, the_plan)
         jobdir.write_manifest(path, the_plan, file_ids, slice_ids)
-        settings = _script_settings(options, job.label, path, db.default_url())
-        scripts = render.render(settings, the_plan.n_tasks, width, options.template_dirs)
-        written = jobdir.write_scripts(path, scripts)
         _to_pending(job)
-        spec = SubmitSpec(path, written, the_plan.n_tasks, width, options.dependency,
+    except HpcmoveError as e:
+        db.set_job_state(job, states.FAILED, reason=f"submission failed: {e}")
+        raise
+    job, scripts = _submit_chain(job, options, the_plan.n_tasks, width)
+    return Submission(job, the_plan, scripts)
+
+
+def _submit_chain(job, options, n_tasks, width):
+    """Render the scripts for `n_tasks` tasks and submit transfer array + final job."""
+    path = job.jobdir
+    try:
+        settings = _script_settings(options, job.label, path, db.default_url())
+        scripts = render.render(settings, n_tasks, width, options.template_dirs)
+        written = jobdir.write_scripts(path, scripts)
+        spec = SubmitSpec(path, written, n_tasks, width, options.dependency,
                           logs={"transfer": jobdir.log_path(path, "transfer-%A_%a.out"),
                                 "finalize": jobdir.log_path(path, "finalize-%j.out"),
                                 "feed": jobdir.log_path(path, "feed-%j.out")},
                           label=job.label)
-        submitted = plugins.backend(backend).submit(spec)
+        submitted = plugins.backend(job.backend).submit(spec)
     except HpcmoveError as e:
         db.set_job_state(job, states.FAILED, reason=f"submission failed: {e}")
         raise
     db.Job.update(array_id=submitted.array_id, final_id=submitted.final_id).where(
         db.Job.id == job.id).execute()
     db.event(job.id, "submit", f"array {submitted.array_id}, final {submitted.final_id}")
-    return Submission(db.Job.get_by_id(job.id), the_plan, scripts)
+    return db.Job.get_by_id(job.id), scripts
 
 
 def _to_pending(job):
@@ -231,6 +246,36 @@ def _to_pending(job):
         db.set_job_state(job, states.PENDING)
         db.bulk_state(db.File, "file", db.File.job == job.id, states.PENDING)
         db.bulk_state(db.Slice, "slice", db.Slice.job == job.id, states.PENDING)
+
+
+def retry(job):
+    """Resubmit a job on Hold: only its slices not Done, as a new chain (new array, new
+    final job). Done slices are never copied again; the spool kept them."""
+    if job.state != states.HOLD:
+        raise UsageError(f"{job.label} is {job.state}; only a job on Hold can be retried")
+    todo = list(db.Slice.select(db.Slice, db.File).join(db.File)
+                .where(db.Slice.job == job.id, db.Slice.state != states.DONE))
+    n_tasks = pack(todo, job.stripe_width, Options.max_task_bytes)
+    by_task = {}
+    with db.atomic():
+        for s in todo:
+            db.Slice.update(task=s.task, attempts=0, reason="").where(
+                db.Slice.id == s.id).execute()
+            f = s.file
+            by_task.setdefault(s.task, []).append(jobdir.manifest_item(
+                s.id, f.id, f.src, os.path.join(f.spool, b"%d" % f.index), s.offset,
+                s.length, f.size, f.mtime_ns))
+        db.bulk_state(db.Slice, "slice", db.Slice.id.in_([s.id for s in todo]), states.PENDING)
+        db.bulk_state(db.File, "file", db.File.job == job.id, states.PENDING, reason="")
+        db.event(job.id, "retry", f"{len(todo)} slices in {n_tasks} tasks; previous chain: "
+                                  f"{job.array_id or '-'} -> {job.final_id}")
+        db.Job.update(n_tasks=n_tasks).where(db.Job.id == job.id).execute()
+        job = db.set_job_state(job, states.PENDING, reason="")
+    jobdir.write_tasks(job.jobdir, by_task)
+    options = SubmitOptions(**{k: v for k, v in json.loads(job.options).items()
+                               if k in SubmitOptions.__dataclass_fields__})
+    options.dependency = ""
+    return _submit_chain(job, options, n_tasks, job.stripe_width)
 
 
 def find(ident):
@@ -254,7 +299,8 @@ def find(ident):
 def refresh(jobs):
     """Reconcile unfinished jobs with the batch system: one poll per backend. A job whose
     final batch job has ended without recording a result is marked Failed."""
-    open_jobs = [j for j in jobs if j.state not in states.JOB_TERMINAL and j.final_id]
+    open_jobs = [j for j in jobs if j.state not in states.JOB_TERMINAL and j.state != states.HOLD
+                 and j.final_id]
     by_backend = {}
     for j in open_jobs:
         by_backend.setdefault(j.backend, []).append(j)
@@ -265,7 +311,8 @@ def refresh(jobs):
             if state in ACTIVE:
                 continue
             current = db.Job.get_by_id(j.id)
-            if current.state in states.JOB_TERMINAL or current.state == states.CANCELLING:
+            if current.state in states.JOB_TERMINAL or current.state in (
+                    states.CANCELLING, states.HOLD):  # Hold: finalize recorded it, on purpose
                 continue
             db.set_job_state(current, states.FAILED,
                              reason=f"final batch job {j.final_id} ended {state} "
@@ -339,15 +386,15 @@ def cancel(job, timeout=120.0):
 
 
 def wait(job, timeout=None, poll_max=5.0, scheduler_every=2.0):
-    """Block until the job is terminal (or timeout seconds pass); return the job.
+    """Block until the job is terminal or on Hold (or timeout seconds pass); return it.
     The database is read often (cheap, and short jobs end quickly); the batch system
     is asked at most every `scheduler_every` seconds."""
     start, delay, asked = time.monotonic(), 0.1, float("-inf")
     while True:
         job = db.Job.get_by_id(job.id)
-        if job.state not in states.JOB_TERMINAL and time.monotonic() - asked >= scheduler_every:
+        if job.state not in states.JOB_SETTLED and time.monotonic() - asked >= scheduler_every:
             job, asked = refresh([job])[0], time.monotonic()
-        if job.state in states.JOB_TERMINAL:
+        if job.state in states.JOB_SETTLED:
             return job
         if timeout is not None and time.monotonic() - start >= timeout:
             return job

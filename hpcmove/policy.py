@@ -58,7 +58,7 @@ class Key:
 
 
 KEYS = {k.name: k for k in [
-    Key("backend", _choice("", "slurm", "local"), "", "batch backend ('' = Slurm if sbatch answers)"),
+    Key("backend", _choice("", "slurm", "local", "drmaa"), "", "batch backend ('' = Slurm if sbatch answers)"),
     Key("partition", _str, "", "partition of the transfer array"),
     Key("finalize_partition", _str, "", "partition of the finalize job ('' = partition)"),
     Key("account", _str, "", "account for both jobs"),
@@ -69,10 +69,11 @@ KEYS = {k.name: k for k in [
     Key("slice_size", _size, 256 << 20, "files larger than this are cut into slices",
         cap="max_slice_size"),
     Key("bwlimit", _size0, 0, "bytes per second per task (0 = unlimited)", cap="max_bwlimit"),
-    Key("small_file_threshold", _size, 4 << 20, "files under this are bundled, never sliced"),
+    Key("small_file_threshold", _size0, 0, "files up to this size are never sliced (0 = off)"),
     Key("retries", _int, 3, "attempts per slice for transient I/O errors", cap="max_retries"),
     Key("retry_backoff", _int, 1, "seconds before the first retry (doubles each time)"),
     Key("checksum", _choice("xxh3_128"), "xxh3_128", "checksum algorithm"),
+    Key("engine", _str, "copy", "transfer engine plugin (see `hpcmove plugins`)"),
     Key("rate", _size, 200 << 20, "assumed bytes/s per task, to fit tasks in the time limit"),
     Key("mail_user", _str, "", "where job mail goes"),
     Key("mail_type", _str, "", "BEGIN, END, FAIL, AUTH (comma list)"),

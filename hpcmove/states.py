@@ -15,6 +15,12 @@ FILE_STATES = (SUBMITTED, PENDING, ACTIVE, DONE, FAILED, WAIT, HOLD, CANCELLED)
 
 JOB_TERMINAL = frozenset({DONE, FAILED, CANCELLED})
 FILE_TERMINAL = frozenset({DONE, FAILED, CANCELLED})
+# Where nothing more happens without a person: `wait` returns on these.
+JOB_SETTLED = JOB_TERMINAL | {HOLD}
+
+# The reason given to files that were fine but not placed because others failed
+# (all or nothing); reports and metrics tell these apart from real failures.
+NOT_PLACED = "not placed: other files of the job failed"
 
 _JOB = {
     SUBMITTED: {PENDING, FAILED, CANCELLING, CANCELLED},
@@ -39,7 +45,11 @@ _FILE = {
     CANCELLED: set(),
 }
 
-TABLES = {"job": _JOB, "file": _FILE, "slice": _FILE}
+# A slice may also leave Done before the file is placed: finalize re-reads every slice
+# and sends again one whose data changed since it was verified.
+_SLICE = {**_FILE, DONE: {WAIT}}
+
+TABLES = {"job": _JOB, "file": _FILE, "slice": _SLICE}
 
 
 def allowed(kind, old, new):

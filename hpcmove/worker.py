@@ -42,28 +42,33 @@ class Recorder:
 
 
 def copy_one(engine, item, retries=RETRIES, backoff=0.5):
-    """Copy one slice with bounded retries of transient errors; returns a result dict."""
+    """Copy one slice, retrying transient errors and verification mismatches with backoff
+    up to `retries` attempts in all. The result's state is Done; Wait when it kept failing
+    in a way a later retry may fix; or Failed when retrying cannot help (permission,
+    missing or changed source, no space)."""
     work = plugins.SliceWork(item["src"], item["spool"], item["offset"], item["length"],
                              item["size"], item["mtime_ns"])
-    start, attempts = time.monotonic(), 0
-    while True:
+    start, attempts, src, dst = time.monotonic(), 0, "", ""
+    state, reason = states.WAIT, "not attempted: no retries left"
+    while attempts < max(1, retries):
+        if attempts:
+            time.sleep(backoff * 2 ** (attempts - 1))
         attempts += 1
         try:
             src, dst = engine.copy_slice(work)
-            ok = src == dst
-            reason = "" if ok else f"verification failed: destination slice at offset " \
-                                   f"{item['offset']} differs from source"
-            break
         except TransferError as e:
-            if e.transient and attempts < retries:
-                time.sleep(backoff * 2 ** (attempts - 1))
-                continue
             src = dst = ""
-            ok, reason = False, str(e)
+            state, reason = (states.WAIT, str(e)) if e.transient else (states.FAILED, str(e))
+            if not e.transient:
+                break
+            continue
+        if src == dst:
+            state, reason = states.DONE, ""
             break
-    return {"slice": item["slice"], "state": states.DONE if ok else states.FAILED,
-            "seconds": time.monotonic() - start, "attempts": attempts,
-            "src": src, "dst": dst, "reason": reason}
+        state, reason = states.WAIT, (f"verification failed: destination slice at offset "
+                                      f"{item['offset']} differs from source")
+    return {"slice": item["slice"], "state": state, "seconds": time.monotonic() - start,
+            "attempts": attempts, "src": src, "dst": dst, "reason": reason}
 
 
 def start_task(job_id, items, host):
@@ -94,7 +99,8 @@ def run(path, task):
     host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     done = start_task(job.id, items, host)
     options = json.loads(job.options)
-    engine = plugins.load("engine", "copy")(bwlimit=options.get("bwlimit", 0))
+    engine = plugins.load("engine", options.get("engine", "copy"))(
+        bwlimit=options.get("bwlimit", 0))
     retries, backoff = options.get("retries", RETRIES), options.get("retry_backoff", 0.5)
     recorder, failed = Recorder(host), 0
     for item in items:

@@ -102,6 +102,17 @@ class CopyEngine:
             os.close(src_fd)
         return src_digest, dst_digest
 
+    def digest(self, path, offset, length):
+        """xxh3-128 of [offset, offset + length) of `path` (an integrity re-check)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise self._error(e, path) from e
+        try:
+            return self._digest(fd, offset, length)
+        finally:
+            os.close(fd)
+
     def _copy(self, src_fd, dst_fd, work):
         h, mv = new_hash(), memoryview(self.buf)
         end = work.offset + work.length

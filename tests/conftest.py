@@ -18,6 +18,7 @@ import pytest
 
 TEST_USER = "hpcmove-u1" if os.geteuid() == 0 else None
 BASE = os.environ.get("HPCMOVE_TEST_BASE", "/var/tmp/hpcmove-tests")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_as_user(argv, env, cwd=None, timeout=900, check=False, input=None):

@@ -6,7 +6,8 @@ from click.testing import CliRunner
 
 from hpcmove import cli, db
 
-COMMANDS = ["submit", "status", "list", "cancel", "wait", "plugins", "policy"]
+COMMANDS = ["submit", "status", "list", "cancel", "wait", "retry", "plugins", "policy",
+            "log", "metrics", "watch", "report"]
 
 
 def all_commands(group=cli.cli, prefix=()):
@@ -76,7 +77,8 @@ def test_unknown_job_is_a_clear_error(runner):
 def test_plugins_lists_backends_and_engines(runner):
     result = runner.invoke(cli.cli, ["plugins"])
     assert result.exit_code == 0
-    for row in ("backend\tlocal\tok", "backend\tslurm\tok", "engine\tcopy\tok"):
+    for row in ("backend\tlocal\tok", "backend\tslurm\tok", "engine\tcopy\tok",
+                "engine\tfaultinject\tok"):
         assert row in result.output
 
 

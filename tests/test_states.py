@@ -23,8 +23,10 @@ FILE_EDGES = {
     (WAI, PEN), (WAI, ACT), (WAI, HOL), (WAI, FAI), (WAI, CAN),
     (HOL, PEN), (HOL, FAI), (HOL, CAN),
 }
+# a verified slice whose spool data changed before placement is sent again
+SLICE_EDGES = FILE_EDGES | {(DON, WAI)}
 SPEC = {"job": (S.JOB_STATES, JOB_EDGES), "file": (S.FILE_STATES, FILE_EDGES),
-        "slice": (S.FILE_STATES, FILE_EDGES)}
+        "slice": (S.FILE_STATES, SLICE_EDGES)}
 
 
 def test_state_names():

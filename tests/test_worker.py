@@ -34,7 +34,7 @@ def test_transient_error_is_retried_then_succeeds():
 def test_transient_errors_beyond_the_bound_fail_the_slice():
     engine = FlakyEngine(failures=10)
     r = worker.copy_one(engine, ITEM)
-    assert (r["state"], engine.calls) == (states.FAILED, worker.RETRIES)
+    assert (r["state"], engine.calls) == (states.WAIT, worker.RETRIES)  # for the retry agent
     assert "Input/output error: /s" in r["reason"]
 
 
@@ -44,6 +44,8 @@ def test_permanent_error_is_not_retried():
     assert (r["state"], engine.calls) == (states.FAILED, 1)
 
 
-def test_digest_mismatch_fails_with_a_verification_reason():
-    r = worker.copy_one(FlakyEngine(0, result=("aa", "bb")), ITEM)
-    assert r["state"] == states.FAILED and "verification failed" in r["reason"]
+def test_digest_mismatch_is_retried_then_waits_with_a_verification_reason():
+    engine = FlakyEngine(0, result=("aa", "bb"))
+    r = worker.copy_one(engine, ITEM)
+    assert r["state"] == states.WAIT and "verification failed" in r["reason"]
+    assert engine.calls == worker.RETRIES

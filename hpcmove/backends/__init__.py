@@ -9,6 +9,18 @@ ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "
                     "STOPPED", "UNKNOWN"})
 
 
+def overall(states):
+    """One state for a job from its tasks' states: active wins, then failures."""
+    if not states:
+        return "UNKNOWN"
+    for s in states:
+        if s in ACTIVE and s != "UNKNOWN":
+            return s
+    if all(s == "COMPLETED" for s in states):
+        return "COMPLETED"
+    return next((s for s in states if s not in ("COMPLETED", "UNKNOWN")), "UNKNOWN")
+
+
 def parse_batch_ids(text):
     """Job.array_id holds every transfer-side batch id: '123' or, for a job fed in
     chunks, '123@0,140@64,feed:141' (array id @ first task index; feeder jobs).

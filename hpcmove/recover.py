@@ -1,0 +1,86 @@
+"""The retry agent, run by finalize before anything is placed (after FTS's retry agent).
+
+1. Integrity: every Done slice is read back from the spool and its digest compared with
+   the source digest the worker recorded; a slice whose data changed since (a flipped
+   bit, a stray writer) goes back to Wait.
+2. Retries: slices left Wait (transient errors, mismatches), or still Pending/Active
+   because their array task died (killed, node lost, time limit), are copied again here,
+   with backoff, until their attempts reach the policy's count.
+3. What still fails goes to Hold (a person must look; `hpcmove retry` resumes it);
+   what cannot succeed by retrying (permission, missing or changed source, no space)
+   stays Failed.
+
+Running the retries inside the final job keeps its batch id, the one compute jobs
+chain on, valid: no new final job is needed for failures that retrying fixes.
+"""
+import json
+import os
+import socket
+
+from . import db, plugins, states, worker
+
+LEFT_OVER = (states.SUBMITTED, states.PENDING, states.ACTIVE, states.WAIT)
+
+
+def _item(f, s):
+    return {"slice": s.id, "file": f.id, "src": f.src,
+            "spool": os.path.join(f.spool, b"%d" % f.index), "offset": s.offset,
+            "length": s.length, "size": f.size, "mtime_ns": f.mtime_ns}
+
+
+def _set(s, state, **fields):
+    """Record a slice's new state where the transition table allows it."""
+    db.bulk_state(db.Slice, "slice", db.Slice.id == s.id, state, **fields)
+    for k, v in fields.items():
+        setattr(s, k, v)
+    s.state = state
+
+
+def check_integrity(engine, f, s):
+    """Done slice whose spool data no longer matches its source digest -> Wait."""
+    try:
+        now = engine.digest(os.path.join(f.spool, b"%d" % f.index), s.offset, s.length)
+    except Exception as e:  # unreadable spool: send it again
+        now = f"unreadable ({e})"
+    if now != s.src_digest:
+        _set(s, states.WAIT, reason=f"destination slice at offset {s.offset} changed after "
+                                    "it was verified", dst_digest=now[:64])
+        db.event(f.job_id, "integrity", f"{os.fsdecode(f.dst)}: slice {s.index} re-sent")
+
+
+def retry(engine, f, s, retries, backoff, why_left):
+    """Copy a left-over slice again; it ends Done, Failed or Hold."""
+    left = retries - s.attempts
+    if left <= 0:
+        _set(s, states.HOLD, reason=s.reason or why_left)
+        return
+    if s.state != states.ACTIVE:
+        _set(s, states.ACTIVE)
+    r = worker.copy_one(engine, _item(f, s), retries=left, backoff=backoff)
+    state = r["state"]
+    if state == states.WAIT:  # still failing after the last allowed attempt
+        _set(s, states.WAIT)
+        state = states.HOLD
+    _set(s, state, attempts=s.attempts + r["attempts"], src_digest=r["src"],
+         dst_digest=r["dst"], reason=r["reason"] or (why_left if state != states.DONE else ""),
+         host=socket.gethostname() if state == states.DONE else s.host)
+
+
+def run(job, files, slices_by_file, task_reason):
+    """Integrity check and retries for every regular file; updates slices in place.
+    `task_reason(slice)` says why a slice's task left it unfinished."""
+    options = json.loads(job.options or "{}")
+    retries = options.get("retries", worker.RETRIES)
+    backoff = options.get("retry_backoff", 1)
+    engine = plugins.load("engine", options.get("engine", "copy"))(
+        bwlimit=options.get("bwlimit", 0))
+    for f in files:
+        slices = slices_by_file.get(f.id, [])
+        for s in slices:
+            if s.state == states.DONE:
+                check_integrity(engine, f, s)
+        if any(s.state == states.FAILED for s in slices):
+            continue  # the file cannot be placed; copying its other slices is wasted
+        for s in slices:
+            if s.state in LEFT_OVER:
+                retry(engine, f, s, retries, backoff, task_reason(s))

@@ -1,0 +1,29 @@
+"""Finalize places nothing when any destination is in the way, and blames the right file."""
+import os
+
+from hpcmove import finalize
+from hpcmove.plan import Options, plan_pairs
+
+
+class Row:
+    """Stands in for a File row: the attributes conflicts() reads."""
+
+    def __init__(self, entry, ident):
+        self.id, self.kind, self.dst = ident, entry.kind, entry.dst
+
+
+def test_conflicts_are_found_before_anything_is_placed(tmp_path):
+    (tmp_path / "a").write_bytes(b"a")
+    (tmp_path / "b").write_bytes(b"b")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "small").write_bytes(b"old")
+    (tmp_path / "d" / "occupied").mkdir()
+    (tmp_path / "d" / "occupied" / "x").write_bytes(b"x")
+    p = plan_pairs([(bytes(tmp_path / "a"), bytes(tmp_path / "d" / "small")),
+                    (bytes(tmp_path / "b"), bytes(tmp_path / "d" / "occupied"))], Options(), "t")
+    rows = [Row(e, i) for i, e in enumerate(p.entries)]
+    problems = finalize.conflicts(rows)
+    assert list(problems) == [1]  # overwriting a file is fine; a directory in the way is not
+    assert "occupied: cannot place: destination is a directory" in problems[1]
+    assert (tmp_path / "d" / "small").read_bytes() == b"old"
+    assert os.listdir(tmp_path / "d" / "occupied") == ["x"]
