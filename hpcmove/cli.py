@@ -21,8 +21,18 @@ class Size(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
-def _connect():
+def _connect(missing_ok=False):
+    """Open the job database. A user's SQLite file that does not exist yet means nothing
+    was submitted with these settings: say so rather than show an empty answer."""
+    path = db.sqlite_path(db.default_url())
+    if path and not os.path.exists(path):
+        if missing_ok:
+            click.echo(f"no jobs: no job database at {path} yet", err=True)
+            return False
+        raise click.ClickException(f"no job database at {path}: nothing was submitted with "
+                                   "this HPCMOVE_HOME / HPCMOVE_DB")
     db.connect()
+    return True
 
 
 def _run(fn, *args, **kwargs):
@@ -214,7 +224,9 @@ def status(job_id, as_json, summary, files_):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of job summaries.")
 def list_(as_json):
     """List your jobs, newest last."""
-    _run(_connect)
+    if not _run(_connect, missing_ok=True):
+        click.echo("[]" if as_json else "", nl=as_json)
+        return
     found = _run(jobs.refresh, list(db.Job.select().order_by(db.Job.id)))
     summaries = [jobs.summary(j) for j in found]
     if as_json:
@@ -280,6 +292,34 @@ def plugins_(as_json):
     for r in rows:
         click.echo(f"{r['kind']}\t{r['name']}\t{'ok' if r['available'] else 'unavailable'}"
                    f"\t{r['reason']}".rstrip())
+
+
+@cli.group("db")
+def db_():
+    """The job database: set up and upgrade a site's shared PostgreSQL database."""
+
+
+@db_.command("setup-site")
+@click.argument("url", required=False)
+def db_setup_site(url):
+    """Create or upgrade the shared schema and its row-level security (site admin).
+
+    Run as the role that owns the tables, e.g. `sudo -u postgres hpcmove db setup-site
+    'postgresql:///hpcmove?host=/run/postgresql'`. Give users login roles named as their
+    OS users, members of hpcmove_user; operators, members of hpcmove_admin.
+    """
+    from . import sitedb
+    version = _run(sitedb.setup_site, url or db.default_url())
+    click.echo(f"schema {version}, row-level security on")
+
+
+@db_.command("upgrade")
+@click.argument("url", required=False)
+def db_upgrade(url):
+    """Apply the numbered migrations a database lacks (SQLite or PostgreSQL)."""
+    _run(db.connect_admin, url or db.default_url())
+    start, end = _run(db.upgrade, db.proxy.obj)
+    click.echo(f"schema {start} -> {end}" if start != end else f"schema {end}: up to date")
 
 
 cli_ops.register(cli)

@@ -11,14 +11,23 @@ from urllib.parse import urlparse
 
 import peewee as pw
 from playhouse import db_url
+from playhouse.migrate import SchemaMigrator, migrate
 
 from . import states
 from .errors import DatabaseError, IllegalTransition
 from .paths import data_dir
 
 proxy = pw.DatabaseProxy()
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 120_000
+
+
+class PathField(pw.BlobField):
+    """A file system path as raw bytes (any name, UTF-8 or not). Drivers hand blobs back
+    as bytes (SQLite) or memoryview (psycopg2); hpcmove always sees bytes."""
+
+    def python_value(self, value):
+        return bytes(value) if isinstance(value, memoryview) else value
 
 
 class BaseModel(pw.Model):
@@ -32,7 +41,7 @@ class Job(BaseModel):
     state = pw.CharField(default=states.SUBMITTED, index=True)
     reason = pw.TextField(default="")
     backend = pw.CharField()
-    jobdir = pw.BlobField()
+    jobdir = PathField()
     array_id = pw.CharField(null=True)
     final_id = pw.CharField(null=True, index=True)
     move = pw.BooleanField(default=False)
@@ -53,13 +62,13 @@ class File(BaseModel):
     job = pw.ForeignKeyField(Job, backref="files", on_delete="CASCADE")
     index = pw.IntegerField()
     kind = pw.CharField()
-    src = pw.BlobField()
-    dst = pw.BlobField()
-    spool = pw.BlobField()
+    src = PathField()
+    dst = PathField()
+    spool = PathField()
     size = pw.BigIntegerField(default=0)
     mode = pw.IntegerField(default=0)
     mtime_ns = pw.BigIntegerField(default=0)
-    link_target = pw.BlobField(null=True)
+    link_target = PathField(null=True)
     link_to = pw.IntegerField(default=-1)
     state = pw.CharField(default=states.SUBMITTED)
     reason = pw.TextField(default="")
@@ -85,7 +94,8 @@ class Slice(BaseModel):
     reason = pw.TextField(default="")
 
     class Meta:
-        indexes = ((("file", "index"), True), (("job", "task"), False))
+        indexes = ((("file", "index"), True), (("job", "task"), False),
+                   (("job", "state"), False))  # migration 2
 
 
 class Event(BaseModel):
@@ -102,19 +112,26 @@ class SchemaVersion(BaseModel):
 MODELS = (Job, File, Slice, Event, SchemaVersion)
 
 
+def sqlite_path(url):
+    """The file of an SQLite URL ('' for other databases and in-memory ones)."""
+    parsed = urlparse(url)
+    if parsed.scheme.startswith("sqlite") and parsed.path not in ("", "/:memory:"):
+        return parsed.path
+    return ""
+
+
 def default_url():
     return os.environ.get("HPCMOVE_DB") or "sqlite:///" + os.path.join(data_dir(), "hpcmove.db")
 
 
-def connect(url=None):
+def connect(url=None, manage_schema=True):
     """Open the database named by `url` (default: HPCMOVE_DB, else SQLite in the data dir),
     create or upgrade the schema, and bind the models to it. Returns the url used."""
     url = url or default_url()
-    parsed = urlparse(url)
     try:
-        if parsed.scheme.startswith("sqlite"):
-            path = parsed.path
-            if path and path != "/:memory:":
+        if urlparse(url).scheme.startswith("sqlite"):
+            path = sqlite_path(url)
+            if path:
                 _private_file(path)
             db = db_url.connect(url, lock_type="IMMEDIATE", pragmas={
                 "busy_timeout": BUSY_TIMEOUT_MS, "foreign_keys": 1})
@@ -122,10 +139,16 @@ def connect(url=None):
             db = db_url.connect(url)
         proxy.initialize(db)
         db.connect(reuse_if_open=True)
-        _migrate(db)
+        if manage_schema:
+            _migrate(db)
     except pw.DatabaseError as e:
         raise DatabaseError(f"cannot use the job database {_redact(url)}: {e}") from e
     return url
+
+
+def connect_admin(url=None):
+    """Connect without touching the schema: for `hpcmove db` commands that manage it."""
+    return connect(url, manage_schema=False)
 
 
 def close():
@@ -147,18 +170,37 @@ def _private_file(path):
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
-# Numbered migrations: index i upgrades schema version i to i + 1.
-MIGRATIONS = []
+def _m2_slice_job_state_index(db):
+    """2: per-job, per-state slice counts (status, progress) without a table scan."""
+    migrate(SchemaMigrator.from_database(db).add_index("slice", ("job_id", "state"), False))
 
 
-def _migrate(db):
+# Numbered migrations: MIGRATIONS[i] upgrades schema version i + 1 to i + 2. Each runs
+# in the same transaction as the version row it adds, so an upgrade is all or nothing.
+MIGRATIONS = [_m2_slice_job_state_index]
+
+
+def is_sqlite(db):
+    return isinstance(db, pw.SqliteDatabase)
+
+
+def schema_version(db):
+    if not db.table_exists(SchemaVersion._meta.table_name):
+        return 0
+    row = SchemaVersion.select().order_by(SchemaVersion.version.desc()).first()
+    return row.version if row else 0
+
+
+def create_schema(db):
+    db.create_tables(MODELS, safe=True)
+    SchemaVersion.create(version=SCHEMA_VERSION)
+
+
+def upgrade(db):
+    """Apply the migrations this database lacks; returns (from, to)."""
     with db.atomic():
-        if not db.table_exists(SchemaVersion._meta.table_name):
-            db.create_tables(MODELS, safe=True)
-            SchemaVersion.create(version=SCHEMA_VERSION)
-            return
-        row = SchemaVersion.select().order_by(SchemaVersion.version.desc()).first()
-        version = row.version if row else 0
+        version = schema_version(db)
+        start = version
         if version > SCHEMA_VERSION:
             raise DatabaseError(f"database schema {version} is newer than this hpcmove "
                                 f"({SCHEMA_VERSION}); upgrade hpcmove")
@@ -166,6 +208,26 @@ def _migrate(db):
             step(db)
             version += 1
             SchemaVersion.create(version=version)
+    return start, version
+
+
+def _migrate(db):
+    """A user's own SQLite file is created and upgraded on the fly. A shared server
+    database belongs to the site: its schema is made and upgraded by the admin
+    (`hpcmove db setup-site`, `hpcmove db upgrade`), never by a user's command."""
+    version = schema_version(db)
+    if version == SCHEMA_VERSION:
+        return
+    if not is_sqlite(db):
+        what = "has no hpcmove schema" if version == 0 else \
+            f"has schema {version}, this hpcmove needs {SCHEMA_VERSION}"
+        raise DatabaseError(f"the job database {what}; the site admin runs "
+                            "`hpcmove db setup-site` (or `hpcmove db upgrade`)")
+    if version == 0:
+        with db.atomic():
+            create_schema(db)
+        return
+    upgrade(db)
 
 
 def atomic():

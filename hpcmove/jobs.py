@@ -321,8 +321,9 @@ def refresh(jobs):
 
 
 def bytes_done(job):
-    return (db.Slice.select(fn.COALESCE(fn.SUM(db.Slice.length), 0))
-            .where(db.Slice.job == job.id, db.Slice.state == states.DONE).scalar())
+    # int(): PostgreSQL sums bigints as numeric (Decimal)
+    return int(db.Slice.select(fn.COALESCE(fn.SUM(db.Slice.length), 0))
+               .where(db.Slice.job == job.id, db.Slice.state == states.DONE).scalar())
 
 
 def _text(path):

@@ -50,9 +50,10 @@ def collect():
     return {
         "jobs": dict(db.Job.select(db.Job.state, fn.COUNT(db.Job.id))
                      .group_by(db.Job.state).tuples()),
-        "bytes": s.select(fn.COALESCE(fn.SUM(s.length), 0)).where(done).scalar(),
-        "hosts": list(s.select(s.host, fn.SUM(s.length), fn.SUM(s.seconds))
-                      .where(done).group_by(s.host).order_by(s.host).tuples()),
+        "bytes": int(s.select(fn.COALESCE(fn.SUM(s.length), 0)).where(done).scalar()),
+        "hosts": [(h, int(b), float(t)) for h, b, t in  # Decimal on PostgreSQL
+                  s.select(s.host, fn.SUM(s.length), fn.SUM(s.seconds))
+                  .where(done).group_by(s.host).order_by(s.host).tuples()],
         # files that failed only because another file of their job did are not counted
         "file_failures": _failures(db.File, [db.File.reason != COLLATERAL]),
         "job_failures": _failures(db.Job, []),

@@ -43,7 +43,7 @@ def state_summary(job):
     f = db.File
     rows = (f.select(f.state, fn.COUNT(f.id), fn.COALESCE(fn.SUM(f.size), 0))
             .where(f.job == job.id).group_by(f.state).tuples())
-    found = {state: (n, size) for state, n, size in rows}
+    found = {state: (n, int(size)) for state, n, size in rows}  # int(): Decimal on PostgreSQL
     return [(st, *found[st]) for st in states.FILE_STATES if st in found]
 
 

@@ -41,9 +41,9 @@ def _slice_totals(job):
     for file_id, host, reason, attempts, seconds, done_bytes in rows:
         t = totals.setdefault(file_id, {"attempts": 0, "hosts": set(), "seconds": 0.0,
                                         "bytes_done": 0, "reasons": []})
-        t["attempts"] += attempts or 0
-        t["seconds"] += seconds or 0.0
-        t["bytes_done"] += done_bytes or 0
+        t["attempts"] += int(attempts or 0)  # PostgreSQL sums to Decimal
+        t["seconds"] += float(seconds or 0.0)
+        t["bytes_done"] += int(done_bytes or 0)
         if host:
             t["hosts"].add(host)
         if reason:

@@ -21,11 +21,12 @@ BASE = os.environ.get("HPCMOVE_TEST_BASE", "/var/tmp/hpcmove-tests")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_as_user(argv, env, cwd=None, timeout=900, check=False, input=None):
-    """Run argv as the test user (or as ourselves when not root); bytes in, bytes out."""
-    full = ["runuser", "-u", TEST_USER, "--", "env", "-i",
-            *[f"{k}={v}" for k, v in env.items()], *argv] if TEST_USER else list(argv)
-    return subprocess.run(full, env=None if TEST_USER else env, cwd=cwd, capture_output=True,
+def run_as_user(argv, env, cwd=None, timeout=900, check=False, input=None, user=None):
+    """Run argv as the test user (or `user`; as ourselves when not root); bytes in and out."""
+    user = user or TEST_USER
+    full = ["runuser", "-u", user, "--", "env", "-i",
+            *[f"{k}={v}" for k, v in env.items()], *argv] if user else list(argv)
+    return subprocess.run(full, env=None if user else env, cwd=cwd, capture_output=True,
                           timeout=timeout, check=check, input=input)
 
 
@@ -77,8 +78,8 @@ def area(base, request):
 class Hpcmove:
     """Runs the hpcmove command for one backend, as the test user."""
 
-    def __init__(self, backend, area):
-        self.backend, self.area = backend, area
+    def __init__(self, backend, area, user=None):
+        self.backend, self.area, self.user = backend, area, user
         self.env = {"PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin:/usr/sbin:/sbin",
                     "HPCMOVE_HOME": area.home, "LANG": "C.UTF-8", "HOME": area.home}
         if os.environ.get("SLURM_CONF"):
@@ -87,7 +88,7 @@ class Hpcmove:
 
     def run(self, *args, check=True, timeout=900):
         argv = [sys.executable, "-m", "hpcmove", *args]
-        done = run_as_user(argv, self.env, cwd=self.area.root, timeout=timeout)
+        done = run_as_user(argv, self.env, cwd=self.area.root, timeout=timeout, user=self.user)
         if check and done.returncode != 0:
             raise AssertionError(f"hpcmove {shlex.join(map(os.fsdecode, args))} exited "
                                  f"{done.returncode}\nstdout: {done.stdout.decode(errors='replace')}"

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from hpcmove import cli, db
 
 COMMANDS = ["submit", "status", "list", "cancel", "wait", "retry", "plugins", "policy",
-            "log", "metrics", "watch", "report"]
+            "log", "metrics", "watch", "report", "db"]
 
 
 def all_commands(group=cli.cli, prefix=()):
@@ -70,6 +70,8 @@ def test_bad_input_is_a_clear_error(runner, args, message):
 
 
 def test_unknown_job_is_a_clear_error(runner):
+    db.connect()  # a database exists, the job does not
+    db.close()
     result = runner.invoke(cli.cli, ["status", "hm-99"])
     assert result.exit_code == 1 and "no job hm-99" in result.output
 
@@ -92,3 +94,11 @@ def test_non_utf8_data_directory_is_refused_before_anything_is_submitted(tmp_pat
     db.close()
     assert result.exit_code == 1 and "must be a UTF-8 path" in result.output
     assert os.listdir(tmp_path / "d") == []  # the spool was removed again
+
+
+def test_missing_database_is_said_not_shown_as_empty(runner, tmp_path):
+    result = runner.invoke(cli.cli, ["list"])
+    assert result.exit_code == 0 and "no job database at" in result.output
+    result = runner.invoke(cli.cli, ["status", "hm-1"])
+    assert result.exit_code == 1 and "no job database at" in result.output
+    assert not (tmp_path / "home").exists()  # looking did not create one

@@ -2,6 +2,7 @@
 the same moment without losing a result to 'database is locked'."""
 import multiprocessing
 import os
+import uuid
 
 import pytest
 
@@ -16,8 +17,9 @@ def make_job(tmp_path, n_files=64):
     for i in range(n_files):
         (src / f"f{i}").write_bytes(b"x" * 10)
     (tmp_path / "dst").mkdir()
-    the_plan = plan([str(src)], str(tmp_path / "dst"), Options(stripe_width=n_files), "tok")
-    job = db.Job.create(token="tok", owner="me", backend="local", jobdir=b"/nowhere",
+    token = uuid.uuid4().hex[:12]  # unique also in a shared database that outlives the test
+    the_plan = plan([str(src)], str(tmp_path / "dst"), Options(stripe_width=n_files), token)
+    job = db.Job.create(token=token, owner="me", backend="local", jobdir=b"/nowhere",
                         stripe_width=n_files, slice_size=1 << 20, n_tasks=the_plan.n_tasks,
                         bytes_total=the_plan.bytes_total)
     db.insert_plan(job, the_plan)
@@ -98,3 +100,32 @@ def test_many_tasks_record_at_the_same_moment(url, tmp_path):
     done = db.Slice.select().where(db.Slice.job == job.id, db.Slice.state == states.DONE)
     assert done.count() == 64
     assert len({s.host for s in done}) == len(tasks)
+
+
+def test_upgrade_from_schema_1_keeps_every_row(tmp_path):
+    url = f"sqlite:///{tmp_path}/old.db"
+    db.connect(url)
+    job, _ = make_job(tmp_path, 3)
+    database = db.proxy.obj
+    database.execute_sql("DROP INDEX slice_job_id_state")  # what schema 1 lacked
+    db.SchemaVersion.delete().where(db.SchemaVersion.version == 2).execute()
+    db.SchemaVersion.create(version=1)
+    db.SchemaVersion.delete().where(db.SchemaVersion.version > 1).execute()
+    db.close()
+    db.connect(url)  # a user's own SQLite file is upgraded on the fly
+    try:
+        assert db.schema_version(db.proxy.obj) == db.SCHEMA_VERSION == 2
+        names = [i.name for i in db.proxy.obj.get_indexes("slice")]
+        assert "slice_job_id_state" in names
+        assert db.Slice.select().where(db.Slice.job == job.id).count() == 3
+    finally:
+        db.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path}/new.db"
+    db.connect(url)
+    db.SchemaVersion.create(version=99)
+    db.close()
+    with pytest.raises(DatabaseError, match="newer than this hpcmove"):
+        db.connect(url)
