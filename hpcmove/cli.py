@@ -251,6 +251,28 @@ def cancel(job_id):
 
 @cli.command()
 @click.argument("job_id", metavar="JOB")
+def pause(job_id):
+    """Pause a job: hold its queued tasks; running ones stop after their slice.
+
+    The final batch id does not change: jobs chained on it keep waiting. Resume with
+    `hpcmove resume JOB`.
+    """
+    _run(_connect)
+    job = _run(jobs.pause, _run(jobs.find, job_id))
+    click.echo(f"{job.label} {job.state}: {job.reason}")
+
+
+@cli.command()
+@click.argument("job_id", metavar="JOB")
+def resume(job_id):
+    """Resume a paused job from where its slices stopped."""
+    _run(_connect)
+    job = _run(jobs.resume, _run(jobs.find, job_id))
+    click.echo(f"{job.label} {job.state}")
+
+
+@cli.command()
+@click.argument("job_id", metavar="JOB")
 def retry(job_id):
     """Resubmit a job on Hold: only the slices not yet Done, as a new chain.
 

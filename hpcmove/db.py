@@ -276,19 +276,37 @@ def event(job_id, kind, message):
     Event.create(job=job_id, kind=kind, message=message)
 
 
+def bulk_insert(model, fields, rows):
+    """INSERT many rows through the driver's executemany with one prepared statement.
+    peewee's insert_many builds SQL text for every row, which dominated recording a
+    million-file job; rows here are plain tuples in `fields` order."""
+    database = proxy.obj
+    open_q, close_q = database.quote  # e.g. '""' (SQLite, PostgreSQL) or '``'
+
+    def quoted(name):
+        return f"{open_q}{name}{close_q}"
+
+    columns = [quoted(model._meta.fields[f].column_name) for f in fields]
+    sql = (f"INSERT INTO {quoted(model._meta.table_name)} ({', '.join(columns)}) "
+           f"VALUES ({', '.join([database.param] * len(columns))})")
+    cursor = database.cursor()
+    for batch in pw.chunked(rows, 10_000):
+        cursor.executemany(sql, batch)
+
+
 def insert_plan(job, plan):
     """Record every entry and slice of `plan` under `job`, in one transaction."""
     with atomic():
-        rows = [dict(job=job.id, index=e.index, kind=e.kind, src=e.src, dst=e.dst,
-                     spool=e.spool, size=e.size, mode=e.mode, mtime_ns=e.mtime_ns,
-                     link_target=e.link_target, link_to=e.link_to) for e in plan.entries]
-        for batch in pw.chunked(rows, 500):
-            File.insert_many(batch).execute()
+        bulk_insert(File, ("job", "index", "kind", "src", "dst", "spool", "size", "mode",
+                           "mtime_ns", "link_target", "link_to", "state", "reason", "checksum"),
+                    ((job.id, e.index, e.kind, e.src, e.dst, e.spool, e.size, e.mode,
+                      e.mtime_ns, e.link_target, e.link_to, states.SUBMITTED, "", "")
+                     for e in plan.entries))
         ids = dict(File.select(File.index, File.id).where(File.job == job.id).tuples())
-        rows = [dict(job=job.id, file=ids[s.entry], index=s.index, offset=s.offset,
-                     length=s.length, task=s.task) for s in plan.slices]
-        for batch in pw.chunked(rows, 500):
-            Slice.insert_many(batch).execute()
+        bulk_insert(Slice, ("job", "file", "index", "offset", "length", "task", "state", "host",
+                            "attempts", "seconds", "src_digest", "dst_digest", "reason"),
+                    ((job.id, ids[s.entry], s.index, s.offset, s.length, s.task,
+                      states.SUBMITTED, "", 0, 0.0, "", "", "") for s in plan.slices))
         slice_ids = {(f_index, s_index): sid for sid, f_index, s_index in
                      Slice.select(Slice.id, File.index, Slice.index).join(File)
                      .where(Slice.job == job.id).tuples()}

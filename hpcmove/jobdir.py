@@ -39,29 +39,52 @@ def manifest_item(slice_id, file_id, src, spool_path, offset, length, size, mtim
 
 
 def write_manifest(path, plan, file_ids, slice_ids):
-    """One JSON file per array task, listing its slices with everything the worker needs."""
-    by_task = {}
-    for s in plan.slices:
-        e = plan.entries[s.entry]
-        by_task.setdefault(s.task, []).append(manifest_item(
-            slice_ids[(s.entry, s.index)], file_ids[s.entry], e.src, e.spool_path, s.offset,
-            s.length, e.size, e.mtime_ns))
-    write_tasks(path, by_task)
+    """The work of every array task: tasks/<index>.jsonl, one slice a line with all the
+    worker needs. Written as it is built (plan.slices are in task order), so a job of
+    a million files never holds a million dicts at once."""
+    clear_tasks(path)
+    out, current = None, None
+    try:
+        for s in plan.slices:
+            if s.task != current:
+                if out:
+                    out.close()
+                current, out = s.task, open(_task_file(path, s.task), "w")
+            e = plan.entries[s.entry]
+            out.write(json.dumps(manifest_item(
+                slice_ids[(s.entry, s.index)], file_ids[s.entry], e.src, e.spool_path,
+                s.offset, s.length, e.size, e.mtime_ns)) + "\n")
+    finally:
+        if out:
+            out.close()
+
+
+def _task_file(path, task):
+    return os.path.join(os.fsencode(path), b"tasks", b"%d.jsonl" % int(task))
+
+
+def clear_tasks(path):
+    tasks = os.path.join(os.fsencode(path), b"tasks")
+    for name in os.listdir(tasks):
+        os.unlink(os.path.join(tasks, name))
 
 
 def write_tasks(path, by_task):
-    """Replace the manifest with {task index: [items]}."""
-    tasks = os.path.join(path, b"tasks")
-    for name in os.listdir(tasks):
-        os.unlink(os.path.join(tasks, name))
+    """Replace the manifest with {task index: [items]} (a retry's smaller one)."""
+    clear_tasks(path)
+    add_tasks(path, by_task)
+
+
+def add_tasks(path, by_task):
+    """Add task files beside the existing ones (catch-up tasks after a pause)."""
     for task, items in by_task.items():
-        with open(os.path.join(tasks, b"%d.json" % task), "w") as f:
-            json.dump(items, f)
+        with open(_task_file(path, task), "w") as f:
+            f.writelines(json.dumps(item) + "\n" for item in items)
 
 
 def read_task(path, task):
-    with open(os.path.join(os.fsencode(path), b"tasks", b"%d.json" % int(task))) as f:
-        items = json.load(f)
+    with open(_task_file(path, task)) as f:
+        items = [json.loads(line) for line in f]
     for item in items:
         item["src"], item["spool"] = _dec(item["src"]), _dec(item["spool"])
     return items
@@ -76,6 +99,22 @@ def write_scripts(path, scripts):
             f.write(text)
         written[name] = target
     return written
+
+
+PAUSE_FLAG = b"paused"
+
+
+def paused(path):
+    """True while the job is paused (`hpcmove pause`): tasks stop between slices."""
+    return os.path.exists(os.path.join(os.fsencode(path), PAUSE_FLAG))
+
+
+def set_paused(path, on):
+    flag = os.path.join(os.fsencode(path), PAUSE_FLAG)
+    if on:
+        open(flag, "w").close()
+    elif os.path.exists(flag):
+        os.unlink(flag)
 
 
 def log_path(path, name):

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from peewee import fn
 
 from . import db, jobdir, plugins, policy, render, states
-from .backends import ACTIVE, SubmitSpec, parse_batch_ids
+from .backends import ACTIVE, Backend, SubmitSpec, parse_batch_ids
 from .backends import slurm as slurm_backend
 from .errors import HpcmoveError, JobNotFound, PlanError, UsageError
 from .plan import FILE, Options, pack, plan_pairs, resolve_pairs
@@ -276,6 +276,78 @@ def retry(job):
                                if k in SubmitOptions.__dataclass_fields__})
     options.dependency = ""
     return _submit_chain(job, options, n_tasks, job.stripe_width)
+
+
+PAUSED = "paused by the user: hpcmove resume {label}"
+
+
+def pause(job):
+    """Hold what has not started, let running tasks finish their current slice and stop.
+    The final batch id stays the same, so jobs chained on it keep waiting."""
+    if job.state not in (states.PENDING, states.ACTIVE):
+        raise UsageError(f"{job.label} is {job.state}; only a Pending or Active job pauses")
+    backend = plugins.backend(job.backend)
+    if type(backend).hold is Backend.hold:
+        raise UsageError(f"pause is not available on the {job.backend} backend")
+    if backend.pause_by_flag:
+        jobdir.set_paused(job.jobdir, True)
+    backend.hold([x["id"] for x in batch_ids(job) if x["role"] != "feed"])
+    return db.set_job_state(job, states.HOLD, reason=PAUSED.format(label=job.label))
+
+
+def resume(job):
+    """Undo pause: slices handed back by stopped tasks go to a catch-up array that the
+    final job also waits for; held tasks and the final job are released."""
+    if job.state != states.HOLD or job.reason != PAUSED.format(label=job.label):
+        raise UsageError(f"{job.label} is not paused ({job.state})")
+    backend = plugins.backend(job.backend)
+    jobdir.set_paused(job.jobdir, False)
+    ids = [x["id"] for x in batch_ids(job) if x["role"] == "transfer"]
+    if backend.pause_by_flag:
+        extra = _catch_up(job, backend)
+        if extra:
+            backend.point_final(job.final_id, *ids, extra)
+    backend.release(ids + [job.final_id])
+    busy = db.Slice.select().where(db.Slice.job == job.id, db.Slice.state == states.DONE).exists()
+    return db.set_job_state(job, states.PENDING, reason="") if not busy else \
+        _hold_to_active(job)
+
+
+def _hold_to_active(job):
+    job = db.set_job_state(job, states.PENDING, reason="")
+    return db.set_job_state(job, states.ACTIVE)
+
+
+def _catch_up(job, backend):
+    """Submit the slices that paused tasks handed back (Pending, in tasks that ended) as
+    new array tasks numbered after the job's last; returns the array id or None."""
+    tasks = backend.task_states(job.array_id)
+    ended = {t for t, (state, _node) in tasks.items() if state not in ACTIVE}
+    todo = list(db.Slice.select(db.Slice, db.File).join(db.File).where(
+        db.Slice.job == job.id, db.Slice.state == states.PENDING, db.Slice.task.in_(ended)))
+    if not todo:
+        return None
+    count = pack(todo, job.stripe_width, Options.max_task_bytes)
+    by_task = {}
+    with db.atomic():
+        for s in todo:
+            s.task += job.n_tasks
+            db.Slice.update(task=s.task).where(db.Slice.id == s.id).execute()
+            f = s.file
+            by_task.setdefault(s.task, []).append(jobdir.manifest_item(
+                s.id, f.id, f.src, os.path.join(f.spool, b"%d" % f.index), s.offset,
+                s.length, f.size, f.mtime_ns))
+    jobdir.add_tasks(job.jobdir, by_task)
+    spec = SubmitSpec(job.jobdir, {"transfer.sh": os.path.join(job.jobdir, b"transfer.sh")},
+                      count, job.stripe_width,
+                      logs={"transfer": jobdir.log_path(job.jobdir, "transfer-%A_%a.out")})
+    array = backend.resume_extra(spec, job.n_tasks, count)
+    with db.atomic():
+        db.Job.update(n_tasks=job.n_tasks + count,
+                      array_id=",".join(filter(None, [job.array_id, f"{array}@{job.n_tasks}"]))
+                      ).where(db.Job.id == job.id).execute()
+        db.event(job.id, "resume", f"{len(todo)} handed-back slices as array {array}")
+    return array
 
 
 def find(ident):

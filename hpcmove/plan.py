@@ -14,7 +14,7 @@ from .errors import PlanError
 FILE, DIR, SYMLINK, HARDLINK = "file", "dir", "symlink", "hardlink"
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One thing to create at the destination."""
 
@@ -34,7 +34,7 @@ class Entry:
         return os.path.join(self.spool, b"%d" % self.index)
 
 
-@dataclass
+@dataclass(slots=True)
 class Slice:
     entry: int
     index: int

@@ -47,7 +47,8 @@ _FILE = {
 
 # A slice may also leave Done before the file is placed: finalize re-reads every slice
 # and sends again one whose data changed since it was verified.
-_SLICE = {**_FILE, DONE: {WAIT}}
+# A paused task hands the slices it has not started back (Active -> Pending).
+_SLICE = {**_FILE, DONE: {WAIT}, ACTIVE: _FILE[ACTIVE] | {PENDING}}
 
 TABLES = {"job": _JOB, "file": _FILE, "slice": _SLICE}
 

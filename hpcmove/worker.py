@@ -88,6 +88,14 @@ def start_task(job_id, items, host):
     return done
 
 
+def hand_back(items, done):
+    """Paused: this task's slices not yet copied go back to Pending for a later task."""
+    ids = [i["slice"] for i in items if i["slice"] not in done]
+    with db.atomic():
+        for chunk in _chunks(ids):
+            db.bulk_state(db.Slice, "slice", db.Slice.id.in_(chunk), states.PENDING, host="")
+
+
 def _chunks(seq, n=500):
     return (seq[i:i + n] for i in range(0, len(seq), n))
 
@@ -103,9 +111,13 @@ def run(path, task):
         bwlimit=options.get("bwlimit", 0))
     retries, backoff = options.get("retries", RETRIES), options.get("retry_backoff", 0.5)
     recorder, failed = Recorder(host), 0
-    for item in items:
+    for n, item in enumerate(items):
         if item["slice"] in done:
             continue
+        if jobdir.paused(path):  # finish the current slice, hand the rest back, stop
+            recorder.flush()
+            hand_back(items[n:], done)
+            return 0
         result = copy_one(engine, item, retries, backoff)
         failed += result["state"] != states.DONE
         recorder.add(result)

@@ -6,7 +6,8 @@ from click.testing import CliRunner
 
 from hpcmove import cli, db
 
-COMMANDS = ["submit", "status", "list", "cancel", "wait", "retry", "plugins", "policy",
+COMMANDS = ["submit", "status", "list", "cancel", "wait", "retry", "pause", "resume",
+            "plugins", "policy",
             "log", "metrics", "watch", "report", "db"]
 
 

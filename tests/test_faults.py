@@ -198,3 +198,36 @@ def test_dtn_slurmd_stopped_and_started_mid_transfer(hpcmove, area):
     s = hpcmove.wait(job)
     assert s["state"] == "Done", s["reason"]
     assert same(src, os.path.join(area.dst, "big"))
+
+
+def test_pause_then_resume_keeps_the_final_id_and_finishes(hpcmove, area):
+    src = big_file(area, size=48 << 20)
+    area.own()
+    job = hpcmove.submit("--bwlimit", "4M", "--slice-size", "8M", "--stripe-width", "2",
+                         src, area.dst)
+    compute = marker = None
+    if hpcmove.backend == "slurm":
+        from test_behaviour import sbatch
+        marker = os.path.join(area.root, "compute-ran")
+        compute = sbatch(area, "-p", "compute", f"--dependency=afterok:{job}", "--wrap",
+                         f"cmp {src} {os.path.join(area.dst, 'big')} && touch {marker}")
+    hpcmove.wait_for(job, lambda s: any(x["state"] == "Done" for x in s["files"][0]["slices"]))
+    hpcmove.run("pause", job)
+    s = hpcmove.status(job)
+    assert s["state"] == "Hold" and "paused" in s["reason"]
+    time.sleep(6)  # running tasks finish their current slice (2 s at 4M/s) and stop
+    before = hpcmove.status(job)
+    time.sleep(4)
+    after = hpcmove.status(job)
+    done = [sum(x["state"] == "Done" for x in t["files"][0]["slices"]) for t in (before, after)]
+    assert done[0] == done[1] < 6, done  # nothing moves while paused
+    assert not os.path.exists(os.path.join(area.dst, "big"))
+    hpcmove.run("resume", job)
+    s = hpcmove.wait(job)
+    assert s["state"] == "Done", s["reason"]
+    assert s["slurm_job_ids"][-1]["id"] == job or hpcmove.backend == "local"
+    assert same(src, os.path.join(area.dst, "big"))
+    if compute:
+        from test_behaviour import sacct_state
+        assert sacct_state(area, compute) == "COMPLETED"
+        assert os.path.exists(marker)

@@ -24,7 +24,7 @@ FILE_EDGES = {
     (HOL, PEN), (HOL, FAI), (HOL, CAN),
 }
 # a verified slice whose spool data changed before placement is sent again
-SLICE_EDGES = FILE_EDGES | {(DON, WAI)}
+SLICE_EDGES = FILE_EDGES | {(DON, WAI), (ACT, PEN)}  # and a paused task hands slices back
 SPEC = {"job": (S.JOB_STATES, JOB_EDGES), "file": (S.FILE_STATES, FILE_EDGES),
         "slice": (S.FILE_STATES, SLICE_EDGES)}
 

@@ -58,6 +58,9 @@ class Backend:
     """Base of every backend. Subclasses set `name` and implement the four calls."""
 
     name = "base"
+    # True: running tasks are asked to stop between slices (a flag in the job dir);
+    # False: hold() stops them where they are.
+    pause_by_flag = False
 
     def submit(self, spec):
         """Start the transfer array and the dependent final job; return their ids."""
@@ -72,6 +75,14 @@ class Backend:
 
     def task_states(self, array_id):
         """{task index: (state, node)} of the array's tasks, for reasons of the dead."""
+        raise NotImplementedError
+
+    def hold(self, ids):
+        """Keep the pending parts of these batch jobs from starting (pause)."""
+        raise NotImplementedError
+
+    def release(self, ids):
+        """Let held batch jobs start again (resume)."""
         raise NotImplementedError
 
     def max_time(self, partition):

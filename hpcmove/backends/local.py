@@ -25,6 +25,7 @@ def _alive(pid):
 
 class LocalBackend(Backend):
     name = "local"
+    pause_by_flag = False
 
     def submit(self, spec):
         if spec.dependency:
@@ -50,9 +51,21 @@ class LocalBackend(Backend):
         return out
 
     def cancel(self, ids):
+        self._signal(ids, signal.SIGTERM)
+        self._signal(ids, signal.SIGCONT)  # a paused (stopped) runner must wake to die
+
+    def hold(self, ids):
+        """The local runner's whole process group stops where it is (SIGSTOP)."""
+        self._signal(ids, signal.SIGSTOP)
+
+    def release(self, ids):
+        self._signal(ids, signal.SIGCONT)
+
+    @staticmethod
+    def _signal(ids, sig):
         for job_id in set(filter(None, ids)):
             try:
-                os.killpg(pid_of(job_id), signal.SIGTERM)
+                os.killpg(pid_of(job_id), sig)
             except ProcessLookupError:
                 pass
 

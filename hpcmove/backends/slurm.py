@@ -13,6 +13,9 @@ from ..units import parse_duration
 from . import ACTIVE, Backend, Submitted, overall, parse_batch_ids
 
 _ARRAY_RANGE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
+# what scontrol hold/release say when no part of the job is pending any more
+_NOTHING_TO_HOLD = ("already finished", "not pending", "no longer pending",
+                    "Job is no longer pending execution")
 
 
 def run(command, *args):
@@ -91,6 +94,7 @@ _overall = overall  # the shared rule, under the name the parsing tests know
 
 class SlurmBackend(Backend):
     name = "slurm"
+    pause_by_flag = True
 
     def submit(self, spec):
         if "transfer.sh" not in spec.scripts:  # only directories and links: finalize alone
@@ -198,6 +202,30 @@ class SlurmBackend(Backend):
         ids = [str(i) for i in ids if i]
         if ids:
             run("scancel", *ids)
+
+    def hold(self, ids):
+        """Pending array tasks and the final job stay queued, held; a running task
+        cannot be held (suspending needs an operator), it stops at its next slice."""
+        self._each("hold", ids)
+
+    def release(self, ids):
+        self._each("release", ids)
+
+    @staticmethod
+    def _each(verb, ids):
+        """scontrol VERB per id. An array whose tasks all ran or finished has nothing to
+        hold or release, which Slurm reports as an error: that one is expected."""
+        for job_id in filter(None, ids):
+            try:
+                run("scontrol", verb, job_id)
+            except SchedulerError as e:
+                if not any(s in e.stderr for s in _NOTHING_TO_HOLD):
+                    raise
+
+    def resume_extra(self, spec, offset, count):
+        """A catch-up array for slices handed back by paused tasks (task offset given)."""
+        return self.submit_chunk(spec.scripts["transfer.sh"], spec.logs["transfer"], offset,
+                                 count, spec.stripe_width)
 
     def max_time(self, partition):
         """MaxTime of the partition (its default partition when '') from scontrol."""
