@@ -52,7 +52,8 @@ def cli():
 # flag name -> policy key, for the flags that set a policy value
 FLAG_KEYS = {"partition": "partition", "account": "account", "qos": "qos", "time_": "time",
              "stripe_width": "stripe_width", "slice_size": "slice_size", "bwlimit": "bwlimit",
-             "backend": "backend", "engine": "engine", "mail_user": "mail_user",
+             "backend": "backend", "engine": "engine", "skip_existing": "skip_existing",
+             "mail_user": "mail_user",
              "mail_type": "mail_type"}
 
 
@@ -86,6 +87,8 @@ def effective_settings(flags):
               help="Batch backend [default: slurm if sbatch answers, else local; "
                    "drmaa: Grid Engine].")
 @click.option("--engine", default=None, help="Transfer engine plugin [default: copy].")
+@click.option("--skip-existing/--no-skip-existing", "skip_existing", default=None,
+              help="Leave files already at the destination with the same size and checksum.")
 @click.option("--mail-type", "mail_type", default=None,
               help="Mail on BEGIN, END, FAIL, AUTH, ALL or NONE (comma list, as sbatch).")
 @click.option("--mail-user", "mail_user", default=None, help="Where mail goes [default: you].")

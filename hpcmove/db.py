@@ -18,7 +18,7 @@ from .errors import DatabaseError, IllegalTransition
 from .paths import data_dir
 
 proxy = pw.DatabaseProxy()
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 120_000
 
 
@@ -92,6 +92,7 @@ class Slice(BaseModel):
     src_digest = pw.CharField(default="")
     dst_digest = pw.CharField(default="")
     reason = pw.TextField(default="")
+    skipped = pw.BooleanField(default=False)  # --skip-existing: already at the destination
 
     class Meta:
         indexes = ((("file", "index"), True), (("job", "task"), False),
@@ -175,9 +176,15 @@ def _m2_slice_job_state_index(db):
     migrate(SchemaMigrator.from_database(db).add_index("slice", ("job_id", "state"), False))
 
 
+def _m3_slice_skipped(db):
+    """3: slices found already at the destination (--skip-existing) are marked."""
+    migrate(SchemaMigrator.from_database(db).add_column("slice", "skipped",
+                                                        pw.BooleanField(default=False)))
+
+
 # Numbered migrations: MIGRATIONS[i] upgrades schema version i + 1 to i + 2. Each runs
 # in the same transaction as the version row it adds, so an upgrade is all or nothing.
-MIGRATIONS = [_m2_slice_job_state_index]
+MIGRATIONS = [_m2_slice_job_state_index, _m3_slice_skipped]
 
 
 def is_sqlite(db):
@@ -304,9 +311,10 @@ def insert_plan(job, plan):
                      for e in plan.entries))
         ids = dict(File.select(File.index, File.id).where(File.job == job.id).tuples())
         bulk_insert(Slice, ("job", "file", "index", "offset", "length", "task", "state", "host",
-                            "attempts", "seconds", "src_digest", "dst_digest", "reason"),
+                            "attempts", "seconds", "src_digest", "dst_digest", "reason",
+                            "skipped"),
                     ((job.id, ids[s.entry], s.index, s.offset, s.length, s.task,
-                      states.SUBMITTED, "", 0, 0.0, "", "", "") for s in plan.slices))
+                      states.SUBMITTED, "", 0, 0.0, "", "", "", False) for s in plan.slices))
         slice_ids = {(f_index, s_index): sid for sid, f_index, s_index in
                      Slice.select(Slice.id, File.index, Slice.index).join(File)
                      .where(Slice.job == job.id).tuples()}

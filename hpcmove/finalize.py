@@ -104,7 +104,32 @@ def conflicts(files):
     return problems
 
 
-def place(files, move):
+def fill_skipped(files, slices_by_file):
+    """--skip-existing: the ids of files wholly at the destination already (left where
+    they are); for files partly there, copy those ranges from the destination into the
+    spool file so it is whole before it replaces the destination."""
+    in_place = set()
+    for f in files:
+        slices = slices_by_file.get(f.id, [])
+        skipped = [s for s in slices if s.skipped]
+        if not skipped:
+            continue
+        if len(skipped) == len(slices):
+            in_place.add(f.id)
+            continue
+        with open(f.dst, "rb") as old, open(os.path.join(f.spool, b"%d" % f.index), "r+b") as new:
+            for s in skipped:
+                copied = 0
+                while copied < s.length:
+                    n = os.copy_file_range(old.fileno(), new.fileno(), s.length - copied,
+                                           s.offset + copied, s.offset + copied)
+                    if n == 0:
+                        raise OSError(f"{_name(f.dst)} shrank while being completed")
+                    copied += n
+    return in_place
+
+
+def place(files, move, in_place=frozenset()):
     """Create directories, rename spool files into place, make links; then directory
     metadata deepest first (their mtimes change while entries are placed)."""
     by_index = {f.index: f for f in files}
@@ -113,7 +138,9 @@ def place(files, move):
         os.makedirs(d.dst, mode=0o700, exist_ok=True)
     for f in files:
         tmp = os.path.join(f.spool, b"%d" % f.index)
-        if f.kind == FILE:
+        if f.id in in_place:  # --skip-existing found it whole: only the metadata
+            _set_meta(f.dst, f)
+        elif f.kind == FILE:
             _set_meta(tmp, f)
             if move:
                 _fsync(tmp)
@@ -212,7 +239,7 @@ def run(path):
         problems = conflicts(files)
     if not problems:
         try:
-            place(files, job.move)
+            place(files, job.move, fill_skipped(files, slices_by_file))
         except OSError as e:
             # os.rename names the spool path first and the destination second
             target = os.fsencode(e.filename2 or e.filename or b"")

@@ -33,9 +33,11 @@ def _dec(p):
     return os.fsencode(p)
 
 
-def manifest_item(slice_id, file_id, src, spool_path, offset, length, size, mtime_ns):
+def manifest_item(slice_id, file_id, src, spool_path, offset, length, size, mtime_ns,
+                  dst=b""):
     return {"slice": slice_id, "file": file_id, "src": _enc(src), "spool": _enc(spool_path),
-            "offset": offset, "length": length, "size": size, "mtime_ns": mtime_ns}
+            "offset": offset, "length": length, "size": size, "mtime_ns": mtime_ns,
+            "dst": _enc(dst)}
 
 
 def write_manifest(path, plan, file_ids, slice_ids):
@@ -53,7 +55,7 @@ def write_manifest(path, plan, file_ids, slice_ids):
             e = plan.entries[s.entry]
             out.write(json.dumps(manifest_item(
                 slice_ids[(s.entry, s.index)], file_ids[s.entry], e.src, e.spool_path,
-                s.offset, s.length, e.size, e.mtime_ns)) + "\n")
+                s.offset, s.length, e.size, e.mtime_ns, e.dst)) + "\n")
     finally:
         if out:
             out.close()
@@ -87,6 +89,7 @@ def read_task(path, task):
         items = [json.loads(line) for line in f]
     for item in items:
         item["src"], item["spool"] = _dec(item["src"]), _dec(item["spool"])
+        item["dst"] = _dec(item.get("dst", ""))
     return items
 
 

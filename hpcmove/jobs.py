@@ -38,6 +38,7 @@ class SubmitOptions:
     slice_size: int = 256 << 20
     bwlimit: int = 0  # bytes per second per task; 0 = unlimited
     engine: str = "copy"  # transfer engine plugin
+    skip_existing: bool = False  # leave files already at the destination (same size, xxh3)
     mail_user: str = ""
     mail_type: str = ""  # sbatch's spelling: BEGIN, END, FAIL, ALL, NONE; and AUTH
     retries: int = 3
@@ -61,6 +62,7 @@ class SubmitOptions:
                    stripe_width=eff["stripe_width"], width_cap=eff.site.width_cap,
                    slice_size=eff["slice_size"],
                    bwlimit=eff["bwlimit"], engine=eff["engine"], retries=eff["retries"],
+                   skip_existing=eff["skip_existing"],
                    mail_user=eff["mail_user"], mail_type=eff["mail_type"],
                    retry_backoff=eff["retry_backoff"], rate=eff["rate"], size_table=table,
                    small_file_threshold=eff["small_file_threshold"],
@@ -427,7 +429,7 @@ def status_dict(job):
     for s in db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.index):
         slices.setdefault(s.file_id, []).append(
             {"offset": s.offset, "length": s.length, "state": s.state, "host": s.host,
-             "attempts": s.attempts})
+             "attempts": s.attempts, "skipped": s.skipped})
     out["files"] = [{"src": _text(f.src), "dst": _text(f.dst), "type": f.kind, "size": f.size,
                      "state": f.state, "reason": f.reason, "checksum": f.checksum,
                      "slices": slices.get(f.id, [])}

@@ -40,6 +40,16 @@ def _str(v):
     return v
 
 
+def _bool(v):
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(v).lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {v!r}")
+
+
 def _choice(*options):
     def conv(v):
         if v not in options:
@@ -74,6 +84,8 @@ KEYS = {k.name: k for k in [
     Key("retry_backoff", _int, 1, "seconds before the first retry (doubles each time)"),
     Key("checksum", _choice("xxh3_128"), "xxh3_128", "checksum algorithm"),
     Key("engine", _str, "copy", "transfer engine plugin (see `hpcmove plugins`)"),
+    Key("skip_existing", _bool, False, "leave files already at the destination (same size "
+        "and checksum), as rsync and FDT do"),
     Key("rate", _size, 200 << 20, "assumed bytes/s per task, to fit tasks in the time limit"),
     Key("mail_user", _str, "", "where job mail goes"),
     Key("mail_type", _str, "", "BEGIN, END, FAIL, AUTH (comma list)"),

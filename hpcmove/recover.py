@@ -37,14 +37,16 @@ def _set(s, state, **fields):
 
 
 def check_integrity(engine, f, s):
-    """Done slice whose spool data no longer matches its source digest -> Wait."""
+    """Done slice whose data (in the spool, or at the destination for a slice that was
+    already there) no longer matches its source digest -> Wait, to be copied."""
+    where = f.dst if s.skipped else os.path.join(f.spool, b"%d" % f.index)
     try:
-        now = engine.digest(os.path.join(f.spool, b"%d" % f.index), s.offset, s.length)
+        now = engine.digest(where, s.offset, s.length)
     except Exception as e:  # unreadable spool: send it again
         now = f"unreadable ({e})"
     if now != s.src_digest:
         _set(s, states.WAIT, reason=f"destination slice at offset {s.offset} changed after "
-                                    "it was verified", dst_digest=now[:64])
+                                    "it was verified", dst_digest=now[:64], skipped=False)
         db.event(f.job_id, "integrity", f"{os.fsdecode(f.dst)}: slice {s.index} re-sent")
 
 

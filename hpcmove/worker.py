@@ -34,7 +34,8 @@ class Recorder:
             for r in self.pending:
                 db.Slice.update(state=r["state"], host=self.host, seconds=r["seconds"],
                                 attempts=db.Slice.attempts + r["attempts"],
-                                src_digest=r["src"], dst_digest=r["dst"], reason=r["reason"]
+                                src_digest=r["src"], dst_digest=r["dst"], reason=r["reason"],
+                                skipped=r.get("skipped", False)
                                 ).where(db.Slice.id == r["slice"],
                                         db.Slice.state.in_(states.sources_of("slice", r["state"]))
                                         ).execute()
@@ -69,6 +70,19 @@ def copy_one(engine, item, retries=RETRIES, backoff=0.5):
                                       f"{item['offset']} differs from source")
     return {"slice": item["slice"], "state": state, "seconds": time.monotonic() - start,
             "attempts": attempts, "src": src, "dst": dst, "reason": reason}
+
+
+def skip_one(engine, item):
+    """--skip-existing: a Done result, marked skipped, when the destination already holds
+    this slice; None when it must be copied."""
+    start = time.monotonic()
+    work = plugins.SliceWork(item["src"], item["spool"], item["offset"], item["length"],
+                             item["size"], item["mtime_ns"])
+    digest, same = engine.already_there(work, item["dst"])
+    if not same:
+        return None
+    return {"slice": item["slice"], "state": states.DONE, "seconds": time.monotonic() - start,
+            "attempts": 1, "src": digest, "dst": digest, "reason": "", "skipped": True}
 
 
 def start_task(job_id, items, host):
@@ -110,6 +124,7 @@ def run(path, task):
     engine = plugins.load("engine", options.get("engine", "copy"))(
         bwlimit=options.get("bwlimit", 0))
     retries, backoff = options.get("retries", RETRIES), options.get("retry_backoff", 0.5)
+    skip_existing = options.get("skip_existing", False)
     recorder, failed = Recorder(host), 0
     for n, item in enumerate(items):
         if item["slice"] in done:
@@ -118,7 +133,8 @@ def run(path, task):
             recorder.flush()
             hand_back(items[n:], done)
             return 0
-        result = copy_one(engine, item, retries, backoff)
+        result = skip_one(engine, item) if skip_existing else None
+        result = result or copy_one(engine, item, retries, backoff)
         failed += result["state"] != states.DONE
         recorder.add(result)
     recorder.flush()

@@ -102,6 +102,22 @@ class CopyEngine:
             os.close(src_fd)
         return src_digest, dst_digest
 
+    def already_there(self, work, dst):
+        """(source digest, True) when `dst`, the final path, already holds this slice's
+        bytes (same planned size, same xxh3-128), else (None, False). For --skip-existing."""
+        try:
+            st = os.stat(dst)
+        except OSError:
+            return None, False
+        if st.st_size != work.size:
+            return None, False
+        try:
+            theirs = self.digest(dst, work.offset, work.length)
+            ours = self.digest(work.src, work.offset, work.length)
+        except TransferError:
+            return None, False
+        return ours, ours == theirs
+
     def digest(self, path, offset, length):
         """xxh3-128 of [offset, offset + length) of `path` (an integrity re-check)."""
         try:

@@ -186,6 +186,39 @@ def test_move_removes_sources_only_after_placing(hpcmove, area):
     assert not os.path.exists(src)
 
 
+def test_skip_existing_leaves_what_is_already_there(hpcmove, area):
+    src = os.path.join(area.src, "set")
+    os.makedirs(src)
+    data = {n: os.urandom(3 << 20) for n in ("same", "differs", "missing", "partly")}
+    for n, d in data.items():
+        with open(os.path.join(src, n), "wb") as f:
+            f.write(d)
+    out = os.path.join(area.dst, "set")
+    os.makedirs(out)
+    for n, d in data.items():
+        if n == "missing":
+            continue
+        if n == "differs":
+            d = bytes(len(d))  # same size, other bytes
+        if n == "partly":
+            d = d[: 1 << 20] + bytes(len(d) - (1 << 20))  # first slice right, rest wrong
+        with open(os.path.join(out, n), "wb") as f:
+            f.write(d)
+    area.own()
+    inode = os.stat(os.path.join(out, "same")).st_ino
+    job = hpcmove.submit("--skip-existing", "--slice-size", "1M", src, area.dst)
+    s = hpcmove.wait(job)
+    assert s["state"] == "Done", s["reason"]
+    for n, d in data.items():
+        assert open(os.path.join(out, n), "rb").read() == d, n
+    assert os.stat(os.path.join(out, "same")).st_ino == inode  # left where it was
+    skipped = {os.path.basename(f["src"]): [x["skipped"] for x in f["slices"]]
+               for f in s["files"] if f["type"] == "file"}
+    assert skipped == {"same": [True] * 3, "differs": [False] * 3, "missing": [False] * 3,
+                       "partly": [True, False, False]}
+    no_spool_left(area.dst)
+
+
 def test_copyjob_file_pairs(hpcmove, area):
     pairs = []
     for i, name in enumerate(["plain", "with space"]):

@@ -108,15 +108,17 @@ def test_upgrade_from_schema_1_keeps_every_row(tmp_path):
     job, _ = make_job(tmp_path, 3)
     database = db.proxy.obj
     database.execute_sql("DROP INDEX slice_job_id_state")  # what schema 1 lacked
-    db.SchemaVersion.delete().where(db.SchemaVersion.version == 2).execute()
+    database.execute_sql("ALTER TABLE slice DROP COLUMN skipped")
+    db.SchemaVersion.delete().execute()
     db.SchemaVersion.create(version=1)
-    db.SchemaVersion.delete().where(db.SchemaVersion.version > 1).execute()
     db.close()
     db.connect(url)  # a user's own SQLite file is upgraded on the fly
     try:
-        assert db.schema_version(db.proxy.obj) == db.SCHEMA_VERSION == 2
+        assert db.schema_version(db.proxy.obj) == db.SCHEMA_VERSION == 3
         names = [i.name for i in db.proxy.obj.get_indexes("slice")]
         assert "slice_job_id_state" in names
+        assert "skipped" in [c.name for c in db.proxy.obj.get_columns("slice")]
+        assert not any(s.skipped for s in db.Slice.select())
         assert db.Slice.select().where(db.Slice.job == job.id).count() == 3
     finally:
         db.close()
