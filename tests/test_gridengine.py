@@ -2,11 +2,7 @@
 
 The tests read the environment from `gridengine/testbed env`; when the testbed is not up
 they fail (they never skip). They drive the real CLI (`python -m hpcmove ...`) in a
-subprocess, as the unprivileged test user when run as root. Until the `drmaa` entry point
-is registered in pyproject.toml and `--backend drmaa` is accepted by the CLI and the
-policy, a scratch shim (a .dist-info with the entry point on PYTHONPATH, and a two-line
-widening of the backend choice in front of the CLI) stands in; once they are, the plain
-command runs.
+subprocess, as the unprivileged test user when run as root.
 """
 import json
 import os
@@ -17,34 +13,11 @@ import time
 
 import pytest
 
-from conftest import TEST_USER, chown_tree, run_as_user
+from conftest import Hpcmove, run_as_user
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTBED = os.path.join(REPO, "gridengine", "testbed")
 GE_VARS = ("SGE_ROOT", "SGE_CELL", "DRMAA_LIBRARY_PATH", "GLIBC_TUNABLES", "PATH")
-
-# Runs the CLI with the backend choice widened; used only while the CLI refuses 'drmaa'.
-SHIM = """\
-import dataclasses, runpy, sys
-import click
-import hpcmove.cli as cli
-for p in cli.submit.params:
-    if p.name == "backend" and isinstance(p.type, click.Choice) and "drmaa" not in p.type.choices:
-        p.type = click.Choice([*p.type.choices, "drmaa"])
-try:
-    import hpcmove.policy as pol
-    k = pol.KEYS["backend"]
-    try:
-        k.convert("drmaa")
-    except ValueError:
-        pol.KEYS["backend"] = dataclasses.replace(
-            k, convert=pol._choice(*(["", "slurm", "local", "drmaa"])))
-except (ImportError, KeyError, AttributeError):
-    pass
-sys.argv[0] = "hpcmove"
-runpy.run_module("hpcmove", run_name="__main__", alter_sys=True)
-"""
-
 
 # --- pure helpers (no Grid Engine needed) ---------------------------------------------
 
@@ -88,75 +61,25 @@ def _testbed_env():
     return dict(zip(GE_VARS, out))
 
 
-def _cli_prefix(scratch):
-    """(argv prefix, extra env) that run the hpcmove CLI with the drmaa backend."""
-    from importlib.metadata import entry_points
-    import click
-    import hpcmove.cli
-    extra = {}
-    if "drmaa" not in {ep.name for ep in entry_points(group="hpcmove.backends")}:
-        info = os.path.join(scratch, "hpcmove_drmaa_testshim-0.dist-info")
-        os.makedirs(info, exist_ok=True)
-        with open(os.path.join(info, "METADATA"), "w") as f:
-            f.write("Metadata-Version: 2.1\nName: hpcmove-drmaa-testshim\nVersion: 0\n")
-        with open(os.path.join(info, "entry_points.txt"), "w") as f:
-            f.write("[hpcmove.backends]\ndrmaa = hpcmove.backends.drmaa:DrmaaBackend\n")
-        subprocess.run(["chmod", "-R", "a+rX", scratch], check=True)
-        extra["PYTHONPATH"] = scratch
-    needs_shim = False
-    for p in hpcmove.cli.submit.params:
-        if p.name == "backend" and isinstance(p.type, click.Choice):
-            needs_shim |= "drmaa" not in p.type.choices
-    try:
-        from hpcmove import policy
-        policy.KEYS["backend"].convert("drmaa")
-    except ValueError:
-        needs_shim = True
-    except (ImportError, KeyError, AttributeError):
-        pass
-    prefix = [sys.executable, "-c", SHIM] if needs_shim else [sys.executable, "-m", "hpcmove"]
-    return prefix, extra
-
-
 @pytest.fixture(scope="module")
 def ge(base):
     env = _testbed_env()
-    scratch = os.path.join(base, "ge-shim")
-    os.makedirs(scratch, exist_ok=True)
-    os.chmod(scratch, 0o755)
-    prefix, extra = _cli_prefix(scratch)
-    env.update(extra)
     probe = subprocess.run([sys.executable, "-c", "import drmaa; print(drmaa.Session)"],
                            env={**os.environ, **env}, capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.fail("the drmaa package cannot be imported in this virtualenv "
                     f"(pip install 'hpcmove[drmaa]'):\n{probe.stderr}")
-    return {"env": env, "prefix": prefix}
+    return {"env": env}
 
 
-class GE:
+class GE(Hpcmove):
     """hpcmove with --backend drmaa and the Grid Engine clients, as the test user."""
 
     def __init__(self, ge, area):
-        self.area, self.prefix = area, ge["prefix"]
+        super().__init__("drmaa", area)
         self.ge_env = ge["env"]
-        self.env = {**ge["env"], "HPCMOVE_HOME": area.home, "HOME": area.home,
-                    "LANG": "C.UTF-8",
-                    "PATH": os.path.dirname(sys.executable) + ":" + ge["env"]["PATH"]}
-
-    def run(self, *args, check=True, timeout=600):
-        done = run_as_user([*self.prefix, *args], self.env, cwd=self.area.root, timeout=timeout)
-        if check and done.returncode != 0:
-            raise AssertionError(f"hpcmove {shlex.join(map(os.fsdecode, args))} exited "
-                                 f"{done.returncode}\nstdout: {done.stdout.decode(errors='replace')}"
-                                 f"\nstderr: {done.stderr.decode(errors='replace')}")
-        return done
-
-    def submit(self, *args):
-        return self.run("submit", "--parsable", "--backend", "drmaa", *args).stdout.decode().strip()
-
-    def status(self, job):
-        return json.loads(self.run("status", "--json", job).stdout)
+        self.env.update(ge["env"])
+        self.env["PATH"] = os.path.dirname(sys.executable) + ":" + ge["env"]["PATH"]
 
     def ge(self, *argv, check=True):
         done = run_as_user(list(argv), self.env, cwd=self.area.root, timeout=60)
@@ -312,7 +235,8 @@ def test_plugins_reports_drmaa_and_why_not(gridengine):
     assert row["available"], row
     env = dict(gridengine.env)
     del env["GLIBC_TUNABLES"]
-    done = run_as_user([*gridengine.prefix, "plugins", "--json"], env, cwd=gridengine.area.root)
+    done = run_as_user([sys.executable, "-m", "hpcmove", "plugins", "--json"], env,
+                       cwd=gridengine.area.root)
     (row,) = [r for r in json.loads(done.stdout) if r["name"] == "drmaa"]
     assert not row["available"] and "GLIBC_TUNABLES" in row["reason"], row
 

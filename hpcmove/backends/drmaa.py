@@ -42,7 +42,7 @@ import shlex
 import sys
 
 from ..errors import SchedulerError, UsageError
-from . import ACTIVE, Backend, Submitted, overall
+from . import Backend, Submitted, overall
 
 TUNABLES_HINT = ("set GLIBC_TUNABLES=glibc.rtld.optional_static_tls=4096 before Python "
                  "starts (libdrmaa's libjemalloc needs static TLS)")

@@ -10,7 +10,7 @@ import sh
 
 from ..errors import SchedulerError
 from ..units import parse_duration
-from . import ACTIVE, Backend, Submitted, overall, parse_batch_ids
+from . import Backend, Submitted, overall, parse_batch_ids
 
 _ARRAY_RANGE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
 # what scontrol hold/release say when no part of the job is pending any more
