@@ -66,6 +66,20 @@ class Area:
         chown_tree(self.root)
 
 
+def unreadable_set(area):
+    """area.src/set with 'good-1', 'good-2' and a 'secret file' its owner cannot read."""
+    if os.geteuid() != 0 and os.access("/etc/shadow", os.R_OK):
+        pytest.fail("needs an unprivileged user for the transfer")
+    src = os.path.join(area.src, "set")
+    os.makedirs(src)
+    for name in ("good-1", "secret file", "good-2"):
+        with open(os.path.join(src, name), "wb") as f:
+            f.write(os.urandom(100_000))
+    area.own()
+    os.chmod(os.path.join(src, "secret file"), 0)
+    return src
+
+
 @pytest.fixture
 def area(base, request):
     root = os.path.join(base, request.node.name.replace("/", "_")[:80] + "-" + uuid.uuid4().hex[:4])

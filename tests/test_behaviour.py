@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import chown_tree, run_as_user
+from conftest import chown_tree, run_as_user, unreadable_set
 
 HOSTILE = [b"a b", b"single'quote", b'double"quote', b"new\nline", b"$(touch pwned)",
            b"`touch pwned`", b"-leading-dash", b"--help", b"\xff\xfe not utf-8",
@@ -119,15 +119,7 @@ def test_hostile_names_arrive_intact_and_run_nothing(hpcmove, area, base):
 
 
 def test_unreadable_source_fails_job_and_places_nothing(hpcmove, area):
-    if os.geteuid() != 0 and os.access("/etc/shadow", os.R_OK):
-        pytest.fail("needs an unprivileged user for the transfer")
-    src = os.path.join(area.src, "set")
-    os.makedirs(src)
-    for name in ("good-1", "secret file", "good-2"):
-        with open(os.path.join(src, name), "wb") as f:
-            f.write(os.urandom(100_000))
-    area.own()
-    os.chmod(os.path.join(src, "secret file"), 0)
+    src = unreadable_set(area)
     job = hpcmove.submit(src, area.dst)
     chained = None
     if hpcmove.backend == "slurm":
