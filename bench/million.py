@@ -40,32 +40,40 @@ def timed(argv, env):
     return float(seconds), int(kib) * 1024, done.stdout
 
 
+def measure(root, env):
+    """Submit the tree under `root` (files made by make_tree), time status on the job,
+    cancel it. Returns {files, backend, submit_s, submit_rss, status_s, summary_s, line}."""
+    env = dict(env, HPCMOVE_HOME=os.path.join(root, "home"))
+    shutil.rmtree(env["HPCMOVE_HOME"], ignore_errors=True)
+    dst = os.path.join(root, "dst")
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
+    hm = [sys.executable, "-m", "hpcmove"]
+    backend = ["--backend", "slurm", "-p", "dtn"] if env.get("SLURM_CONF") else \
+        ["--backend", "local"]
+    plan_s, plan_rss, out = timed(hm + ["submit", *backend, "--stripe-width", "1",
+                                        "--bwlimit", "1", os.path.join(root, "src"), dst], env)
+    job = re.search(r"(hm-\d+)", out).group(1)
+    status_s, _, line = timed(hm + ["status", job], env)
+    summary_s, _, _ = timed(hm + ["status", "--summary", job], env)
+    subprocess.run(hm + ["cancel", job], env=env, capture_output=True)
+    files = sum(len(names) for _, _, names in os.walk(os.path.join(root, "src")))
+    return {"files": files, "backend": backend[1], "submit_s": plan_s, "submit_rss": plan_rss,
+            "status_s": status_s, "summary_s": summary_s, "line": line.strip()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=1_000_000)
     ap.add_argument("--dir", default="/var/tmp/hpcmove-million")
     args = ap.parse_args()
     make_tree(args.dir, args.files)
-    home = os.path.join(args.dir, "home")
-    shutil.rmtree(home, ignore_errors=True)
-    dst = os.path.join(args.dir, "dst")
-    shutil.rmtree(dst, ignore_errors=True)
-    os.makedirs(dst)
-    env = dict(os.environ, HPCMOVE_HOME=home)
-    hm = [sys.executable, "-m", "hpcmove"]
-    backend = ["--backend", "slurm", "-p", "dtn"] if os.environ.get("SLURM_CONF") else \
-        ["--backend", "local"]
-    plan_s, plan_rss, out = timed(hm + ["submit", *backend, "--stripe-width", "1",
-                                        "--bwlimit", "1", os.path.join(args.dir, "src"), dst], env)
-    job = re.search(r"(hm-\d+)", out).group(1)
-    status_s, status_rss, line = timed(hm + ["status", job], env)
-    summary_s, _, _ = timed(hm + ["status", "--summary", job], env)
-    subprocess.run(hm + ["cancel", job], env=env, capture_output=True)
-    print(f"{args.files} files ({backend[1]} backend)")
-    print(f"submit (walk + plan + record + manifest + submit): {plan_s:.1f} s, "
-          f"peak RSS {plan_rss / 2**20:.0f} MiB")
-    print(f"status (one line): {status_s:.2f} s; status --summary: {summary_s:.2f} s")
-    print(line.strip())
+    r = measure(args.dir, os.environ)
+    print(f"{r['files']} files ({r['backend']} backend)")
+    print(f"submit (walk + plan + record + manifest + submit): {r['submit_s']:.1f} s, "
+          f"peak RSS {r['submit_rss'] / 2**20:.0f} MiB")
+    print(f"status (one line): {r['status_s']:.2f} s; status --summary: {r['summary_s']:.2f} s")
+    print(r["line"])
 
 
 if __name__ == "__main__":

@@ -1,16 +1,33 @@
 #!/usr/bin/env python3
 """hpcmove against its peers, measured in one run: medians of interleaved rounds.
 
-  python bench/run.py [--size 2G] [--rounds 3] [--dir /var/tmp/hpcmove-bench] [--slurm]
+  python bench/run.py [--groups big,small,ssh,million] [--size 2G] [--files 20000]
+                      [--entries 1000000] [--rounds 3] [--dir /var/tmp/hpcmove-bench]
+                      [--slurm auto|yes|no] [--no-install]
 
-Rows: a verified hpcmove copy on the local backend, `cp`, `rsync --whole-file`;
-with --slurm also the same copy through the Slurm testbed and the submit-to-Done
-time of a 1-file job. The page cache is warm (a warm-up round runs first), as in
-the figures the issues quote. Prints a table of medians and of each peer's time
-relative to hpcmove's.
+Groups (data sets are made once under --dir and reused):
+  big      a random file of --size: hpcmove (local backend, verified), cp,
+           rsync --whole-file, rsync then rsync -c (transfer + verify, as ffv does);
+           with Slurm (the testbed; --slurm auto uses it when slurm/testbed answers)
+           the same hpcmove copy through Slurm.
+  small    a tree of --files files of 1-64 KiB: hpcmove, cp -a, rsync -a, fpsync -n 2.
+  ssh      the --size file to the project's sshd fixture (ssh/testbed, loopback):
+           hpcmove (local backend, through a control socket it opens once), scp,
+           rsync -e ssh, one `ssh host 'cat > f' < f` stream.
+  sshsmall the small tree to the sshd fixture: hpcmove, rsync -a -e ssh.
+  million  --entries empty files planned and recorded (bench/million.py's measure):
+           submit time and peak RSS, `status`, `status --summary`.
+
+Every round runs each row of a group once, in turn (A B C A B C ...); round 0 warms
+the page cache and is not counted. Before each row the destination is emptied and
+the file systems are synced, so no row pays for the writeback of the one before.
+Prints one table: medians, and each peer's time divided by hpcmove's (above 1:
+hpcmove is faster), with the issue's targets. Missing tools are installed with
+apt-get (fpart for fpsync) unless --no-install, in which case their rows are left out.
 """
 import argparse
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -18,7 +35,12 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import million  # noqa: E402  (bench/million.py, beside this file)
+
+OURS = "hpcmove"
 
 
 def parse_size(text):
@@ -27,21 +49,60 @@ def parse_size(text):
         else int(text)
 
 
+# --- data sets -------------------------------------------------------------------
+
 def make_file(path, size):
     if os.path.exists(path) and os.path.getsize(path) == size:
-        return
-    with open(path, "wb") as f:
+        return path
+    with open(path + ".tmp", "wb") as f:
         left = size
         while left:
             n = min(left, 64 << 20)
             f.write(os.urandom(n))
             left -= n
+    os.rename(path + ".tmp", path)
+    return path
 
 
-def timed(argv, env=None):
+def make_tree(root, n, seed=6):
+    """n files of 1-64 KiB (random sizes and bytes), 1,000 to a directory."""
+    marker = os.path.join(root, f".complete-{n}")
+    src = os.path.join(root, "src")
+    if os.path.exists(marker):
+        return src
+    shutil.rmtree(root, ignore_errors=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        sub = os.path.join(src, f"d{i // 1000:03d}")
+        if i % 1000 == 0:
+            os.makedirs(sub)
+        with open(os.path.join(sub, f"f{i:06d}"), "wb") as f:
+            f.write(os.urandom(rng.randint(1, 64) << 10))
+    open(marker, "w").close()
+    return src
+
+
+def warm(path):
+    """Read the source through the page cache so every row starts warm."""
+    paths = [path] if os.path.isfile(path) else \
+        (os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(16 << 20):
+                pass
+
+
+# --- running ---------------------------------------------------------------------
+
+def timed(argv, env=None, stdin=None):
     start = time.perf_counter()
-    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    done = subprocess.run(argv, env=env, stdin=stdin, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"bench: {' '.join(argv)} exited {done.returncode}:\n"
+                         f"{done.stderr.decode(errors='replace')}")
+    return seconds
 
 
 def fresh(path):
@@ -54,60 +115,284 @@ def fresh(path):
     return path
 
 
-def warm(path):
-    """Read the source through the page cache so every row starts warm."""
-    with open(path, "rb") as f:
-        while f.read(16 << 20):
-            pass
+def have(tool, package, args):
+    """True when `tool` is on PATH, after installing `package` with apt if allowed."""
+    if shutil.which(tool):
+        return True
+    if args.no_install or os.geteuid() != 0:
+        print(f"bench: {tool} missing; its row is left out (apt-get install {package})",
+              file=sys.stderr)
+        return False
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "install", "-y", "-q", package], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    return bool(shutil.which(tool))
 
 
-def rows(args, src, work):
-    env = dict(os.environ, HPCMOVE_HOME=os.path.join(work, "home"))
-    hpcmove = [sys.executable, "-m", "hpcmove", "submit", "--wait"]
-    out = {
-        "hpcmove (local, verified)": lambda d: timed(hpcmove + ["--backend", "local", src, d], env),
+def testbed_env(name):
+    """The export lines of `<name>/testbed env` as a dict, after `up`; {} if unavailable."""
+    script = os.path.join(REPO, name, "testbed")
+    if not os.path.exists(script) or os.geteuid() != 0:
+        return {}
+    if subprocess.run([script, "up"], stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL).returncode:
+        return {}
+    out = subprocess.run([script, "env"], capture_output=True, text=True).stdout
+    import shlex
+    env = {}
+    for line in out.splitlines():
+        words = shlex.split(line)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            key, value = words[1].split("=", 1)
+            env[key] = value
+    return env
+
+
+def hpcmove(args, *more):
+    return [sys.executable, "-m", "hpcmove", "submit", "--wait", *more]
+
+
+# --- the groups --------------------------------------------------------------------
+
+def big_rows(args, env):
+    src = make_file(os.path.join(args.dir, f"random-{args.size}.bin"), parse_size(args.size))
+    rows = {
+        OURS: lambda d: timed(hpcmove(args, "--backend", "local", src, d + "/"), env),
         "cp": lambda d: timed(["cp", src, d]),
         "rsync --whole-file": lambda d: timed(["rsync", "--whole-file", src, d]),
+        "rsync + rsync -c": lambda d: timed(["rsync", "--whole-file", src, d])
+        + timed(["rsync", "-c", src, d]),
     }
-    if args.slurm:
-        out["hpcmove (slurm testbed, verified)"] = lambda d: timed(
-            hpcmove + ["--backend", "slurm", "-p", "dtn", src, d], env)
-        tiny = os.path.join(work, "tiny")
-        with open(tiny, "wb") as f:
-            f.write(b"x" * 4096)
-        out["slurm submit-to-Done, 1 small file"] = lambda d: timed(
-            hpcmove + ["--backend", "slurm", "-p", "dtn", tiny, d], env)
-    return out
+    slurm = slurm_env(args)
+    if slurm:
+        senv = dict(env, **slurm)
+        rows[f"{OURS} via Slurm"] = lambda d: timed(
+            hpcmove(args, "--backend", "slurm", "-p", "dtn", src, d + "/"), senv)
+    return src, parse_size(args.size), rows
+
+
+def slurm_env(args):
+    if args.slurm == "no":
+        return {}
+    if os.environ.get("SLURM_CONF"):
+        return {"SLURM_CONF": os.environ["SLURM_CONF"]}
+    found = testbed_env("slurm")
+    if not found and args.slurm == "yes":
+        raise SystemExit("bench: --slurm yes, but slurm/testbed does not come up")
+    return found
+
+
+def small_rows(args, env):
+    src = make_tree(os.path.join(args.dir, f"tree-{args.files}"), args.files) + "/"
+    rows = {
+        OURS: lambda d: timed(hpcmove(args, "--backend", "local", src, d + "/"), env),
+        "cp -a": lambda d: timed(["cp", "-a", src + ".", d]),
+        "rsync -a": lambda d: timed(["rsync", "-a", src, d + "/"]),
+    }
+    if have("fpsync", "fpart", args):
+        work = os.path.join(args.dir, "fpsync-work")
+        rows["fpsync -n 2"] = lambda d: timed(["fpsync", "-n", "2", "-t", work, src, d + "/"])
+    return src, tree_bytes(src), rows
+
+
+def tree_bytes(src):
+    return sum(os.path.getsize(os.path.join(p, f)) for p, _, fs in os.walk(src) for f in fs)
+
+
+class Agent:
+    """An ssh-agent of our own holding the testbed key (it is passphrase-protected)."""
+
+    def __init__(self, ssh):
+        out = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True,
+                             check=True).stdout
+        self.env = {}
+        for part in out.replace("\n", ";").split(";"):
+            if "=" in part:
+                key, value = part.strip().split("=", 1)
+                self.env[key] = value
+        askpass = os.path.join(ssh["dir"], "askpass")
+        with open(askpass, "w") as f:
+            f.write("#!/bin/sh\necho \"$HPCMOVE_TEST_SSH_PASSPHRASE\"\n")
+        os.chmod(askpass, 0o700)
+        key = os.path.join(ssh["HPCMOVE_TEST_SSH_KEYS"], "root", "id_ed25519")
+        subprocess.run(["ssh-add", "-q", key], check=True, stdin=subprocess.DEVNULL,
+                       env=dict(os.environ, **self.env, SSH_ASKPASS=askpass,
+                                SSH_ASKPASS_REQUIRE="force", DISPLAY=":0",
+                                HPCMOVE_TEST_SSH_PASSPHRASE=ssh["HPCMOVE_TEST_SSH_PASSPHRASE"]))
+
+    def stop(self):
+        os.kill(int(self.env["SSH_AGENT_PID"]), 15)
+
+
+def _ssh_setup(args, env, cleanup):
+    """(testbed settings, env with our agent, hpcmove env with an open control socket)."""
+    ssh = testbed_env("ssh")
+    if not ssh:
+        print("bench: ssh/testbed is not available; the ssh rows are left out", file=sys.stderr)
+        return None, None, None
+    ssh["dir"] = args.dir
+    agent = Agent(ssh)
+    cleanup.append(agent.stop)
+    senv = dict(os.environ, **agent.env)
+    sockets = os.path.join(args.dir, "sockets")
+    os.makedirs(sockets, mode=0o700, exist_ok=True)
+    henv = dict(env, **agent.env, HPCMOVE_SOCKET_DIR=sockets)
+    host = ssh["HPCMOVE_TEST_SSH_HOST"]
+    # the testbed host by options, as root's own ssh config does not name it
+    options = ["HostName=127.0.0.1", f"Port={ssh['HPCMOVE_TEST_SSH_PORT']}",
+               f"UserKnownHostsFile={os.path.dirname(ssh['HPCMOVE_TEST_SSH_CONFIG'])}"
+               "/known_hosts", "StrictHostKeyChecking=yes"]
+    subprocess.run([sys.executable, "-m", "hpcmove", "socket", "close", host], env=henv,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "hpcmove", "socket", "open", "--ttl", "2h",
+                    *[x for o in options for x in ("-o", o)], host], env=henv, check=True,
+                   stdout=subprocess.DEVNULL)
+    cleanup.append(lambda: subprocess.run([sys.executable, "-m", "hpcmove", "socket", "close",
+                                           host], env=henv, capture_output=True))
+    return ssh, senv, henv
+
+
+def ssh_rows(args, env, cleanup):
+    ssh, senv, henv = _ssh_setup(args, env, cleanup)
+    if not ssh:
+        return None, 0, {}
+    src = make_file(os.path.join(args.dir, f"random-{args.size}.bin"), parse_size(args.size))
+    host, cfg = ssh["HPCMOVE_TEST_SSH_HOST"], ssh["HPCMOVE_TEST_SSH_CONFIG"]
+    name = os.path.basename(src)
+
+    def cat(d):
+        with open(src, "rb") as f:
+            return timed(["ssh", "-F", cfg, host, f"cat > {d}/{name}"], senv, stdin=f)
+    rows = {
+        OURS: lambda d: timed(hpcmove(args, "--backend", "local", src, f"{host}:{d}/"), henv),
+        "scp": lambda d: timed(["scp", "-q", "-F", cfg, src, f"{host}:{d}/"], senv),
+        "rsync -e ssh": lambda d: timed(["rsync", "--whole-file", "-e", f"ssh -F {cfg}", src,
+                                         f"{host}:{d}/"], senv),
+        "ssh 'cat > f' stream": cat,
+    }
+    return src, parse_size(args.size), rows
+
+
+def sshsmall_rows(args, env, cleanup):
+    ssh, senv, henv = _ssh_setup(args, env, cleanup)
+    if not ssh:
+        return None, 0, {}
+    src = make_tree(os.path.join(args.dir, f"tree-{args.files}"), args.files) + "/"
+    host, cfg = ssh["HPCMOVE_TEST_SSH_HOST"], ssh["HPCMOVE_TEST_SSH_CONFIG"]
+    rows = {
+        OURS: lambda d: timed(hpcmove(args, "--backend", "local", src, f"{host}:{d}/"), henv),
+        "rsync -a -e ssh": lambda d: timed(["rsync", "-a", "-e", f"ssh -F {cfg}", src,
+                                            f"{host}:{d}/"], senv),
+    }
+    return src, tree_bytes(src), rows
+
+
+def measure(group, src, rows, args):
+    """{row: [seconds per counted round]}, rows interleaved, round 0 not counted."""
+    times = {name: [] for name in rows}
+    dst = os.path.join(args.dir, "dst")
+    for round_ in range(args.rounds + 1):
+        for name, run in rows.items():
+            fresh(dst)
+            warm(src)
+            t = run(dst)
+            if round_:
+                times[name].append(t)
+            print(f"{group} round {round_} {name}: {t:.2f} s", file=sys.stderr, flush=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    return times
+
+
+# --- targets (issue 6), as functions of the medians ----------------------------------
+
+TARGETS = {
+    ("big", "cp"): ("hpcmove <= 0.8x cp", lambda ours, m: ours <= 0.8 * m),
+    ("big", "rsync + rsync -c"): (">= 3x faster", lambda ours, m: m >= 3 * ours),
+    ("big", f"{OURS} via Slurm"): ("<= local + 3 s", lambda ours, m: m <= ours + 3),
+    ("small", "rsync -a"): (">= 1.5x faster", lambda ours, m: m >= 1.5 * ours),
+    ("small", "cp -a"): (">= 1x (as fast)", lambda ours, m: m >= ours),
+    ("small", "fpsync -n 2"): (">= 5x faster", lambda ours, m: m >= 5 * ours),
+    ("ssh", "scp"): (">= 1.5x faster", lambda ours, m: m >= 1.5 * ours),
+    ("ssh", "ssh 'cat > f' stream"): ("hpcmove <= 1.2x", lambda ours, m: ours <= 1.2 * m),
+    ("sshsmall", "rsync -a -e ssh"): (">= 1x (as fast)", lambda ours, m: m >= ours),
+}
+
+
+def table(results):
+    lines = [f"{'group':8} {'row':24} {'median s':>9} {'MB/s':>7} {'peer/hpcmove':>13}  target",
+             "-" * 80]
+    for group, (size, times) in results.items():
+        ours = statistics.median(times[OURS]) if OURS in times else None
+        for name, ts in times.items():
+            m = statistics.median(ts)
+            ratio = f"{m / ours:13.2f}" if ours and name != OURS else f"{'':13}"
+            goal = ""
+            if ours and (group, name) in TARGETS:
+                text, ok = TARGETS[(group, name)]
+                goal = f"{text}: {'met' if ok(ours, m) else 'NOT met'}"
+            lines.append(f"{group:8} {name:24} {m:9.2f} {size / m / 1e6:7.0f} {ratio}  {goal}")
+    return "\n".join(lines)
+
+
+def run_million(args, env):
+    root = os.path.join(args.dir, f"million-{args.entries}")
+    million.make_tree(root, args.entries)
+    return million.measure(root, env)
+
+
+def million_lines(r):
+    ok = {True: "met", False: "NOT met"}
+    return [f"million  submit {r['files']} files: {r['submit_s']:.1f} s (<= 60 s: "
+            f"{ok[r['submit_s'] <= 60]}), peak RSS {r['submit_rss'] / 2**20:.0f} MiB "
+            f"(<= 1024 MiB: {ok[r['submit_rss'] <= 1 << 30]})",
+            f"million  status {r['status_s']:.2f} s, status --summary {r['summary_s']:.2f} s "
+            f"(<= 1 s: {ok[max(r['status_s'], r['summary_s']) <= 1]})"]
+
+
+GROUPS = {"big": big_rows, "small": small_rows}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="2G")
+    ap.add_argument("--groups", default="big,small,ssh,sshsmall,million")
+    ap.add_argument("--size", default="2G", help="the big file (and the ssh one)")
+    ap.add_argument("--files", type=int, default=20_000, help="files in the small tree")
+    ap.add_argument("--entries", type=int, default=1_000_000, help="entries for 'million'")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default="/var/tmp/hpcmove-bench")
-    ap.add_argument("--slurm", action="store_true", help="also measure through Slurm")
+    ap.add_argument("--slurm", choices=("auto", "yes", "no"), default="auto")
+    ap.add_argument("--no-install", action="store_true", help="never apt-get install")
     args = ap.parse_args()
+    args.dir = os.path.abspath(args.dir)
     os.makedirs(args.dir, exist_ok=True)
-    size = parse_size(args.size)
-    src = os.path.join(args.dir, f"random-{args.size}.bin")
-    make_file(src, size)
-    table = rows(args, src, args.dir)
-    times = {name: [] for name in table}
-    for round_ in range(args.rounds + 1):  # round 0 warms the cache and is not counted
-        for name, fn in table.items():
-            dst = fresh(os.path.join(args.dir, "dst"))
-            warm(src)
-            t = fn(dst)
-            if round_:
-                times[name].append(t)
-            print(f"round {round_} {name}: {t:.2f} s", file=sys.stderr)
-    shutil.rmtree(os.path.join(args.dir, "dst"), ignore_errors=True)
-    ours = statistics.median(times["hpcmove (local, verified)"])
-    print(f"\n{args.size} file, {args.rounds} rounds, medians (warm cache, {os.cpu_count()} cores)")
-    print(f"{'row':40} {'median s':>9} {'MB/s':>8} {'time / hpcmove':>15}")
-    for name, ts in times.items():
-        m = statistics.median(ts)
-        print(f"{name:40} {m:9.2f} {size / m / 1e6:8.0f} {m / ours:15.2f}")
+    os.chdir(args.dir)  # `python -m hpcmove` must find the installed package, not ./hpcmove
+    env = dict(os.environ, HPCMOVE_HOME=os.path.join(args.dir, "home"))
+    groups = args.groups.split(",")
+    load = os.getloadavg()
+    results, cleanup, extra = {}, [], []
+    try:
+        for group in groups:
+            if group == "million":
+                extra = million_lines(run_million(args, env))
+                continue
+            if group in ("ssh", "sshsmall"):
+                src, size, rows = (ssh_rows if group == "ssh" else sshsmall_rows)(
+                    args, env, cleanup)
+            elif group in GROUPS:
+                src, size, rows = GROUPS[group](args, env)
+            else:
+                raise SystemExit(f"bench: unknown group {group!r}")
+            if rows:
+                results[group] = (size, measure(group, src, rows, args))
+    finally:
+        for stop in cleanup:
+            stop()
+    print(f"\nhpcmove bench: {args.rounds} rounds (medians, warm cache), {os.cpu_count()} cores, "
+          f"load average {load[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
+          f"big = {args.size}, small = {args.files} files")
+    print(table(results))
+    for line in extra:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Keyword options are the policy keys (`hpcmove policy show`): partition, account,
 time, stripe_width, slice_size, bwlimit, backend, engine, skip_existing, mail_type,
 mail_user, ...; they rank as command-line flags do, within the site's limits. Besides
 them: dependency (sbatch syntax), move, pairs (a list of (src, dst) instead of
-sources and dest) and dry_run.
+sources and dest), then (a batch script to start once the job is Done) and dry_run.
 """
 import os
 
@@ -69,7 +69,7 @@ class Job:
 
 
 def submit(sources, dest=None, *, dependency="", move=False, pairs=None, dry_run=False,
-           **settings):
+           then="", **settings):
     """Submit a transfer; returns a Job at once (see the module doc for the options)."""
     if isinstance(sources, (str, bytes, os.PathLike)):
         sources = [sources]
@@ -82,7 +82,7 @@ def submit(sources, dest=None, *, dependency="", move=False, pairs=None, dry_run
     site = policy.load_site()
     user, user_path = policy.load_user()
     eff = policy.resolve(site, user, user_path, os.environ, given)
-    options = jobs.SubmitOptions.from_policy(eff, dependency=dependency, move=move)
+    options = jobs.SubmitOptions.from_policy(eff, dependency=dependency, move=move, then=then)
     if not dry_run:
         db.connect()
     sub = jobs.submit(sources, dest, options, pairs=pairs, dry_run=dry_run, site=site)

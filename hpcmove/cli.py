@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from . import cli_ops, db, jobs, notify, plugins, policy, progress, states
+from . import cli_ops, cli_ssh, db, jobs, notify, plugins, policy, progress, states
 from .errors import HpcmoveError, UsageError
 from .units import human, parse_size
 
@@ -83,9 +83,10 @@ def effective_settings(flags):
               help="Files larger than this are cut into slices of this size [default: 256M].")
 @click.option("--bwlimit", type=Size(), default=None,
               help="Bandwidth limit per array task, bytes per second (e.g. 100M).")
-@click.option("--backend", type=click.Choice(["slurm", "local", "drmaa"]), default=None,
+@click.option("--backend", type=click.Choice(["slurm", "local", "drmaa", "pyslurm"]),
+              default=None,
               help="Batch backend [default: slurm if sbatch answers, else local; "
-                   "drmaa: Grid Engine].")
+                   "drmaa: Grid Engine; pyslurm: Slurm through its C API].")
 @click.option("--engine", default=None, help="Transfer engine plugin [default: copy].")
 @click.option("--skip-existing/--no-skip-existing", "skip_existing", default=None,
               help="Leave files already at the destination with the same size and checksum.")
@@ -95,9 +96,18 @@ def effective_settings(flags):
 @click.option("--move", is_flag=True, help="Remove each source once its copy is verified and in place.")
 @click.option("--from-file", "from_file", type=click.Path(exists=True, dir_okay=False),
               help="Copyjob file: one 'SRC DST' pair per line (instead of SRC... DST).")
+@click.option("-S", "--socket", "socket", default="", metavar="PATH",
+              help="Control socket for the remote host [default: your newest live one "
+                   "from `hpcmove socket open`].")
+@click.option("--streams", type=click.IntRange(min=1, max=16), default=None,
+              help="Concurrent slice streams per task to or from a remote host [default: 2].")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the batch scripts; submit nothing.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job to end; exit 0 only if Done.")
-def submit(paths, dependency, parsable, move, from_file, dry_run, wait_, **flags):
+@click.option("--then", "then", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="SCRIPT", help="Submit SCRIPT (sbatch) to start only once the job is "
+                                     "Done; --parsable still prints the transfer's final id.")
+def submit(paths, dependency, parsable, move, from_file, dry_run, wait_, then, socket, streams,
+           **flags):
     """Copy SRC... to DST through the batch system and print the job id at once.
 
     Defaults come from the site policy and your config (see `hpcmove policy show`);
@@ -106,7 +116,9 @@ def submit(paths, dependency, parsable, move, from_file, dry_run, wait_, **flags
     \b
     Examples:
       hpcmove submit /scratch/run42 /archive/projects/
+      hpcmove submit /scratch/run42 alice@archive.example:/store/   # after `socket open`
       sbatch --dependency=afterok:$(hpcmove submit --parsable in/ /scratch/in) compute.sh
+      hpcmove submit -p dtn --then next.sh "$SCRATCH/out/" /project/run42/  # in a job
     """
     if from_file and paths:
         raise click.UsageError("give either SRC... DST or --from-file, not both")
@@ -116,7 +128,9 @@ def submit(paths, dependency, parsable, move, from_file, dry_run, wait_, **flags
     _run(notify.parse_mail_types, eff["mail_type"])  # a typo is an error now, not at the end
     for note in eff.notes:
         click.echo(f"note: {note}", err=True)
-    options = _run(jobs.SubmitOptions.from_policy, eff, dependency=dependency, move=move)
+    options = _run(jobs.SubmitOptions.from_policy, eff, dependency=dependency, move=move,
+                   then=then or "")
+    options.socket, options.streams = socket, streams or options.streams
     pairs = _run(jobs.read_copyjob, from_file) if from_file else None
     sources, dest = (paths[:-1], paths[-1]) if paths else ((), None)
     sub = _run(jobs.submit, sources, dest, options, pairs=pairs, dry_run=dry_run, site=eff.site)
@@ -131,9 +145,12 @@ def submit(paths, dependency, parsable, move, from_file, dry_run, wait_, **flags
     else:
         click.echo(f"Submitted {job.label}: {len(sub.plan.entries)} entries, "
                    f"{human(job.bytes_total)} in {job.n_tasks} tasks "
-                   f"({job.backend} transfer {job.array_id or '-'}, final {job.final_id})")
+                   f"({job.backend} transfer {job.array_id or '-'}, final {job.final_id})"
+                   + (f"; then {then} as {jobs.then_id(job)}" if then else ""))
     if wait_:
         job = _run(jobs.wait, job)
+        if job.state != states.DONE:  # say why, e.g. in a burst-buffer stage-in's reason
+            click.echo(f"{job.label} {job.state}: {job.reason}", err=True)
         sys.exit(0 if job.state == states.DONE else 1)
 
 
@@ -309,8 +326,14 @@ def wait(job_id, timeout, show_progress):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins_(as_json):
     """List the installed backends and transfer engines, and whether each loads."""
-    rows = [{"kind": kind, "name": name, "available": ok, "reason": why}
-            for kind in ("backend", "engine") for name, ok, why in plugins.status(kind)]
+    rows = []
+    for kind in ("backend", "engine"):
+        for name, ok, why in plugins.status(kind):
+            # a plugin that loads may still be unusable here, and say why (pyslurm)
+            probe = getattr(plugins.load(kind, name), "unavailable", None) if ok else None
+            why = (probe() if probe else "") or why
+            rows.append({"kind": kind, "name": name, "available": ok and not why,
+                         "reason": why})
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -348,7 +371,8 @@ def db_upgrade(url):
 
 
 cli_ops.register(cli)
+cli_ssh.register(cli)
 
 
 def main():
-    cli()
+    cli(complete_var=cli_ops.COMPLETE_VAR)

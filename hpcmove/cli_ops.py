@@ -1,10 +1,12 @@
-"""Operator and user commands: log, report, watch, metrics. A thin click layer like cli.py;
-`register(group)` adds them to a group (cli.py's `cli`), so this module never imports
-cli.py and no import cycle can arise."""
+"""Operator and user commands: log, report, watch, metrics, completion. A thin click layer
+like cli.py; `register(group)` adds them to a group (cli.py's `cli`), so this module never
+imports cli.py and no import cycle can arise."""
 import json
+import os
 import sys
 
 import click
+from click.shell_completion import get_completion_class
 
 from . import db, jobs, metrics, progress, report, states
 from .errors import HpcmoveError
@@ -116,7 +118,36 @@ def metrics_():
     click.echo(_run(metrics.prometheus_text), nl=False)
 
 
-COMMANDS = (log, report_, watch, metrics_)
+# The variable click's completion reads: the same however hpcmove was started (the
+# `hpcmove` script, `python -m hpcmove`), see cli.main.
+COMPLETE_VAR = "_HPCMOVE_COMPLETE"
+SHELLS = ("bash", "zsh", "fish")
+
+
+@click.command("completion", short_help="Print the shell completion script.")
+@click.argument("shell", required=False, type=click.Choice(SHELLS))
+def completion(shell):
+    """Print the script that makes SHELL complete hpcmove's commands and options.
+
+    SHELL is bash, zsh or fish; without it, the one $SHELL names (bash if another).
+    Bash needs version 4.4 or later. The same script comes from
+    `_HPCMOVE_COMPLETE=bash_source hpcmove` (zsh_source, fish_source).
+
+    \b
+    Examples:
+      eval "$(hpcmove completion bash)"      # in ~/.bashrc
+      eval "$(hpcmove completion zsh)"       # in ~/.zshrc
+      hpcmove completion fish > ~/.config/fish/completions/hpcmove.fish
+    """
+    if shell is None:
+        name = os.path.basename(os.environ.get("SHELL", ""))
+        shell = name if name in SHELLS else "bash"
+    root = click.get_current_context().find_root().command
+    script = get_completion_class(shell)(root, {}, "hpcmove", COMPLETE_VAR).source()
+    click.echo(script, nl=not script.endswith("\n"))
+
+
+COMMANDS = (log, report_, watch, metrics_, completion)
 
 
 def register(group):

@@ -18,7 +18,7 @@ from .errors import DatabaseError, IllegalTransition
 from .paths import data_dir
 
 proxy = pw.DatabaseProxy()
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 120_000
 
 
@@ -106,11 +106,24 @@ class Event(BaseModel):
     message = pw.TextField(default="")
 
 
+class ControlSocket(BaseModel):
+    """An SSH control master opened by `hpcmove socket open` (migration 4). Only where it
+    is and until when: hpcmove never stores a key, passphrase or password."""
+
+    owner = pw.CharField(index=True)
+    host = pw.CharField()  # [user@]host as the user wrote it
+    node = pw.CharField(default="")  # the node holding the socket ('' = where it was opened)
+    path = PathField()
+    opened = pw.DoubleField(default=time.time)
+    expires = pw.DoubleField()
+    closed = pw.BooleanField(default=False)
+
+
 class SchemaVersion(BaseModel):
     version = pw.IntegerField()
 
 
-MODELS = (Job, File, Slice, Event, SchemaVersion)
+MODELS = (Job, File, Slice, Event, ControlSocket, SchemaVersion)
 
 
 def sqlite_path(url):
@@ -182,9 +195,14 @@ def _m3_slice_skipped(db):
                                                         pw.BooleanField(default=False)))
 
 
+def _m4_control_sockets(db):
+    """4: control sockets of `hpcmove socket open`, for remote (SSH) transfers."""
+    db.create_tables([ControlSocket], safe=True)
+
+
 # Numbered migrations: MIGRATIONS[i] upgrades schema version i + 1 to i + 2. Each runs
 # in the same transaction as the version row it adds, so an upgrade is all or nothing.
-MIGRATIONS = [_m2_slice_job_state_index, _m3_slice_skipped]
+MIGRATIONS = [_m2_slice_job_state_index, _m3_slice_skipped, _m4_control_sockets]
 
 
 def is_sqlite(db):
@@ -299,6 +317,45 @@ def bulk_insert(model, fields, rows):
     cursor = database.cursor()
     for batch in pw.chunked(rows, 10_000):
         cursor.executemany(sql, batch)
+
+
+def bulk_update(model, fields, rows):
+    """UPDATE many rows by id with one prepared statement (executemany); rows are tuples
+    of the `fields` values followed by the row's id. For per-row values that peewee would
+    otherwise send as one query each (finalize's checksums of 20,000 files)."""
+    database = proxy.obj
+    open_q, close_q = database.quote
+    sets = ", ".join(f"{open_q}{model._meta.fields[f].column_name}{close_q} = {database.param}"
+                     for f in fields)
+    sql = (f"UPDATE {open_q}{model._meta.table_name}{close_q} SET {sets} "
+           f"WHERE {open_q}id{close_q} = {database.param}")
+    cursor = database.cursor()
+    for batch in pw.chunked(rows, 10_000):
+        cursor.executemany(sql, batch)
+
+
+def record_results(host, results):
+    """Write slice results (worker.Recorder's dicts) with one prepared UPDATE per target
+    state through executemany; each row changes only where the transition table allows.
+    One peewee query per slice cost ~0.3 ms, most of a 20,000-file task's recording."""
+    database = proxy.obj
+    open_q, close_q = database.quote
+    by_state = {}
+    for r in results:
+        by_state.setdefault(r["state"], []).append(
+            (r["state"], host, r["seconds"], r["attempts"], r["src"], r["dst"], r["reason"],
+             r.get("skipped", False), r["slice"]))
+    cursor = database.cursor()
+    table = f"{open_q}{Slice._meta.table_name}{close_q}"
+    for state, rows in by_state.items():
+        sources = states.sources_of("slice", state)
+        if not sources:
+            continue
+        p = database.param
+        sql = (f"UPDATE {table} SET state = {p}, host = {p}, seconds = {p}, "
+               f"attempts = attempts + {p}, src_digest = {p}, dst_digest = {p}, reason = {p}, "
+               f"skipped = {p} WHERE id = {p} AND state IN ({', '.join([p] * len(sources))})")
+        cursor.executemany(sql, [row + tuple(sources) for row in rows])
 
 
 def insert_plan(job, plan):

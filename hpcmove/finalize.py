@@ -14,7 +14,7 @@ import sys
 
 import xxhash
 
-from . import db, notify, plugins, recover, states
+from . import db, notify, plugins, profiling, recover, remote, states
 from .plan import DIR, FILE, HARDLINK, SYMLINK
 
 
@@ -22,6 +22,9 @@ def file_checksum(slices):
     """Whole-file checksum from the verified slice digests: a single slice is the plain
     xxh3-128 of the data (what `xxhsum -H2` prints); more are hashed as a list."""
     digests = [s.dst_digest for s in sorted(slices, key=lambda s: s.index)]
+    if digests[0].startswith("cksum:"):  # from a remote host without xxhsum
+        return digests[0] if len(digests) == 1 else \
+            "cksum-list:" + xxhash.xxh3_128(" ".join(digests).encode()).hexdigest()
     if len(digests) == 1:
         return "xxh3_128:" + digests[0]
     tree = xxhash.xxh3_128(b"".join(bytes.fromhex(d) for d in digests)).hexdigest()
@@ -40,25 +43,39 @@ def task_reason(s, tasks):
             f"ended {state}{where}")
 
 
-def source_problem(f):
-    try:
-        st = os.lstat(f.src)
-    except OSError as e:
-        return f"source vanished during transfer: {_name(f.src)} ({e.strerror})"
-    if f.kind == FILE and (st.st_size != f.size or st.st_mtime_ns != f.mtime_ns):
+def source_problem(f, remote_stats=None):
+    """Why a source is no longer what was copied; None when it is. `remote_stats` holds
+    {file id: (size, mtime_ns) or None} for sources on a remote host."""
+    if remote_stats is not None:
+        st = remote_stats.get(f.id)
+        if st is None:
+            return f"source vanished during transfer: {_name(f.src)}"
+        size, mtime = st
+    else:
+        try:
+            st = os.lstat(f.src)
+        except OSError as e:
+            return f"source vanished during transfer: {_name(f.src)} ({e.strerror})"
+        size, mtime = st.st_size, st.st_mtime_ns
+    if f.kind == FILE and (size != f.size or mtime != f.mtime_ns):
         return f"source changed during transfer: {_name(f.src)}"
     return None
 
 
-def check(files, slices_by_file):
-    """({file id: reason} that failed for good, {file id: reason} on hold)."""
-    failed, held = {}, {}
+def check(files, slices_by_file, remote_stats=None):
+    """({file id: reason} that failed for good, {file id: reason} on hold,
+    {file id: reason} waiting for authentication)."""
+    failed, held, auth = {}, {}, {}
     for f in files:
         if f.kind != FILE:
             continue
         slices = slices_by_file.get(f.id, [])
         bad = [s.reason for s in slices if s.state == states.FAILED]
-        source = source_problem(f)
+        if any(s.state == states.AUTH for s in slices):
+            auth[f.id] = f"{_name(f.src)}: " + next(s.reason for s in slices
+                                                    if s.state == states.AUTH)
+            continue
+        source = source_problem(f, remote_stats)
         if source:
             bad.insert(0, source)
         if bad:
@@ -67,7 +84,7 @@ def check(files, slices_by_file):
         hold = [s.reason for s in slices if s.state != states.DONE]
         if hold:
             held[f.id] = f"{_name(f.src)}: " + "; ".join(dict.fromkeys(hold))
-    return failed, held
+    return failed, held, auth
 
 
 def _task_states(job):
@@ -194,6 +211,18 @@ def hold(job, files, held):
                                               f"fix the cause, then: hpcmove retry {job.label}")
 
 
+def auth_required(job, files, auth):
+    """The control socket is gone: files wait (spools kept, local and remote) for
+    `hpcmove auth JOB`, which resumes only the slices not Done."""
+    with db.atomic():
+        for f in files:
+            if f.id in auth:
+                db.bulk_state(db.File, "file", db.File.id == f.id, states.AUTH, reason=auth[f.id])
+    db.set_job_state(job, states.AUTH, reason=f"auth-required: {len(auth)} files wait for the "
+                                              f"control socket; open it again with: "
+                                              f"hpcmove auth {job.label}")
+
+
 def fail(job, files, problems):
     failed = [f for f in files if f.id in problems]
     with db.atomic():
@@ -210,10 +239,9 @@ def fail(job, files, problems):
 
 def finish(job, files, slices_by_file):
     with db.atomic():
-        for f in files:
-            checksum = file_checksum(slices_by_file[f.id]) if f.kind == FILE else ""
-            db.File.update(state=states.DONE, reason="", checksum=checksum).where(
-                db.File.id == f.id).execute()
+        db.bulk_update(db.File, ("state", "reason", "checksum"), (
+            (states.DONE, "", file_checksum(slices_by_file[f.id]) if f.kind == FILE else "",
+             f.id) for f in files))
     db.set_job_state(job, states.DONE)
 
 
@@ -221,8 +249,9 @@ def run(path):
     db.connect()
     job = db.Job.get(db.Job.jobdir == path)
     files = list(job.files.order_by(db.File.index))
+    far = remote.of_job(job)  # the remote side of a push or pull, or None
     if job.state in (states.CANCELLING, states.CANCELLED):
-        remove_spools(files)
+        _remove_spools(far, files)
         return 1
     slices_by_file = {}
     for s in db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.index):
@@ -231,31 +260,56 @@ def run(path):
     if any(s.state != states.DONE for ss in slices_by_file.values() for s in ss):
         tasks = _task_states(job)
     recover.run(job, files, slices_by_file, lambda s: task_reason(s, tasks))
-    problems, held = check(files, slices_by_file)
+    try:
+        remote_stats = far.source_stats(files) if far and far.side == "src" else None
+        problems, held, auth = check(files, slices_by_file, remote_stats)
+        if not problems and not auth and not held and far and far.side == "dst":
+            problems = far.place(files, far.python)  # all or nothing, on the remote host
+    except remote.AuthRequired as e:  # the socket went away while finalize needed it
+        problems, held = {}, {}
+        auth = {f.id: f"{_name(f.src)}: {e}" for f in files if f.kind == FILE}
+    if not problems and auth:
+        auth_required(job, files, auth)
+        notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
+        return 1
     if not problems and held:
         hold(job, files, held)
         return 1
-    if not problems:
-        problems = conflicts(files)
-    if not problems:
-        try:
-            place(files, job.move, fill_skipped(files, slices_by_file))
-        except OSError as e:
-            # os.rename names the spool path first and the destination second
-            target = os.fsencode(e.filename2 or e.filename or b"")
-            bad = next((f for f in files if target in (f.dst, f.src)), files[0])
-            problems = {bad.id: f"{_name(bad.dst)}: cannot place: {e.strerror or e}"}
+    if not problems and (not far or far.side == "src"):
+        problems = _place_here(files, job, slices_by_file)
     if problems:
-        remove_spools(files)
+        _remove_spools(far, files)
         fail(job, files, problems)
         notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
         return 1
     finish(job, files, slices_by_file)
     if job.move:
         remove_sources(files)
-    remove_spools(files)
+    _remove_spools(far, files)
     notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
     return 0
+
+
+def _place_here(files, job, slices_by_file):
+    """Place on this host; {file id: reason} of what stopped it (nothing placed then)."""
+    problems = conflicts(files)
+    if problems:
+        return problems
+    try:
+        place(files, job.move, fill_skipped(files, slices_by_file))
+    except OSError as e:
+        # os.rename names the spool path first and the destination second
+        target = os.fsencode(e.filename2 or e.filename or b"")
+        bad = next((f for f in files if target in (f.dst, f.src)), files[0])
+        return {bad.id: f"{_name(bad.dst)}: cannot place: {e.strerror or e}"}
+    return {}
+
+
+def _remove_spools(far, files):
+    if far and far.side == "dst":
+        far.remove_spools(files)
+    else:
+        remove_spools(files)
 
 
 def main(argv=None):
@@ -263,7 +317,7 @@ def main(argv=None):
     if len(argv) != 1:
         print("usage: python -m hpcmove.finalize JOBDIR", file=sys.stderr)
         return 2
-    return run(os.fsencode(argv[0]))
+    return profiling.run("finalize", run, os.fsencode(argv[0]))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 from peewee import fn
 
-from . import db, jobdir, plugins, policy, render, states
+from . import db, jobdir, plugins, policy, remote, render, ssh, states
 from .backends import ACTIVE, Backend, SubmitSpec, parse_batch_ids
 from .backends import slurm as slurm_backend
 from .errors import HpcmoveError, JobNotFound, PlanError, UsageError
@@ -49,9 +49,13 @@ class SubmitOptions:
     size_table: tuple = ()  # ((min_size, slice_size), ...) when the size is the site's
     template_dirs: tuple = ()  # user then site override directories
     move: bool = False
+    socket: str = ""  # -S/--socket: the control socket for a remote host
+    remote: dict = None  # {host, socket, side, sum, node} for a push or pull
+    streams: int = 2  # concurrent slice streams per task (remote transfers)
+    then: str = ""  # --then: a batch script to start once the job is Done (afterok)
 
     @classmethod
-    def from_policy(cls, eff, dependency="", move=False):
+    def from_policy(cls, eff, dependency="", move=False, then=""):
         """Options from effective settings; the site's size table applies where the slice
         size was not chosen by the user."""
         user_chose = not eff.values["slice_size"].source.startswith(("built-in", "site"))
@@ -67,7 +71,8 @@ class SubmitOptions:
                    retry_backoff=eff["retry_backoff"], rate=eff["rate"], size_table=table,
                    small_file_threshold=eff["small_file_threshold"],
                    bwlimit_per_user=eff.site.limits.get("max_bwlimit_per_user", 0),
-                   template_dirs=template_dirs(eff.site), move=move)
+                   template_dirs=template_dirs(eff.site), move=move,
+                   then=os.path.abspath(then) if then else "")
 
 
 def template_dirs(site, env=os.environ):
@@ -131,12 +136,15 @@ def read_copyjob(path):
     return pairs
 
 
-def check_paths(site, pairs):
-    """The site's allowed roots, for every source and destination, before anything runs."""
+def check_paths(site, pairs, local_src=True, local_dst=True):
+    """The site's allowed roots, for every local source and destination, before anything
+    runs (a remote side is checked against remote.allowed_hosts instead)."""
     for src, dst in pairs:
-        policy.check_path(site, src, "source")
-        parent = os.path.dirname(os.path.abspath(os.fsencode(dst).rstrip(b"/") or b"/"))
-        policy.check_path(site, dst if os.path.lexists(dst) else parent, "destination")
+        if local_src:
+            policy.check_path(site, src, "source")
+        if local_dst:
+            parent = os.path.dirname(os.path.abspath(os.fsencode(dst).rstrip(b"/") or b"/"))
+            policy.check_path(site, dst if os.path.lexists(dst) else parent, "destination")
 
 
 def max_task_bytes(backend, options):
@@ -155,9 +163,14 @@ def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
     """Check against the site policy, plan, record and submit a job. With dry_run: plan
     and render only; nothing is written, recorded or submitted."""
     site = site or policy.Site()
-    pairs = pairs or resolve_pairs(sources, dest)
-    check_paths(site, pairs)
+    tree = remote_dst = None
+    if pairs is None:
+        pairs, tree, remote_dst, options = _endpoints(sources, dest, options, site)
+    check_paths(site, pairs, local_src=not options.remote or options.remote["side"] == "dst",
+                local_dst=not options.remote or options.remote["side"] == "src")
     backend = choose_backend(options.backend)
+    if options.then and type(plugins.backend(backend)).submit_after is Backend.submit_after:
+        plugins.backend(backend).submit_after(options.then, "")  # its refusal, before anything
     width = options.stripe_width or default_stripe_width(backend)
     if options.width_cap:
         width = min(width, options.width_cap)
@@ -169,19 +182,82 @@ def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
                            max_task_bytes=max_task_bytes(backend, options),
                            size_table=options.size_table,
                            small_file_threshold=options.small_file_threshold)
-    the_plan = plan_pairs(pairs, plan_options, token)
+    the_plan = plan_pairs(pairs, plan_options, token, tree=tree, remote_dst=remote_dst)
     if dry_run:
         settings = _script_settings(options, "hm-DRYRUN", b"JOBDIR", db.default_url())
         return Submission(None, the_plan, render.render(settings, the_plan.n_tasks, width,
                                                         options.template_dirs))
-    _make_spools(the_plan)
+    far = remote.Far(**{k: options.remote[k] for k in ("host", "socket", "side")}) \
+        if options.remote else None
+    if far and far.side == "dst":
+        far.make_spools(the_plan.spools)
+    else:
+        _make_spools(the_plan)
     try:
         db.connect()
         return _record_and_submit(the_plan, options, backend, width)
     except BaseException:
-        for spool in the_plan.spools:
-            shutil.rmtree(spool, ignore_errors=True)
+        if far and far.side == "dst":
+            far.remove_spools(the_plan.entries)
+        else:
+            for spool in the_plan.spools:
+                shutil.rmtree(spool, ignore_errors=True)
         raise
+
+
+def _endpoints(sources, dest, options, site):
+    """Local (src, dst) pairs as cp would make them; or, when one side is `[user@]host:
+    path`, the pairs, the remote source tree (pull) or the remote "is a directory" test
+    (push), and options that carry the remote side (socket, node, checksum program)
+    to the tasks. Returns (pairs, tree, remote_dst, options)."""
+    srcs, dst = [remote.parse(s) for s in sources], remote.parse(dest)
+    hosts = sorted({e.host for e in srcs if e.remote})
+    if not hosts and not dst.remote:
+        return resolve_pairs(sources, dest), None, None, options
+    if hosts and dst.remote:
+        raise UsageError("source and destination are both remote: one side must be local")
+    if len(hosts) > 1 or (hosts and not all(e.remote for e in srcs)):
+        raise UsageError("sources must all be local, or all on one remote host")
+    host = dst.host or hosts[0]
+    policy.check_host(site, host)
+    for flag, on in (("--move", options.move), ("--skip-existing", options.skip_existing)):
+        if on:
+            raise UsageError(f"{flag} is not available with a remote host yet")
+    db.connect()
+    socket, node = ssh.choose(host, options.socket)
+    far = remote.Remote(host, os.fsencode(socket))
+    side = "dst" if dst.remote else "src"
+    found = far.probe()
+    settings = {"host": host, "socket": socket, "side": side, "node": node,
+                "sum": os.environ.get("HPCMOVE_REMOTE_SUM") or found["sum"],
+                "python": found["python"] and not os.environ.get("HPCMOVE_REMOTE_NO_PYTHON")}
+    options = replace(options, remote=settings, engine="ssh")
+    if side == "src":
+        home = os.fsencode(found["home"])
+        paths = [e.path if e.path.startswith(b"/") else os.path.join(home, e.path)
+                 for e in srcs]
+        tree = remote.RemoteTree.listing(far, paths)
+        srcs = [remote.Endpoint(host, p) for p in paths]
+        local = os.path.abspath(os.fsencode(dest))
+        if os.fsencode(dest).endswith(b"/"):
+            local += b"/"
+        return resolve_pairs([e.path for e in srcs], local, src_isdir=tree.isdir), tree, \
+            None, options
+    known = {}
+
+    def is_dir(path):
+        if path not in known:
+            known[path] = far.is_dir(path)
+        return known[path]
+
+    local = [os.path.abspath(e.path) + (b"/" if e.path.endswith(b"/") else b"") for e in srcs]
+    pairs = resolve_pairs(local, dst.path, dst_isdir=is_dir)
+    for _src, target in pairs:
+        parent = os.path.dirname(target.rstrip(b"/")) or b"."
+        if not is_dir(parent):
+            raise PlanError(f"destination directory does not exist on {host}: "
+                            f"{os.fsdecode(parent)}")
+    return pairs, None, is_dir, options
 
 
 def _make_spools(the_plan):
@@ -198,10 +274,20 @@ def _make_spools(the_plan):
 
 
 def _script_settings(options, label, path, url):
+    # a remote transfer runs where its control socket is (sockets are node-local)
+    node = (options.remote or {}).get("node", "")
     return render.ScriptSettings(label=label, jobdir=path, db_url=url, python=sys.executable,
                                  partition=options.partition, account=options.account,
                                  qos=options.qos, time=options.time,
-                                 finalize_partition=options.finalize_partition)
+                                 finalize_partition=options.finalize_partition,
+                                 extra=[f"--nodelist={node}"] if node else [],
+                                 mail_types=_mail_types(options.mail_type),
+                                 mail_user=options.mail_user)
+
+
+def _mail_types(text):
+    from .notify import parse_mail_types  # notify imports report, which imports this module
+    return tuple(sorted(parse_mail_types(text)))
 
 
 def _record_and_submit(the_plan, options, backend, width):
@@ -240,7 +326,28 @@ def _submit_chain(job, options, n_tasks, width):
     db.Job.update(array_id=submitted.array_id, final_id=submitted.final_id).where(
         db.Job.id == job.id).execute()
     db.event(job.id, "submit", f"array {submitted.array_id}, final {submitted.final_id}")
+    if options.then:
+        _submit_then(job, options.then, submitted.final_id)
     return db.Job.get_by_id(job.id), scripts
+
+
+def _submit_then(job, script, final_id):
+    """--then: the next step, held by the batch system until the final job succeeded.
+    A refusal here leaves the transfer running (its data is wanted either way)."""
+    try:
+        then_id = plugins.backend(job.backend).submit_after(script, final_id)
+    except HpcmoveError as e:
+        db.event(job.id, "then-failed", f"{script}: {e}")
+        raise HpcmoveError(f"{job.label} was submitted (final {final_id}), but --then "
+                           f"{script} was not: {e}") from e
+    db.event(job.id, "then", f"{then_id} {script}")
+
+
+def then_id(job):
+    """The batch id of the job's --then script (the latest submitted), or None."""
+    event = (db.Event.select().where(db.Event.job == job.id, db.Event.kind == "then")
+             .order_by(db.Event.id.desc()).first())
+    return event.message.split(" ", 1)[0] if event else None
 
 
 def _to_pending(job):
@@ -253,7 +360,7 @@ def _to_pending(job):
 def retry(job):
     """Resubmit a job on Hold: only its slices not Done, as a new chain (new array, new
     final job). Done slices are never copied again; the spool kept them."""
-    if job.state != states.HOLD:
+    if job.state not in (states.HOLD, states.AUTH):
         raise UsageError(f"{job.label} is {job.state}; only a job on Hold can be retried")
     todo = list(db.Slice.select(db.Slice, db.File).join(db.File)
                 .where(db.Slice.job == job.id, db.Slice.state != states.DONE))
@@ -278,6 +385,18 @@ def retry(job):
                                if k in SubmitOptions.__dataclass_fields__})
     options.dependency = ""
     return _submit_chain(job, options, n_tasks, job.stripe_width)
+
+
+def auth(job, socket, node):
+    """A job waiting in AuthRequired, with a live control socket again: record the new
+    socket (and its node) and resubmit only the slices not Done."""
+    if job.state != states.AUTH:
+        raise UsageError(f"{job.label} is {job.state}; only an AuthRequired job needs auth")
+    options = json.loads(job.options)
+    options["remote"].update(socket=socket, node=node)
+    db.Job.update(options=json.dumps(options)).where(db.Job.id == job.id).execute()
+    db.event(job.id, "auth", f"control socket {socket} on {node or 'this host'}")
+    return retry(db.Job.get_by_id(job.id))
 
 
 PAUSED = "paused by the user: hpcmove resume {label}"
@@ -363,6 +482,10 @@ def find(ident):
                 return job
         raise JobNotFound(f"no job {text}")
     job = db.Job.select().where(db.Job.final_id == text).order_by(db.Job.id.desc()).first()
+    if job is None:  # the final id of an earlier chain (before retry or auth)
+        event = db.Event.select().where(db.Event.kind == "retry",
+                                        db.Event.message.endswith(f" -> {text}")).first()
+        job = db.Job.get_by_id(event.job_id) if event else None
     if job is None and text.isdigit():
         job = db.Job.get_or_none(db.Job.id == int(text))
     if job is None:
@@ -373,8 +496,7 @@ def find(ident):
 def refresh(jobs):
     """Reconcile unfinished jobs with the batch system: one poll per backend. A job whose
     final batch job has ended without recording a result is marked Failed."""
-    open_jobs = [j for j in jobs if j.state not in states.JOB_TERMINAL and j.state != states.HOLD
-                 and j.final_id]
+    open_jobs = [j for j in jobs if j.state not in states.JOB_SETTLED and j.final_id]
     by_backend = {}
     for j in open_jobs:
         by_backend.setdefault(j.backend, []).append(j)
@@ -385,9 +507,8 @@ def refresh(jobs):
             if state in ACTIVE:
                 continue
             current = db.Job.get_by_id(j.id)
-            if current.state in states.JOB_TERMINAL or current.state in (
-                    states.CANCELLING, states.HOLD):  # Hold: finalize recorded it, on purpose
-                continue
+            if current.state in states.JOB_SETTLED or current.state == states.CANCELLING:
+                continue  # Hold, AuthRequired: finalize recorded it, on purpose
             db.set_job_state(current, states.FAILED,
                              reason=f"final batch job {j.final_id} ended {state} "
                                     "without recording a result")
@@ -425,6 +546,7 @@ def summary(job):
 def status_dict(job):
     """The full status: summary plus every file with its slices."""
     out = summary(job)
+    out["then_slurm_id"] = then_id(job)
     slices = {}
     for s in db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.index):
         slices.setdefault(s.file_id, []).append(
@@ -452,8 +574,12 @@ def cancel(job, timeout=120.0):
             raise HpcmoveError(f"{job.label}: batch jobs {', '.join(ids)} still running "
                                f"{timeout:.0f} s after cancel; state left Cancelling")
     files = list(job.files)
-    for spool in {f.spool for f in files}:
-        shutil.rmtree(spool, ignore_errors=True)
+    far = remote.of_job(job)
+    if far and far.side == "dst":
+        far.remove_spools(files)  # the remote spool, while the socket is there to do it
+    else:
+        for spool in {f.spool for f in files}:
+            shutil.rmtree(spool, ignore_errors=True)
     with db.atomic():
         db.bulk_state(db.Slice, "slice", db.Slice.job == job.id, states.CANCELLED)
         db.bulk_state(db.File, "file", db.File.job == job.id, states.CANCELLED)

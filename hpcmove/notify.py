@@ -48,6 +48,8 @@ def wanted(types, event):
 
 
 def event_for(job):
+    if job.state == states.AUTH:
+        return AUTH
     return FAIL if job.state == states.FAILED else END
 
 
@@ -153,6 +155,14 @@ def job_ended(job, stream=None):
 
 
 def job_began(job):
-    """The hook for the array task that moved the job to Active: mail BEGIN."""
+    """The hook for the array task that moved the job to Active: mail BEGIN, once per
+    job. A job that retry or resume makes Active again began long before: no mail."""
     job_id = getattr(job, "id", job)
-    _never_raise(job_id, "mail", lambda: notify(db.Job.get_by_id(job_id), BEGIN))
+
+    def begin():
+        if db.Event.select().where(db.Event.job == job_id, db.Event.kind == "began").exists():
+            return
+        db.event(job_id, "began", "the first transfer task started")
+        notify(db.Job.get_by_id(job_id), BEGIN)
+
+    _never_raise(job_id, "mail", begin)

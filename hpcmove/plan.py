@@ -85,20 +85,22 @@ def spool_dir(parent, token):
     return os.path.join(parent, b".hpcmove-" + token.encode() + b".spool")
 
 
-def resolve_pairs(sources, dst):
+def resolve_pairs(sources, dst, dst_isdir=os.path.isdir, src_isdir=os.path.isdir):
     """Like cp/rsync: DST is a directory to copy into when it exists as one, ends in '/',
     or there are several sources; otherwise it is the new name. A source ending in '/'
-    that is a directory puts its contents, not itself, into the target (rsync's rule)."""
+    that is a directory puts its contents, not itself, into the target (rsync's rule).
+    `dst_isdir`/`src_isdir` answer for the side that is remote."""
     sources = [os.fsencode(s) for s in sources]
     dst = os.fsencode(dst)
     if not sources:
         raise PlanError("no source given")
-    into = len(sources) > 1 or dst.endswith(b"/") or os.path.isdir(dst)
-    if len(sources) > 1 and not os.path.isdir(dst):
+    dst_is_dir = dst_isdir(dst)
+    into = len(sources) > 1 or dst.endswith(b"/") or dst_is_dir
+    if len(sources) > 1 and not dst_is_dir:
         raise PlanError(f"destination is not a directory: {os.fsdecode(dst)}")
     pairs = []
     for src in sources:
-        if into and src.endswith(b"/") and os.path.isdir(src):
+        if into and src.endswith(b"/") and src_isdir(src):
             pairs.append((src, dst))
         elif into:
             pairs.append((src, os.path.join(dst, os.path.basename(src.rstrip(b"/")))))
@@ -123,11 +125,28 @@ def _check_pair(src, dst):
     return parent
 
 
+class LocalTree:
+    """The source file system as the planner reads it: lstat, readlink, sorted children."""
+
+    lstat = staticmethod(os.lstat)
+    readlink = staticmethod(os.readlink)
+    isdir = staticmethod(os.path.isdir)
+
+    @staticmethod
+    def children(path):
+        try:
+            with os.scandir(path) as it:
+                found = sorted(it, key=lambda d: d.name)
+            return [(d.name, d.path, d.stat(follow_symlinks=False)) for d in found]
+        except OSError as e:
+            raise PlanError(f"cannot read directory {os.fsdecode(path)}: {e.strerror}") from e
+
+
 class _Walker:
     """Turns source paths into entries, remembering hard links across the whole plan."""
 
-    def __init__(self, plan):
-        self.plan = plan
+    def __init__(self, plan, tree):
+        self.plan, self.tree = plan, tree
         self.inodes = {}
 
     def add(self, kind, src, dst, spool, st, **extra):
@@ -139,7 +158,7 @@ class _Walker:
     def visit(self, src, dst, spool, st):
         mode = st.st_mode
         if stat.S_ISLNK(mode):
-            self.add(SYMLINK, src, dst, spool, st, link_target=os.readlink(src))
+            self.add(SYMLINK, src, dst, spool, st, link_target=self.tree.readlink(src))
         elif stat.S_ISREG(mode):
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in self.inodes:
@@ -155,14 +174,8 @@ class _Walker:
             self.plan.warnings.append(f"skipping special file {os.fsdecode(src)}")
 
     def walk(self, src, dst, spool):
-        try:
-            with os.scandir(src) as it:
-                children = sorted(it, key=lambda d: d.name)
-        except OSError as e:
-            raise PlanError(f"cannot read directory {os.fsdecode(src)}: {e.strerror}") from e
-        for child in children:
-            self.visit(child.path, os.path.join(dst, child.name), spool,
-                       child.stat(follow_symlinks=False))
+        for name, path, st in self.tree.children(src):
+            self.visit(path, os.path.join(dst, name), spool, st)
 
 
 def cut(entry, slice_size):
@@ -194,17 +207,28 @@ def plan(sources, dst, options, token):
     return plan_pairs(resolve_pairs(sources, dst), options, token)
 
 
-def plan_pairs(pairs, options, token):
-    """The whole plan for explicit (src, dst) pairs, as a copyjob file gives them."""
+def plan_pairs(pairs, options, token, tree=None, remote_dst=None):
+    """The whole plan for explicit (src, dst) pairs, as a copyjob file gives them.
+    `tree` reads the sources (LocalTree, or a remote host's listing). `remote_dst`, when
+    the destination is on another host, answers "is this a directory there?"; that host
+    was checked before planning and is not looked at here."""
     if options.slice_size <= 0 or options.stripe_width <= 0:
         raise PlanError("slice size and stripe width must be positive")
+    tree = tree or LocalTree
     result = Plan(token=token)
-    walker = _Walker(result)
+    walker = _Walker(result, tree)
     for src, dst in pairs:
         src, dst = os.fsencode(src), os.fsencode(dst)
-        parent = _check_pair(src, dst)
-        st = os.lstat(src)
-        if stat.S_ISDIR(st.st_mode) and src.endswith(b"/") and os.path.isdir(dst):
+        if tree is LocalTree and not remote_dst:
+            parent = _check_pair(src, dst)
+        else:
+            parent = _parent(dst) if remote_dst else _check_dst_parent(dst)
+        try:
+            st = tree.lstat(src)
+        except OSError as e:
+            raise PlanError(f"cannot read source {os.fsdecode(src)}: {e.strerror}") from e
+        dst_isdir = remote_dst or os.path.isdir
+        if stat.S_ISDIR(st.st_mode) and src.endswith(b"/") and dst_isdir(dst):
             # rsync's trailing slash: the contents go into an existing dst, which keeps
             # its own entry so its mode and mtime follow the source's.
             walker.add(DIR, src, dst, spool_dir(dst, token), st)
@@ -218,3 +242,14 @@ def plan_pairs(pairs, options, token):
     result.n_tasks = pack(result.slices, options.stripe_width, options.max_task_bytes)
     result.slices.sort(key=lambda s: (s.task, s.entry, s.index))
     return result
+
+
+def _parent(dst):
+    return os.path.dirname(dst.rstrip(b"/")) or b"."
+
+
+def _check_dst_parent(dst):
+    parent = os.path.dirname(os.path.abspath(dst.rstrip(b"/") or b"/"))
+    if not os.path.isdir(parent):
+        raise PlanError(f"destination directory does not exist: {os.fsdecode(parent)}")
+    return parent

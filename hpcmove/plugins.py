@@ -48,5 +48,12 @@ def engine(name):
     return load("engine", name)()
 
 
+def make_engine(options):
+    """The transfer engine for a job's recorded options (a dict)."""
+    cls = load("engine", options.get("engine") or "copy")
+    return cls.from_options(options) if hasattr(cls, "from_options") else \
+        cls(bwlimit=options.get("bwlimit", 0))
+
+
 def backend(name):
     return load("backend", name)()

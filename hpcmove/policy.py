@@ -68,7 +68,7 @@ class Key:
 
 
 KEYS = {k.name: k for k in [
-    Key("backend", _choice("", "slurm", "local", "drmaa"), "", "batch backend ('' = Slurm if sbatch answers)"),
+    Key("backend", _choice("", "slurm", "local", "drmaa", "pyslurm"), "", "batch backend ('' = Slurm if sbatch answers)"),
     Key("partition", _str, "", "partition of the transfer array"),
     Key("finalize_partition", _str, "", "partition of the finalize job ('' = partition)"),
     Key("account", _str, "", "account for both jobs"),

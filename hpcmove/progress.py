@@ -17,7 +17,7 @@ from . import db, jobs, states
 from .units import human
 
 # Watching stops here: ended, or on Hold, which waits for a person (e.g. `hpcmove retry`).
-SETTLED = states.JOB_TERMINAL | {states.HOLD}
+SETTLED = states.JOB_SETTLED
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@
 2. Retries: slices left Wait (transient errors, mismatches), or still Pending/Active
    because their array task died (killed, node lost, time limit), are copied again here,
    with backoff, until their attempts reach the policy's count.
+   Slices left AuthRequired (the control socket to a remote host is gone) stay so:
+   copying them needs the socket a person must open again (`hpcmove auth`).
 3. What still fails goes to Hold (a person must look; `hpcmove retry` resumes it);
    what cannot succeed by retrying (permission, missing or changed source, no space)
    stays Failed.
@@ -18,6 +20,7 @@ import os
 import socket
 
 from . import db, plugins, states, worker
+from .errors import TransferError
 
 LEFT_OVER = (states.SUBMITTED, states.PENDING, states.ACTIVE, states.WAIT)
 
@@ -36,18 +39,24 @@ def _set(s, state, **fields):
     s.state = state
 
 
-def check_integrity(engine, f, s):
-    """Done slice whose data (in the spool, or at the destination for a slice that was
-    already there) no longer matches its source digest -> Wait, to be copied."""
-    where = f.dst if s.skipped else os.path.join(f.spool, b"%d" % f.index)
+def check_integrity(engine, files, slices_by_file):
+    """Done slices whose data (in the spool, or at the destination for a slice that was
+    already there) no longer matches their source digest -> Wait, to be copied. One
+    call to the engine for the whole job (one remote session for SSH)."""
+    done = [(f, s) for f in files for s in slices_by_file.get(f.id, [])
+            if s.state == states.DONE]
     try:
-        now = engine.digest(where, s.offset, s.length)
-    except Exception as e:  # unreadable spool: send it again
-        now = f"unreadable ({e})"
-    if now != s.src_digest:
-        _set(s, states.WAIT, reason=f"destination slice at offset {s.offset} changed after "
-                                    "it was verified", dst_digest=now[:64], skipped=False)
-        db.event(f.job_id, "integrity", f"{os.fsdecode(f.dst)}: slice {s.index} re-sent")
+        now = engine.digests([(f.dst if s.skipped else os.path.join(f.spool, b"%d" % f.index),
+                               s.offset, s.length, f.size) for f, s in done])
+    except TransferError as e:
+        if not getattr(e, "auth", False):
+            raise
+        return  # the remote spool cannot be read without its socket: checked after `auth`
+    for (f, s), digest in zip(done, now):
+        if digest != s.src_digest:
+            _set(s, states.WAIT, reason=f"destination slice at offset {s.offset} changed after "
+                                        "it was verified", dst_digest=digest[:64], skipped=False)
+            db.event(f.job_id, "integrity", f"{os.fsdecode(f.dst)}: slice {s.index} re-sent")
 
 
 def retry(engine, f, s, retries, backoff, why_left):
@@ -74,13 +83,10 @@ def run(job, files, slices_by_file, task_reason):
     options = json.loads(job.options or "{}")
     retries = options.get("retries", worker.RETRIES)
     backoff = options.get("retry_backoff", 1)
-    engine = plugins.load("engine", options.get("engine", "copy"))(
-        bwlimit=options.get("bwlimit", 0))
+    engine = plugins.make_engine(options)
+    check_integrity(engine, files, slices_by_file)
     for f in files:
         slices = slices_by_file.get(f.id, [])
-        for s in slices:
-            if s.state == states.DONE:
-                check_integrity(engine, f, s)
         if any(s.state == states.FAILED for s in slices):
             continue  # the file cannot be placed; copying its other slices is wasted
         for s in slices:

@@ -17,6 +17,12 @@ from .errors import UsageError
 # What may stand in an #SBATCH value: Slurm names, times, lists, dependency specs.
 _SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_.:,@+=%/\[\]-]+$")
 
+# hpcmove's mail events that Slurm mails alike, by the batch job that carries them: an
+# array mails once as a whole, BEGIN when its first task starts, which is when the
+# hpcmove job begins; the final job ends, or fails, when the hpcmove job does. AUTH
+# is hpcmove's own and never passed on.
+SLURM_MAIL = {"transfer": ("BEGIN",), "finalize": ("END", "FAIL")}
+
 
 def shquote(value):
     """Quote one value for bash. Bytes paths keep non-UTF-8 bytes (surrogateescape)."""
@@ -64,11 +70,18 @@ class ScriptSettings:
     time: str = ""
     finalize_partition: str = ""
     extra: list = field(default_factory=list)  # further "--opt=value" strings
+    mail_types: tuple = ()  # hpcmove's events (notify.parse_mail_types), for Slurm's mail
+    mail_user: str = ""
 
 
-def sbatch_options(settings, partition):
+def sbatch_options(settings, partition, role=""):
+    """The #SBATCH options of one batch job; `role` ('transfer', 'finalize') picks the
+    mail events Slurm sends for it (SLURM_MAIL)."""
     pairs = [("partition", partition), ("account", settings.account),
              ("qos", settings.qos), ("time", settings.time)]
+    mail = [t for t in SLURM_MAIL.get(role, ()) if t in settings.mail_types]
+    if mail:
+        pairs += [("mail-type", ",".join(mail)), ("mail-user", settings.mail_user)]
     options = [f"--{k}={sbatch_value(v)}" for k, v in pairs if v]
     return options + [sbatch_value(x) for x in settings.extra]
 
@@ -84,7 +97,7 @@ def render(settings, n_tasks, stripe_width, search_path=()):
         scripts["transfer.sh"] = env.get_template("transfer.sh.j2").render(
             common, purpose="transfer array task", job_name=f"hpcmove-{settings.label}",
             n_tasks=n_tasks, stripe_width=stripe_width,
-            sbatch_options=sbatch_options(settings, settings.partition))
+            sbatch_options=sbatch_options(settings, settings.partition, "transfer"))
         # used only when the backend must feed the array in chunks
         scripts["feed.sh"] = env.get_template("feed.sh.j2").render(
             common, purpose="feeder of the next transfer array chunk",
@@ -93,5 +106,6 @@ def render(settings, n_tasks, stripe_width, search_path=()):
     scripts["finalize.sh"] = env.get_template("finalize.sh.j2").render(
         common, purpose="finalize (verify, rename into place)",
         job_name=f"hpcmove-{settings.label}-final",
-        sbatch_options=sbatch_options(settings, settings.finalize_partition or settings.partition))
+        sbatch_options=sbatch_options(settings, settings.finalize_partition or settings.partition,
+                                      "finalize"))
     return scripts

@@ -10,7 +10,7 @@ hpcmove_admin see and manage every job.
 from . import db
 
 USER_ROLE, ADMIN_ROLE = "hpcmove_user", "hpcmove_admin"
-OWNED = ("job",)  # tables with an owner column
+OWNED = ("job", "controlsocket")  # tables with an owner column
 CHILDREN = ("file", "slice", "event")  # tables whose rows belong to a job
 
 
@@ -28,8 +28,9 @@ def statements():
         sql += [f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY",
                 f"DROP POLICY IF EXISTS hpcmove_owner ON {table}",
                 f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {USER_ROLE}, {ADMIN_ROLE}"]
-    sql.append(f"CREATE POLICY hpcmove_owner ON job USING {_visible_to('session_user')} "
-               f"WITH CHECK {_visible_to('session_user')}")
+    for table in OWNED:
+        sql.append(f"CREATE POLICY hpcmove_owner ON {table} USING "
+                   f"{_visible_to('session_user')} WITH CHECK {_visible_to('session_user')}")
     for table in CHILDREN:
         # the subquery sees only jobs the job policy lets this user see
         sql.append(f"CREATE POLICY hpcmove_owner ON {table} USING (EXISTS (SELECT 1 FROM job "

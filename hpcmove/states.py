@@ -7,16 +7,19 @@ from .errors import IllegalTransition
 # Job states
 SUBMITTED, PENDING, ACTIVE, DONE, FAILED = "Submitted", "Pending", "Active", "Done", "Failed"
 CANCELLING, CANCELLED, HOLD = "Cancelling", "Cancelled", "Hold"
+# ffv's auth- states: the control socket to the remote host is gone; nothing failed, a
+# person must open it again (`hpcmove auth JOB`), then only what is not Done moves.
+AUTH = "AuthRequired"
 # File and slice states beyond the job ones
 WAIT = "Wait"
 
-JOB_STATES = (SUBMITTED, PENDING, ACTIVE, DONE, FAILED, CANCELLING, CANCELLED, HOLD)
-FILE_STATES = (SUBMITTED, PENDING, ACTIVE, DONE, FAILED, WAIT, HOLD, CANCELLED)
+JOB_STATES = (SUBMITTED, PENDING, ACTIVE, DONE, FAILED, CANCELLING, CANCELLED, HOLD, AUTH)
+FILE_STATES = (SUBMITTED, PENDING, ACTIVE, DONE, FAILED, WAIT, HOLD, AUTH, CANCELLED)
 
 JOB_TERMINAL = frozenset({DONE, FAILED, CANCELLED})
 FILE_TERMINAL = frozenset({DONE, FAILED, CANCELLED})
 # Where nothing more happens without a person: `wait` returns on these.
-JOB_SETTLED = JOB_TERMINAL | {HOLD}
+JOB_SETTLED = JOB_TERMINAL | {HOLD, AUTH}
 
 # The reason given to files that were fine but not placed because others failed
 # (all or nothing); reports and metrics tell these apart from real failures.
@@ -24,9 +27,10 @@ NOT_PLACED = "not placed: other files of the job failed"
 
 _JOB = {
     SUBMITTED: {PENDING, FAILED, CANCELLING, CANCELLED},
-    PENDING: {ACTIVE, DONE, FAILED, CANCELLING, HOLD},
-    ACTIVE: {DONE, FAILED, CANCELLING, HOLD},
+    PENDING: {ACTIVE, DONE, FAILED, CANCELLING, HOLD, AUTH},
+    ACTIVE: {DONE, FAILED, CANCELLING, HOLD, AUTH},
     HOLD: {PENDING, FAILED, CANCELLING},
+    AUTH: {PENDING, FAILED, CANCELLING},
     CANCELLING: {CANCELLED},
     DONE: set(),
     FAILED: set(),
@@ -37,9 +41,10 @@ _FILE = {
     SUBMITTED: {PENDING, FAILED, CANCELLED},
     PENDING: {ACTIVE, DONE, FAILED, CANCELLED},
     # Active -> Active: a requeued or re-run task takes the slice up again.
-    ACTIVE: {ACTIVE, DONE, FAILED, WAIT, CANCELLED},
-    WAIT: {PENDING, ACTIVE, HOLD, FAILED, CANCELLED},
+    ACTIVE: {ACTIVE, DONE, FAILED, WAIT, AUTH, CANCELLED},
+    WAIT: {PENDING, ACTIVE, HOLD, AUTH, FAILED, CANCELLED},
     HOLD: {PENDING, FAILED, CANCELLED},
+    AUTH: {PENDING, FAILED, CANCELLED},
     DONE: set(),
     FAILED: set(),
     CANCELLED: set(),
@@ -74,6 +79,8 @@ def job_state_from_files(file_states):
     states = set(file_states)
     if not states or states <= {DONE}:
         return DONE
+    if AUTH in states:
+        return AUTH
     if HOLD in states:
         return HOLD
     if states <= FILE_TERMINAL:

@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 
-from . import db, jobdir, plugins, states
+from . import db, jobdir, notify, plugins, profiling, states
 from .errors import TransferError
 
 RETRIES = 3  # transient I/O errors retried in the task
@@ -31,14 +31,7 @@ class Recorder:
         if not self.pending:
             return
         with db.atomic():
-            for r in self.pending:
-                db.Slice.update(state=r["state"], host=self.host, seconds=r["seconds"],
-                                attempts=db.Slice.attempts + r["attempts"],
-                                src_digest=r["src"], dst_digest=r["dst"], reason=r["reason"],
-                                skipped=r.get("skipped", False)
-                                ).where(db.Slice.id == r["slice"],
-                                        db.Slice.state.in_(states.sources_of("slice", r["state"]))
-                                        ).execute()
+            db.record_results(self.host, self.pending)
         self.pending, self.last = [], time.monotonic()
 
 
@@ -59,6 +52,9 @@ def copy_one(engine, item, retries=RETRIES, backoff=0.5):
             src, dst = engine.copy_slice(work)
         except TransferError as e:
             src = dst = ""
+            if getattr(e, "auth", False):  # the control socket is gone: no use retrying
+                state, reason = states.AUTH, str(e)
+                break
             state, reason = (states.WAIT, str(e)) if e.transient else (states.FAILED, str(e))
             if not e.transient:
                 break
@@ -90,7 +86,7 @@ def start_task(job_id, items, host):
     (a requeued task skips them)."""
     ids = [i["slice"] for i in items]
     with db.atomic():
-        db.try_job_state(job_id, states.ACTIVE)
+        began = db.try_job_state(job_id, states.ACTIVE)
         done = set()
         for chunk in _chunks(ids):
             done |= {sid for (sid,) in db.Slice.select(db.Slice.id).where(
@@ -99,6 +95,8 @@ def start_task(job_id, items, host):
         files = list({i["file"] for i in items})
         for chunk in _chunks(files):
             db.bulk_state(db.File, "file", db.File.id.in_(chunk), states.ACTIVE)
+    if began:  # this task moved the job to Active: the first to start; mail after commit
+        notify.job_began(job_id)
     return done
 
 
@@ -121,24 +119,76 @@ def run(path, task):
     host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     done = start_task(job.id, items, host)
     options = json.loads(job.options)
-    engine = plugins.load("engine", options.get("engine", "copy"))(
-        bwlimit=options.get("bwlimit", 0))
+    engine = plugins.make_engine(options)
     retries, backoff = options.get("retries", RETRIES), options.get("retry_backoff", 0.5)
     skip_existing = options.get("skip_existing", False)
-    recorder, failed = Recorder(host), 0
-    for n, item in enumerate(items):
-        if item["slice"] in done:
+    recorder = Recorder(host)
+
+    def one(eng, unit):
+        """[(item, result)] of one unit of work; result None: handed back (paused)."""
+        if jobdir.paused(path):  # finish the current slices, hand the rest back, stop
+            return [(item, None) for item in unit]
+        if len(unit) > 1:  # a bundle of small files: one transfer for all of them
+            out = eng.copy_bundle(unit)
+            # what the bundle did not finish is copied again one by one
+            return [(item, r if r["state"] in (states.DONE, states.AUTH) else
+                     copy_one(eng, item, retries, backoff)) for item, r in out]
+        item = unit[0]
+        result = skip_one(eng, item) if skip_existing else None
+        return [(item, result or copy_one(eng, item, retries, backoff))]
+
+    todo = [i for i in items if i["slice"] not in done]
+    units = engine.units(todo) if hasattr(engine, "units") else [[i] for i in todo]
+    failed, handed = 0, []
+    for item, result in _streams(engine, one, units):
+        if result is None:
+            handed.append(item)
             continue
-        if jobdir.paused(path):  # finish the current slice, hand the rest back, stop
-            recorder.flush()
-            hand_back(items[n:], done)
-            return 0
-        result = skip_one(engine, item) if skip_existing else None
-        result = result or copy_one(engine, item, retries, backoff)
         failed += result["state"] != states.DONE
         recorder.add(result)
     recorder.flush()
+    if handed:
+        hand_back(handed, done)
+        return 0
     return 1 if failed else 0
+
+
+def _streams(engine, one, units):
+    """(item, result) for every item of every unit, `engine.streams` units at a time: each
+    stream takes the next unit when it finishes one (next-available queueing, as MPSCP's
+    streams do). Results come back to this thread, which alone records them."""
+    width = min(getattr(engine, "streams", 1), len(units))
+    if width <= 1:
+        for unit in units:
+            yield from one(engine, unit)
+        return
+    import queue
+    import threading
+    work, results = queue.Queue(), queue.Queue()
+    for unit in units:
+        work.put(unit)
+
+    def stream(eng):
+        while True:
+            try:
+                unit = work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results.put(one(eng, unit))
+            except BaseException as e:  # never lose a slice: report it as failed
+                results.put([(item, {"slice": item["slice"], "state": states.WAIT,
+                                     "seconds": 0.0, "attempts": 1, "src": "", "dst": "",
+                                     "reason": f"stream error: {e}"}) for item in unit])
+
+    threads = [threading.Thread(target=stream, args=(engine.fork() if n else engine,),
+                                daemon=True) for n in range(width)]
+    for t in threads:
+        t.start()
+    for _ in range(len(units)):
+        yield from results.get()
+    for t in threads:
+        t.join()
 
 
 def main(argv=None):
@@ -149,7 +199,7 @@ def main(argv=None):
     path = os.fsencode(argv[0])
     # a job fed in chunks runs arrays whose indices start again at 0
     offset = int(os.environ.get("HPCMOVE_TASK_OFFSET") or 0)
-    return run(path, int(argv[1]) + offset)
+    return profiling.run("worker", run, path, int(argv[1]) + offset)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,19 @@
-"""The local copy engine: one pass over the source slice (pread -> xxh3 -> pwrite),
+"""The local copy engine: one pass over the source slice (read -> xxh3 -> pwrite),
 then one read of the written slice to verify it.
 
 Holes in sparse sources are found with SEEK_DATA/SEEK_HOLE and stay holes at the
 destination; their zeros are still hashed so digests cover every byte.
+
+Runs of data of MAP_MIN bytes or more are read through mmap windows: xxh3 and pwrite
+take their bytes straight from the page cache, with no copy into a buffer first. On
+2 cores, two tasks writing halves of one 2 GiB file took 0.5 s this way and 0.7-2.2 s
+with pread into a buffer (bench/README.md). Shorter runs (small files) use one pread:
+fewer system calls than map + unmap. A source truncated while it is mapped kills the
+task with SIGBUS; finalize then finds the source changed and fails the file, as it
+would for any source changed during the transfer.
 """
 import errno
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -14,6 +23,8 @@ import xxhash
 from hpcmove.errors import TransferError
 
 BUFFER = 1 << 20  # fits in L2: read, hash and write from cache-hot memory
+MAP_MIN = 8 << 20  # data runs at least this long are read through mmap
+MAP_WINDOW = 64 << 20  # mapped at a time
 # Errors worth retrying in the task; everything else fails the file at once.
 TRANSIENT = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE,
              errno.EBUSY, errno.ECONNRESET, errno.EREMOTEIO}
@@ -55,16 +66,26 @@ def segments(fd, start, end):
         pos = hole
 
 
+class _NoMap(Exception):
+    """The file system cannot map this file; read it instead."""
+
+
 class CopyEngine:
     """Copies slices between local (or shared) file systems."""
 
     name = "copy"
+    streams = 1  # slices a task copies at once with this engine
 
     def __init__(self, buffer_size=BUFFER, bwlimit=0):
         self.buf = bytearray(buffer_size)
         self.zeros = bytes(buffer_size)
         self.bwlimit = bwlimit  # bytes per second for this task; 0 = unlimited
         self._budget_start, self._budget_bytes = time.monotonic(), 0
+
+    @classmethod
+    def from_options(cls, options):
+        """The engine a job's recorded options ask for."""
+        return cls(bwlimit=options.get("bwlimit", 0))
 
     def _throttle(self, n):
         """Sleep as needed so this task's data rate stays under bwlimit."""
@@ -77,22 +98,22 @@ class CopyEngine:
 
     def copy_slice(self, work):
         """Copy and verify one slice; returns (source digest, destination digest)."""
+        src_fd, st = self.open_source(work)
         try:
-            src_fd = os.open(work.src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            raise self._error(e, work.src) from e
-        try:
-            st = os.fstat(src_fd)
-            if st.st_size != work.size or st.st_mtime_ns != work.mtime_ns:
-                raise TransferError(f"source changed since it was planned: {os.fsdecode(work.src)}")
+            # No holes when every byte has a block (SEEK_DATA/SEEK_HOLE are skipped then).
+            dense = st.st_blocks * 512 >= st.st_size
+            # A slice that is the whole file owns the spool file: truncate on open, and
+            # let the writes give it its size (fewer calls per small file).
+            whole = work.offset == 0 and work.length == work.size
             try:
-                dst_fd = os.open(work.dst, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                dst_fd = os.open(work.dst, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                                 | (os.O_TRUNC if whole else 0), 0o600)
             except OSError as e:
                 raise self._error(e, work.dst) from e
             try:
-                if os.fstat(dst_fd).st_size != work.size:
+                if not (whole and dense) and os.fstat(dst_fd).st_size != work.size:
                     os.ftruncate(dst_fd, work.size)  # every task sets the same size
-                src_digest = self._copy(src_fd, dst_fd, work)
+                src_digest = self._copy(src_fd, dst_fd, work, dense)
                 dst_digest = self._digest(dst_fd, work.offset, work.length)
             except OSError as e:
                 raise self._error(e, work.src) from e
@@ -129,38 +150,103 @@ class CopyEngine:
         finally:
             os.close(fd)
 
-    def _copy(self, src_fd, dst_fd, work):
-        h, mv = new_hash(), memoryview(self.buf)
+    def open_source(self, work):
+        """(fd, stat) of the slice's source, opened without following a symlink, or
+        TransferError when it cannot be read or is not what was planned."""
+        try:
+            fd = os.open(work.src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise self._error(e, work.src) from e
+        st = os.fstat(fd)
+        if st.st_size != work.size or st.st_mtime_ns != work.mtime_ns:
+            os.close(fd)
+            raise TransferError(f"source changed since it was planned: {os.fsdecode(work.src)}")
+        return fd, st
+
+    def digests(self, ranges):
+        """digest() of each (path, offset, length[, file size]); 'unreadable (...)' where
+        it fails."""
+        out = []
+        for path, offset, length, *_size in ranges:
+            try:
+                out.append(self.digest(path, offset, length))
+            except TransferError as e:
+                out.append(f"unreadable ({e})")
+        return out
+
+    def _copy(self, src_fd, dst_fd, work, dense=False):
+        h = new_hash()
         end = work.offset + work.length
-        os.posix_fadvise(src_fd, work.offset, work.length, os.POSIX_FADV_SEQUENTIAL)
-        for pos, length, is_data in segments(src_fd, work.offset, end):
+        if work.length >= MAP_MIN:
+            os.posix_fadvise(src_fd, work.offset, work.length, os.POSIX_FADV_SEQUENTIAL)
+        runs = [(work.offset, work.length, True)] if dense else \
+            segments(src_fd, work.offset, end)
+        for pos, length, is_data in runs:
             if not is_data:
                 self._hash_zeros(h, length)
                 continue
-            stop = pos + length
-            while pos < stop:
-                n = os.preadv(src_fd, [mv[:min(len(mv), stop - pos)]], pos)
-                if n == 0:
+            for at, piece in self._pieces(src_fd, pos, pos + length):
+                if not piece:
                     raise TransferError(f"source changed (shorter than planned): "
                                         f"{os.fsdecode(work.src)}")
-                h.update(mv[:n])
+                h.update(piece)
                 written = 0
-                while written < n:
-                    written += os.pwritev(dst_fd, [mv[written:n]], pos + written)
-                pos += n
-                self._throttle(n)
+                while written < len(piece):
+                    written += os.pwrite(dst_fd, piece[written:], at + written)
+                self._throttle(len(piece))
         return h.hexdigest()
 
     def _digest(self, fd, offset, length):
-        h, mv = new_hash(), memoryview(self.buf)
-        pos, end = offset, offset + length
-        while pos < end:
-            n = os.preadv(fd, [mv[:min(len(mv), end - pos)]], pos)
-            if n == 0:
+        h = new_hash()
+        for _at, piece in self._pieces(fd, offset, offset + length):
+            if not piece:
                 break
-            h.update(mv[:n])
-            pos += n
+            h.update(piece)
         return h.hexdigest()
+
+    def _pieces(self, fd, pos, stop):
+        """(offset, memoryview) pieces of at most BUFFER bytes covering [pos, stop) of fd;
+        an empty piece when the file ends early. Each piece is valid only until the next
+        one is asked for."""
+        if stop - pos >= MAP_MIN:
+            try:
+                yield from self._mapped_pieces(fd, pos, stop)
+                return
+            except _NoMap:
+                pass  # a file system without mmap: read it
+        mv = memoryview(self.buf)
+        while pos < stop:
+            n = os.preadv(fd, [mv[:min(len(mv), stop - pos)]], pos)
+            yield pos, mv[:n]
+            if n == 0:
+                return
+            pos += n
+
+    @staticmethod
+    def _mapped_pieces(fd, pos, stop):
+        planned, stop = stop, min(stop, os.fstat(fd).st_size)  # past the end would SIGBUS
+        first = True
+        while pos < stop:
+            base = pos - pos % mmap.ALLOCATIONGRANULARITY
+            size = min(stop - base, MAP_WINDOW)
+            try:
+                window = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ, offset=base)
+            except OSError as e:
+                if first:
+                    raise _NoMap from e
+                raise
+            first = False
+            with window, memoryview(window) as view:
+                while pos < base + size:
+                    n = min(BUFFER, base + size - pos)
+                    piece = view[pos - base:pos - base + n]
+                    try:
+                        yield pos, piece
+                    finally:
+                        piece.release()  # no view may outlive the window's unmapping
+                    pos += n
+        if pos < planned:
+            yield pos, memoryview(b"")  # the file is shorter than planned
 
     def _hash_zeros(self, h, length):
         while length > 0:

@@ -2,9 +2,11 @@
 
 The behaviour tests drive the real `hpcmove` command in a subprocess, as an
 unprivileged user when the suite runs as root (root reads every file, so
-permission failures could not show), against the local backend and against the
-real Slurm testbed that tests/run brings up (slurm/testbed).
+permission failures could not show), against the local backend, the real Slurm
+testbed and the real Grid Engine (via DRMAA) that tests/run brings up
+(slurm/testbed, gridengine/testbed).
 """
+import functools
 import json
 import os
 import shlex
@@ -98,6 +100,9 @@ class Hpcmove:
                     "HPCMOVE_HOME": area.home, "LANG": "C.UTF-8", "HOME": area.home}
         if os.environ.get("SLURM_CONF"):
             self.env["SLURM_CONF"] = os.environ["SLURM_CONF"]
+        if backend == "drmaa":  # libdrmaa and the qsub/qstat clients, as the testbed says
+            self.env.update(gridengine_env())
+            self.env["PATH"] = os.path.dirname(sys.executable) + ":" + gridengine_env()["PATH"]
         self.backend_args = ["--backend", backend] + (["-p", "dtn"] if backend == "slurm" else [])
 
     def run(self, *args, check=True, timeout=900):
@@ -137,10 +142,78 @@ def slurm_env():
     return os.environ["SLURM_CONF"]
 
 
-@pytest.fixture(params=["local", "slurm"])
+GE_TESTBED = os.path.join(REPO, "gridengine", "testbed")
+GE_VARS = ("SGE_ROOT", "SGE_CELL", "DRMAA_LIBRARY_PATH", "GLIBC_TUNABLES", "PATH")
+
+
+@functools.cache
+def gridengine_env():
+    """{SGE_ROOT, SGE_CELL, DRMAA_LIBRARY_PATH, GLIBC_TUNABLES, PATH} from
+    `gridengine/testbed env`; fails (never skips) when the testbed is not up or the
+    drmaa package cannot be imported with it."""
+    status = subprocess.run([GE_TESTBED, "status"], capture_output=True, text=True)
+    if status.returncode != 0:
+        pytest.fail("the Grid Engine testbed is not up: run `gridengine/testbed up` as root "
+                    f"(and eval \"$(gridengine/testbed env)\")\n{status.stdout}{status.stderr}")
+    out = subprocess.run(
+        ["bash", "-c", 'eval "$("$0" env)" && printf "%s\\0" ' +
+         " ".join(f'"${v}"' for v in GE_VARS), GE_TESTBED],
+        capture_output=True, check=True).stdout.decode().split("\0")
+    env = dict(zip(GE_VARS, out))
+    probe = subprocess.run([sys.executable, "-c", "import drmaa; print(drmaa.Session)"],
+                           env={**os.environ, **env}, capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.fail("the drmaa package cannot be imported in this virtualenv "
+                    f"(pip install 'hpcmove[drmaa]'):\n{probe.stderr}")
+    return env
+
+
+def ge(hpcmove, *argv, check=True):
+    """A Grid Engine client command (qsub, qstat, qdel) as the test user; its stdout."""
+    done = run_as_user(list(argv), hpcmove.env, cwd=hpcmove.area.root, timeout=60)
+    if check:
+        assert done.returncode == 0, (argv, done.stdout, done.stderr)
+    return done.stdout.decode()
+
+
+def qsub_after(hpcmove, final_id, command):
+    """A compute job held on a final id (`qsub -hold_jid`) that runs the sh `command`."""
+    # a script, not `qsub -b y`: qsub hands a binary job's words to a shell as one line
+    script = os.path.join(hpcmove.area.root, f"compute-{uuid.uuid4().hex[:6]}.sh")
+    with open(script, "w") as f:
+        f.write(f"#!/bin/sh\n{command}\n")
+    os.chmod(script, 0o755)
+    return ge(hpcmove, "qsub", "-terse", "-hold_jid", final_id, "-o", "/dev/null", "-j", "y",
+              "-N", "compute", "-S", "/bin/sh", script).strip()
+
+
+def ge_state(hpcmove, job_id):
+    """qstat's state letters of a job ('hqw', 'r', ...), or None when it has left."""
+    for line in ge(hpcmove, "qstat", "-u", "*").splitlines():
+        words = line.split()
+        if words and words[0] == job_id:
+            return words[4]
+    return None
+
+
+def ge_accounting(job):
+    """[(task, failed, exit status, start, end)] of a job from Grid Engine's accounting."""
+    env = gridengine_env()
+    rows = []
+    with open(os.path.join(env["SGE_ROOT"], env["SGE_CELL"], "common", "accounting")) as f:
+        for line in f:
+            x = line.split(":")
+            if not line.startswith("#") and len(x) >= 45 and x[5] == job:
+                rows.append((int(x[35]), int(x[11]), int(x[12]), int(x[9]), int(x[10])))
+    return rows
+
+
+@pytest.fixture(params=["local", "slurm", "drmaa"])
 def backend(request):
     if request.param == "slurm":
         slurm_env()
+    if request.param == "drmaa":
+        gridengine_env()
     return request.param
 
 

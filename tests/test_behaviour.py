@@ -1,6 +1,9 @@
 """The shared behaviour suite: the same tests against every backend that runs here
-(the local embedded default and the real Slurm testbed), through the real CLI."""
+(the local embedded default, the real Slurm testbed and the real Grid Engine through
+DRMAA), through the real CLI. A compute job chains on a transfer with
+`sbatch --dependency=afterok:ID` on Slurm and `qsub -hold_jid ID` on Grid Engine."""
 import filecmp
+import json
 import os
 import shlex
 import stat
@@ -9,7 +12,8 @@ import time
 
 import pytest
 
-from conftest import chown_tree, run_as_user, unreadable_set
+from conftest import chown_tree, ge, ge_accounting, ge_state, qsub_after, run_as_user, \
+    unreadable_set
 
 HOSTILE = [b"a b", b"single'quote", b'double"quote', b"new\nline", b"$(touch pwned)",
            b"`touch pwned`", b"-leading-dash", b"--help", b"\xff\xfe not utf-8",
@@ -121,11 +125,18 @@ def test_hostile_names_arrive_intact_and_run_nothing(hpcmove, area, base):
 def test_unreadable_source_fails_job_and_places_nothing(hpcmove, area):
     src = unreadable_set(area)
     job = hpcmove.submit(src, area.dst)
-    chained = None
-    if hpcmove.backend == "slurm":
-        marker = os.path.join(area.root, "compute-ran")
-        chained = sbatch(area, "-p", "compute", f"--dependency=afterok:{job}",
-                         "--wrap", f"touch {shlex.quote(marker)}")
+    marker = os.path.join(area.root, "compute-ran")
+    chained = chain(hpcmove, area, job, f"touch {shlex.quote(marker)}")
+    try:
+        check_failed(hpcmove, area, job, src)
+        if chained:
+            never_starts(hpcmove, area, chained, job)
+            assert not os.path.exists(marker)
+    finally:
+        drop(hpcmove, area, chained, job)
+
+
+def check_failed(hpcmove, area, job, src):
     waited = hpcmove.run("wait", "--timeout", "600", job, check=False)
     assert waited.returncode == 1  # wait exits 0 only for Done
     s = hpcmove.status(job)
@@ -137,27 +148,34 @@ def test_unreadable_source_fails_job_and_places_nothing(hpcmove, area):
     assert not os.path.exists(os.path.join(area.dst, "set"))
     no_spool_left(area.dst)
     assert sorted(os.listdir(src)) == ["good-1", "good-2", "secret file"]  # source untouched
-    if chained:
-        reason = wait_pending_reason(area, chained)
-        assert reason == "DependencyNeverSatisfied"
-        assert not os.path.exists(marker)
-        run_as_user(["scancel", chained], slurm_user_env(area))
 
 
 def test_cancel_during_transfer(hpcmove, dataset, area):
     job = hpcmove.submit("--bwlimit", "20M", "--stripe-width", "2", "--slice-size", "64M",
                          os.path.join(dataset, "big.bin"), area.dst)
-    s = hpcmove.wait_for(job, lambda s: s["state"] == "Active")
-    time.sleep(1)
-    hpcmove.run("cancel", job)
-    s = hpcmove.status(job)
-    assert s["state"] == "Cancelled"
-    assert not os.path.exists(os.path.join(area.dst, "big.bin"))
-    no_spool_left(area.dst)
-    if hpcmove.backend == "slurm":
-        ids = ",".join(x["id"] for x in s["slurm_job_ids"])
-        left = run_as_user(["squeue", "-h", "-j", ids], slurm_user_env(area))
-        assert left.stdout.strip() == b""
+    marker = os.path.join(area.root, "compute-ran")
+    chained = chain(hpcmove, area, job, f"touch {shlex.quote(marker)}")
+    try:
+        s = hpcmove.wait_for(job, lambda s: s["state"] == "Active")
+        time.sleep(1)
+        hpcmove.run("cancel", job)
+        s = hpcmove.status(job)
+        assert s["state"] == "Cancelled"
+        assert not os.path.exists(os.path.join(area.dst, "big.bin"))
+        no_spool_left(area.dst)
+        if hpcmove.backend == "slurm":
+            ids = ",".join(x["id"] for x in s["slurm_job_ids"])
+            left = run_as_user(["squeue", "-h", "-j", ids], slurm_user_env(area))
+            assert left.stdout.strip() == b""
+        if hpcmove.backend == "drmaa":  # the array and finalize are deleted; the gate is not
+            record = drmaa_record(hpcmove, job)
+            assert ge_state(hpcmove, record["array"].split(".")[0]) is None
+            assert ge_state(hpcmove, record["finalize"]) is None
+        if chained:
+            never_starts(hpcmove, area, chained, job)
+            assert not os.path.exists(marker)
+    finally:
+        drop(hpcmove, area, chained, job)
 
 
 def test_move_removes_sources_only_after_placing(hpcmove, area):
@@ -250,7 +268,61 @@ def test_status_json_fields(hpcmove, area):
     assert hpcmove.status(s["id"])["id"] == s["id"]
 
 
-# --- Slurm-only: chaining compute jobs on the final job ------------------------------
+# --- chaining compute jobs on the final job -------------------------------------------
+
+def chain(hpcmove, area, final, command):
+    """A compute job running the sh `command` that may start only once the transfer
+    whose final id is `final` succeeded; None on the local backend (no batch system)."""
+    if hpcmove.backend == "slurm":
+        return sbatch(area, "-p", "compute", f"--dependency=afterok:{final}", "--wrap", command)
+    if hpcmove.backend == "drmaa":
+        return qsub_after(hpcmove, final, command)
+    return None
+
+
+def never_starts(hpcmove, area, chained, final):
+    """The compute job chained on a failed or cancelled transfer waits for good: Slurm
+    says its dependency can never be satisfied; on Grid Engine the final (gate) job
+    stays held once finalize has left, and so does what holds on it."""
+    if hpcmove.backend == "slurm":
+        assert wait_pending_reason(area, chained) == "DependencyNeverSatisfied"
+        return
+    finalize = drmaa_record(hpcmove, final)["finalize"]
+    deadline = time.monotonic() + 120
+    while ge_state(hpcmove, finalize) is not None:
+        assert time.monotonic() < deadline, f"finalize {finalize} did not end"
+        time.sleep(0.5)
+    time.sleep(3)  # several scheduler runs (1 s interval)
+    assert ge_state(hpcmove, final) == "hqw" and ge_state(hpcmove, chained) == "hqw"
+
+
+def drop(hpcmove, area, chained, final):
+    """Remove a compute job that will never run (and, on Grid Engine, the held gate:
+    after what holds on it, since deleting the gate releases its dependants)."""
+    if hpcmove.backend == "slurm" and chained:
+        run_as_user(["scancel", chained], slurm_user_env(area))
+    if hpcmove.backend == "drmaa":
+        if chained:
+            ge(hpcmove, "qdel", chained, check=False)
+        ge(hpcmove, "qdel", final, check=False)
+
+
+def drmaa_record(hpcmove, final):
+    """The drmaa backend's registry entry of a job: its array, finalize and gate ids."""
+    with open(os.path.join(hpcmove.area.home, "drmaa", f"{final}.json")) as f:
+        return json.load(f)
+
+
+def ended_ok(hpcmove, area, job_id, timeout=300):
+    """Whether a compute job ended with exit status 0 (waits for it to end)."""
+    if hpcmove.backend == "slurm":
+        return sacct_state(area, job_id, timeout) == "COMPLETED"
+    deadline = time.monotonic() + timeout
+    while not ge_accounting(job_id):  # written when the job has ended
+        assert time.monotonic() < deadline, f"job {job_id}: {ge_state(hpcmove, job_id)}"
+        time.sleep(1)
+    return all(failed == 0 and status == 0 for _t, failed, status, *_ in ge_accounting(job_id))
+
 
 def slurm_user_env(area):
     return {"PATH": "/usr/bin:/bin", "SLURM_CONF": os.environ["SLURM_CONF"], "HOME": area.home}
@@ -284,31 +356,43 @@ def sacct_state(area, job_id, timeout=300):
     raise AssertionError(f"job {job_id} still {out}")
 
 
-@pytest.mark.parametrize("backend", ["slurm"], indirect=True)
+# the local backend has no batch system to chain on
+@pytest.mark.parametrize("backend", ["slurm", "drmaa"], indirect=True)
 def test_compute_job_chains_on_parsable_id(hpcmove, dataset, area):
     big = os.path.join(dataset, "big.bin")
     out = os.path.join(area.dst, "big.bin")
     marker = os.path.join(area.root, "compute-saw")
+    check = f"cmp {big} {out} && touch {marker}"
+    submit = (f"hpcmove submit --parsable {shlex.join(hpcmove.backend_args)} --slice-size 128M "
+              f"{shlex.quote(big)} {shlex.quote(area.dst)}")
     # exactly the documented pattern, through a shell as a user would type it
-    line = (f"sbatch --parsable -p compute --dependency=afterok:$(hpcmove submit --parsable "
-            f"-p dtn --backend slurm --slice-size 128M {shlex.quote(big)} "
-            f"{shlex.quote(area.dst)}) --wrap {shlex.quote(f'cmp {big} {out} && touch {marker}')}")
-    env = dict(hpcmove.env, SLURM_CONF=os.environ["SLURM_CONF"])
-    done = run_as_user(["bash", "-c", line], env, cwd=area.root)
+    if hpcmove.backend == "slurm":
+        line = (f"sbatch --parsable -p compute --dependency=afterok:$({submit}) "
+                f"--wrap {shlex.quote(check)}")
+    else:
+        script = os.path.join(area.root, "compute.sh")
+        with open(script, "w") as f:
+            f.write(f"#!/bin/sh\n{check}\n")
+        line = f"qsub -terse -hold_jid $({submit}) -o /dev/null -j y -S /bin/sh {script}"
+    done = run_as_user(["bash", "-c", line], hpcmove.env, cwd=area.root)
     assert done.returncode == 0, done.stderr
     compute = done.stdout.decode().strip().split(";")[0]
-    assert sacct_state(area, compute) == "COMPLETED"
+    assert ended_ok(hpcmove, area, compute)
     assert os.path.exists(marker)
 
 
-@pytest.mark.parametrize("backend", ["slurm"], indirect=True)
+# the local backend has no tasks to kill from outside
+@pytest.mark.parametrize("backend", ["slurm", "drmaa"], indirect=True)
 def test_task_cancelled_outside_hpcmove_is_recovered_by_finalize(hpcmove, dataset, area):
     job = hpcmove.submit("--bwlimit", "20M", "--stripe-width", "2", "--slice-size", "64M",
                          os.path.join(dataset, "big.bin"), area.dst)
     s = hpcmove.wait_for(job, lambda s: s["state"] == "Active")
     array = next(x["id"] for x in s["slurm_job_ids"] if x["role"] == "transfer")
-    done = run_as_user(["scancel", f"{array}_1"], slurm_user_env(area))
-    assert done.returncode == 0, done.stderr
+    if hpcmove.backend == "slurm":
+        done = run_as_user(["scancel", f"{array}_1"], slurm_user_env(area))
+        assert done.returncode == 0, done.stderr
+    else:  # task index 1 is Grid Engine's task 2
+        ge(hpcmove, "qdel", array.split(".")[0], "-t", "2")
     s = hpcmove.wait(job)
     assert s["state"] == "Done", s["reason"]
     assert subprocess.run(["cmp", os.path.join(dataset, "big.bin"),

@@ -1,5 +1,7 @@
 """The CLI in-process: help everywhere, dry runs that touch nothing, clear errors."""
 import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -8,7 +10,7 @@ from hpcmove import cli, db
 
 COMMANDS = ["submit", "status", "list", "cancel", "wait", "retry", "pause", "resume",
             "plugins", "policy",
-            "log", "metrics", "watch", "report", "db"]
+            "log", "metrics", "watch", "report", "db", "socket", "auth", "completion"]
 
 
 def all_commands(group=cli.cli, prefix=()):
@@ -103,3 +105,46 @@ def test_missing_database_is_said_not_shown_as_empty(runner, tmp_path):
     result = runner.invoke(cli.cli, ["status", "hm-1"])
     assert result.exit_code == 1 and "no job database at" in result.output
     assert not (tmp_path / "home").exists()  # looking did not create one
+
+
+# --------------------------------------------------------------------------- completion
+
+def test_completion_prints_a_script_for_each_shell(runner):
+    for shell, marker in (("bash", "complete -o nosort -F _hpcmove_completion hpcmove"),
+                          ("zsh", "compdef _hpcmove_completion hpcmove"),
+                          ("fish", "complete --no-files --command hpcmove")):
+        result = runner.invoke(cli.cli, ["completion", shell])
+        assert result.exit_code == 0 and marker in result.output, result.output
+        assert "_HPCMOVE_COMPLETE=" in result.output
+    result = runner.invoke(cli.cli, ["completion", "tcsh"])
+    assert result.exit_code == 2 and "'tcsh' is not one of" in result.output
+
+
+def test_bash_completes_commands_and_options_with_the_printed_script(tmp_path):
+    """The real thing: bash loads `hpcmove completion bash` and completes through the
+    installed hpcmove command."""
+    bindir = os.path.dirname(sys.executable)
+    if not os.access(os.path.join(bindir, "hpcmove"), os.X_OK):
+        pytest.fail(f"no hpcmove command beside {sys.executable}: install the package")
+    probe = ('eval "$(hpcmove completion bash)"; '
+             'COMP_WORDS=(hpcmove "$1"); COMP_CWORD=1; _hpcmove_completion hpcmove; '
+             'printf "%s\\n" "${COMPREPLY[@]}"; '
+             'COMP_WORDS=(hpcmove submit --mail-t); COMP_CWORD=2; COMPREPLY=(); '
+             '_hpcmove_completion hpcmove; printf "%s\\n" "${COMPREPLY[@]}"')
+    done = subprocess.run(["bash", "-c", probe, "bash", "st"], capture_output=True, text=True,
+                          env={"PATH": f"{bindir}:/usr/bin:/bin", "HPCMOVE_HOME": str(tmp_path)},
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["status", "--mail-type"]
+
+
+def test_then_is_refused_on_the_local_backend_before_anything_happens(runner, tmp_path):
+    (tmp_path / "f").write_bytes(b"x")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "next.sh").write_text("#!/bin/sh\necho next\n")
+    result = runner.invoke(cli.cli, ["submit", "--backend", "local", "--then",
+                                     str(tmp_path / "next.sh"), str(tmp_path / "f"),
+                                     str(tmp_path / "d")])
+    assert result.exit_code == 1
+    assert "--then needs a batch system: the local backend" in result.output
+    assert os.listdir(tmp_path / "d") == [] and not (tmp_path / "home").exists()

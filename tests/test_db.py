@@ -109,12 +109,14 @@ def test_upgrade_from_schema_1_keeps_every_row(tmp_path):
     database = db.proxy.obj
     database.execute_sql("DROP INDEX slice_job_id_state")  # what schema 1 lacked
     database.execute_sql("ALTER TABLE slice DROP COLUMN skipped")
+    database.execute_sql("DROP TABLE controlsocket")
     db.SchemaVersion.delete().execute()
     db.SchemaVersion.create(version=1)
     db.close()
     db.connect(url)  # a user's own SQLite file is upgraded on the fly
     try:
-        assert db.schema_version(db.proxy.obj) == db.SCHEMA_VERSION == 3
+        assert db.schema_version(db.proxy.obj) == db.SCHEMA_VERSION == 4
+        assert db.proxy.obj.table_exists("controlsocket")
         names = [i.name for i in db.proxy.obj.get_indexes("slice")]
         assert "slice_job_id_state" in names
         assert "skipped" in [c.name for c in db.proxy.obj.get_columns("slice")]

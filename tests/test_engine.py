@@ -244,3 +244,41 @@ def test_segments_all_hole(tmp_path):
         f.truncate(8 * MiB)
     assert runs(src, 0, 8 * MiB) == [(0, 8 * MiB, False)]
     assert runs(src, MiB, 2 * MiB) == [(MiB, MiB, False)]
+
+
+@pytest.mark.parametrize("offset", [0, 4096 * 3 + 17])  # page-aligned and not
+def test_mapped_copy_across_windows(tmp_path, monkeypatch, offset):
+    """Long runs go through mmap windows; digests and bytes match the pread path."""
+    import hpcmove_plugins.copy as copy
+    monkeypatch.setattr(copy, "MAP_MIN", 64 * 1024)
+    monkeypatch.setattr(copy, "MAP_WINDOW", 256 * 1024)
+    data = random.Random(77).randbytes(3 * MiB + 999)
+    src, dst = tmp_path / "src", tmp_path / "spool"
+    src.write_bytes(data)
+    length = len(data) - offset
+    s, d = CopyEngine(buffer_size=100_000).copy_slice(work_for(src, dst, offset, length))
+    assert s == d == xxh(data[offset:])
+    assert dst.read_bytes()[offset:] == data[offset:]
+    assert CopyEngine().digest(os.fsencode(dst), offset, length) == s
+
+
+def test_mapped_digest_of_a_shorter_file_stops_at_its_end(tmp_path, monkeypatch):
+    import hpcmove_plugins.copy as copy
+    monkeypatch.setattr(copy, "MAP_MIN", 64 * 1024)
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * MiB)
+    assert CopyEngine().digest(os.fsencode(path), 0, 2 * MiB) == xxh(b"x" * MiB)
+
+
+def test_file_system_without_mmap_is_read(tmp_path, monkeypatch):
+    import hpcmove_plugins.copy as copy
+
+    def no_mmap(*args, **kwargs):
+        raise OSError(19, "No such device")
+    monkeypatch.setattr(copy, "MAP_MIN", 64 * 1024)
+    monkeypatch.setattr(copy.mmap, "mmap", no_mmap)
+    data = random.Random(3).randbytes(MiB)
+    src, dst = tmp_path / "src", tmp_path / "spool"
+    src.write_bytes(data)
+    s, d = CopyEngine().copy_slice(work_for(src, dst, 0, len(data)))
+    assert s == d == xxh(data)

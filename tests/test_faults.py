@@ -212,6 +212,12 @@ def test_pause_then_resume_keeps_the_final_id_and_finishes(hpcmove, area):
         compute = sbatch(area, "-p", "compute", f"--dependency=afterok:{job}", "--wrap",
                          f"cmp {src} {os.path.join(area.dst, 'big')} && touch {marker}")
     hpcmove.wait_for(job, lambda s: any(x["state"] == "Done" for x in s["files"][0]["slices"]))
+    if hpcmove.backend == "drmaa":  # no hold/release of running work here: said clearly
+        refused = hpcmove.run("pause", job, check=False)
+        assert refused.returncode == 1
+        assert b"pause is not available on the drmaa backend" in refused.stderr
+        assert hpcmove.wait(job)["state"] == "Done"  # and the job carries on
+        return
     hpcmove.run("pause", job)
     s = hpcmove.status(job)
     assert s["state"] == "Hold" and "paused" in s["reason"]

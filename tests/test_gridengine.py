@@ -1,4 +1,7 @@
-"""The drmaa backend against the real Grid Engine that `gridengine/testbed up` started.
+"""What is particular to the drmaa backend on the real Grid Engine that `gridengine/testbed
+up` started: a bulk job striping one file, the gate job that keeps dependants held when
+a transfer fails, and why the backend cannot load. Submit, verify, fail, cancel and
+chain run for Grid Engine in the shared suite (test_behaviour.py, backend `drmaa`).
 
 The tests read the environment from `gridengine/testbed env`; when the testbed is not up
 they fail (they never skip). They drive the real CLI (`python -m hpcmove ...`) in a
@@ -13,11 +16,8 @@ import time
 
 import pytest
 
-from conftest import Hpcmove, run_as_user, unreadable_set
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTBED = os.path.join(REPO, "gridengine", "testbed")
-GE_VARS = ("SGE_ROOT", "SGE_CELL", "DRMAA_LIBRARY_PATH", "GLIBC_TUNABLES", "PATH")
+from conftest import Hpcmove, ge, ge_accounting, ge_state, qsub_after, run_as_user, \
+    unreadable_set
 
 # --- pure helpers (no Grid Engine needed) ---------------------------------------------
 
@@ -49,83 +49,15 @@ def test_ids_dependencies_environment_and_accounting_parse():
 
 # --- the real Grid Engine ---------------------------------------------------------------
 
-def _testbed_env():
-    status = subprocess.run([TESTBED, "status"], capture_output=True, text=True)
-    if status.returncode != 0:
-        pytest.fail("the Grid Engine testbed is not up: run `gridengine/testbed up` as root "
-                    f"(and eval \"$(gridengine/testbed env)\")\n{status.stdout}{status.stderr}")
-    out = subprocess.run(
-        ["bash", "-c", 'eval "$("$0" env)" && printf "%s\\0" ' +
-         " ".join(f'"${v}"' for v in GE_VARS), TESTBED],
-        capture_output=True, check=True).stdout.decode().split("\0")
-    return dict(zip(GE_VARS, out))
-
-
-@pytest.fixture(scope="module")
-def ge(base):
-    env = _testbed_env()
-    probe = subprocess.run([sys.executable, "-c", "import drmaa; print(drmaa.Session)"],
-                           env={**os.environ, **env}, capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.fail("the drmaa package cannot be imported in this virtualenv "
-                    f"(pip install 'hpcmove[drmaa]'):\n{probe.stderr}")
-    return {"env": env}
-
-
-class GE(Hpcmove):
-    """hpcmove with --backend drmaa and the Grid Engine clients, as the test user."""
-
-    def __init__(self, ge, area):
-        super().__init__("drmaa", area)
-        self.ge_env = ge["env"]
-        self.env.update(ge["env"])
-        self.env["PATH"] = os.path.dirname(sys.executable) + ":" + ge["env"]["PATH"]
-
-    def ge(self, *argv, check=True):
-        done = run_as_user(list(argv), self.env, cwd=self.area.root, timeout=60)
-        if check:
-            assert done.returncode == 0, (argv, done.stdout, done.stderr)
-        return done.stdout.decode()
-
-    def qsub_after(self, final_id, marker, src, dst):
-        """A compute job held on the final id that records whether, when it started, the
-        destination already equalled the source."""
-        # a script, not `qsub -b y`: qsub hands a binary job's words to a shell as one line
-        script = marker + ".sh"
-        with open(script, "w") as f:
-            f.write(f"#!/bin/sh\nif cmp -s {shlex.quote(src)} {shlex.quote(dst)}; "
-                    f"then echo identical; else echo differs; fi > {shlex.quote(marker)}\n")
-        os.chmod(script, 0o755)
-        out = self.ge("qsub", "-terse", "-hold_jid", final_id, "-o", "/dev/null", "-j", "y",
-                      "-N", "compute", "-S", "/bin/sh", script)
-        return out.strip()
-
-    def state(self, job_id):
-        """qstat's state letters of a job, or None when it has left."""
-        for line in self.ge("qstat", "-u", "*").splitlines():
-            words = line.split()
-            if words and words[0] == job_id:
-                return words[4]
-        return None
-
-
 @pytest.fixture
-def gridengine(ge, area):
-    return GE(ge, area)
+def gridengine(area):
+    return Hpcmove("drmaa", area)
 
 
-def accounting(env, job):
-    """[(task, failed, exit status, start, end)] of a job from the accounting file."""
-    path = os.path.join(env["SGE_ROOT"], env["SGE_CELL"], "common", "accounting")
-    rows = []
-    with open(path) as f:
-        for line in f:
-            if line.startswith("#"):
-                continue
-            x = line.split(":")
-            if len(x) >= 45 and x[5] == job:
-                rows.append((int(x[35]), int(x[11]), int(x[12]), int(x[9]), int(x[10])))
-    return rows
+def saw_identical(src, dst, marker):
+    """sh for a compute job: write whether, when it started, dst already equalled src."""
+    return (f"if cmp -s {shlex.quote(src)} {shlex.quote(dst)}; then echo identical; "
+            f"else echo differs; fi > {shlex.quote(marker)}")
 
 
 def test_striped_file_arrives_identical_and_dependent_starts_after(gridengine, area):
@@ -138,7 +70,7 @@ def test_striped_file_arrives_identical_and_dependent_starts_after(gridengine, a
     dst = os.path.join(area.dst, "big.bin")
     final = gridengine.submit("--slice-size", "32M", "--stripe-width", "3", big, area.dst + "/")
     assert final.isdigit(), final
-    compute = gridengine.qsub_after(final, marker, big, dst)
+    compute = qsub_after(gridengine, final, saw_identical(big, dst, marker))
     # the compute job waits while the transfer runs
     deadline = time.monotonic() + 300
     while True:
@@ -146,7 +78,7 @@ def test_striped_file_arrives_identical_and_dependent_starts_after(gridengine, a
         if s["state"] in ("Done", "Failed", "Cancelled"):
             break
         assert not os.path.exists(marker), "the dependent job started before the transfer ended"
-        assert "h" in (gridengine.state(compute) or "h")
+        assert "h" in (ge_state(gridengine, compute) or "h")
         assert time.monotonic() < deadline, s
         time.sleep(0.5)
     waited = gridengine.run("wait", "--timeout", "300", final, check=False)
@@ -163,20 +95,20 @@ def test_striped_file_arrives_identical_and_dependent_starts_after(gridengine, a
     ids = {x["role"]: x["id"] for x in s["slurm_job_ids"]}
     assert ids["finalize"] == final and ids["transfer"].endswith(".1-3:1"), ids
     array = ids["transfer"].split(".")[0]
-    tasks = accounting(gridengine.ge_env, array)
+    tasks = ge_accounting(array)
     assert sorted(t[0] for t in tasks) == [1, 2, 3] and all(t[1:3] == (0, 0) for t in tasks)
     # the compute job ran after the data was in place (it compared the files on start)
     deadline = time.monotonic() + 120
     while not os.path.exists(marker) or not open(marker).read():
         assert time.monotonic() < deadline, f"compute job {compute} never ran: " \
-                                            f"{gridengine.state(compute)}"
+                                            f"{ge_state(gridengine, compute)}"
         time.sleep(0.5)
     assert open(marker).read() == "identical\n"
-    while not accounting(gridengine.ge_env, compute):  # written when the job has ended
+    while not ge_accounting(compute):  # written when the job has ended
         assert time.monotonic() < deadline, f"compute job {compute} did not end"
         time.sleep(0.5)
-    gate_end = max(t[4] for t in accounting(gridengine.ge_env, final))
-    compute_start = min(t[3] for t in accounting(gridengine.ge_env, compute))
+    gate_end = max(t[4] for t in ge_accounting(final))
+    compute_start = min(t[3] for t in ge_accounting(compute))
     assert compute_start >= gate_end >= max(t[4] for t in tasks)
     # a transfer task's log carries the Slurm-style name (0-based index)
     logs = os.listdir(os.path.join(area.home, "jobs", os.listdir(os.path.join(area.home, "jobs"))[0], "logs"))
@@ -184,41 +116,52 @@ def test_striped_file_arrives_identical_and_dependent_starts_after(gridengine, a
 
 
 def test_failing_transfer_never_releases_the_dependent(gridengine, area):
+    """How the dependant stays held (the shared suite checks that it does): finalize
+    ends with exit 1, so it never releases the gate, which never runs."""
     src = unreadable_set(area)
     final = gridengine.submit(src, area.dst)
     marker = os.path.join(area.root, "compute-ran")
-    compute = gridengine.qsub_after(final, marker, "/dev/null", "/dev/null")
+    compute = qsub_after(gridengine, final, f"touch {shlex.quote(marker)}")
     try:
         waited = gridengine.run("wait", "--timeout", "300", final, check=False)
         assert waited.returncode == 1  # wait exits 0 only for Done
-        s = gridengine.status(final)
-        assert s["state"] == "Failed"
-        bad = next(f for f in s["files"] if f["src"].endswith("secret file"))
-        assert bad["state"] == "Failed" and "ermission denied" in bad["reason"]
-        assert not os.path.exists(os.path.join(area.dst, "set"))
-        assert not [n for n in os.listdir(area.dst) if n.startswith(".hpcmove-")]
-        assert sorted(os.listdir(src)) == ["good-1", "good-2", "secret file"]
-        # finalize has left Grid Engine, failed; the final (gate) job stays held, and so
-        # does what holds on it
         finalize_id = json.load(open(os.path.join(area.home, "drmaa", f"{final}.json")))["finalize"]
         deadline = time.monotonic() + 60
-        while gridengine.state(finalize_id) is not None:
+        while not ge_accounting(finalize_id):
             assert time.monotonic() < deadline, f"finalize {finalize_id} did not end"
             time.sleep(0.5)
         time.sleep(3)  # several scheduler runs (1 s interval)
-        assert gridengine.state(final) == "hqw"
-        assert gridengine.state(compute) == "hqw"
-        assert not os.path.exists(marker)
-        (row,) = accounting(gridengine.ge_env, finalize_id)
+        (row,) = ge_accounting(finalize_id)
         assert row[2] == 1  # finalize exited 1
-        assert accounting(gridengine.ge_env, final) == []  # the gate never ran
+        assert ge_state(gridengine, final) == "hqw" and ge_accounting(final) == []  # gate: held
+        assert ge_state(gridengine, compute) == "hqw" and ge_accounting(compute) == []
+        assert not os.path.exists(marker)
         # hpcmove reports the held final job as not active (it will never run)
-        polled = gridengine.run("status", "--json", final)
-        assert json.loads(polled.stdout)["state"] == "Failed"
+        assert gridengine.status(final)["state"] == "Failed"
     finally:
         # the dependant first: deleting the gate would release it
-        gridengine.ge("qdel", compute, check=False)
-        gridengine.ge("qdel", final, check=False)
+        ge(gridengine, "qdel", compute, check=False)
+        ge(gridengine, "qdel", final, check=False)
+
+
+def test_a_path_grid_engine_would_cut_is_refused_clearly(gridengine, area):
+    """Grid Engine keeps a job's arguments one per line and would cut a path at a
+    newline. File names with newlines travel in the manifest and arrive intact (the
+    shared suite's hostile names); a newline in a path the jobs get as an argument, here
+    the working directory they start in, is refused before anything is submitted."""
+    cwd = os.path.join(area.root, "run\nhere")
+    os.makedirs(cwd)
+    with open(os.path.join(cwd, "f"), "wb") as f:
+        f.write(b"x" * 1000)
+    area.own()
+    done = run_as_user([sys.executable, "-m", "hpcmove", "submit", "--backend", "drmaa", "f",
+                        area.dst], gridengine.env, cwd=cwd)
+    assert done.returncode == 1, done.stdout
+    assert b"Grid Engine cannot pass a path with a newline" in done.stderr, done.stderr
+    assert os.listdir(area.dst) == []  # no data, no spool
+    (job,) = json.loads(gridengine.run("list", "--json").stdout)
+    assert job["state"] == "Failed" and not job["final_slurm_id"], job
+    assert "cannot pass a path with a newline" in job["reason"]
 
 
 def test_plugins_reports_drmaa_and_why_not(gridengine):
@@ -231,34 +174,3 @@ def test_plugins_reports_drmaa_and_why_not(gridengine):
                        cwd=gridengine.area.root)
     (row,) = [r for r in json.loads(done.stdout) if r["name"] == "drmaa"]
     assert not row["available"] and "GLIBC_TUNABLES" in row["reason"], row
-
-
-def test_cancel_stops_the_transfer_and_keeps_the_final_job_held(gridengine, area):
-    big = os.path.join(area.src, "big.bin")
-    with open(big, "wb") as f:
-        for _ in range(4):
-            f.write(os.urandom(16 << 20))
-    area.own()
-    final = gridengine.submit("--slice-size", "16M", "--stripe-width", "2", "--bwlimit", "8M",
-                              big, area.dst + "/")
-    marker = os.path.join(area.root, "compute-ran")
-    compute = gridengine.qsub_after(final, marker, "/dev/null", "/dev/null")
-    try:
-        deadline = time.monotonic() + 120
-        while gridengine.status(final)["state"] != "Active":
-            assert time.monotonic() < deadline, "the transfer never became Active"
-            time.sleep(0.3)
-        gridengine.run("cancel", final)
-        s = gridengine.status(final)
-        assert s["state"] == "Cancelled", s
-        assert not os.path.exists(os.path.join(area.dst, "big.bin"))
-        assert not [n for n in os.listdir(area.dst) if n.startswith(".hpcmove-")]
-        record = json.load(open(os.path.join(area.home, "drmaa", f"{final}.json")))
-        assert gridengine.state(record["array"].split(".")[0]) is None
-        assert gridengine.state(record["finalize"]) is None
-        time.sleep(2)
-        assert gridengine.state(final) == "hqw" and gridengine.state(compute) == "hqw"
-        assert not os.path.exists(marker)
-    finally:
-        gridengine.ge("qdel", compute, check=False)
-        gridengine.ge("qdel", final, check=False)

@@ -16,6 +16,7 @@ import socket
 import sqlite3
 import stat
 import sys
+import time
 
 import click
 import pytest
@@ -326,6 +327,31 @@ def test_finalize_hook_writes_the_report_and_mails_the_failure(failed_job, smtp,
     assert report.read_text(failed_job) in msg.get_content().replace("\r\n", "\n")
 
 
+def test_begin_mail_once_when_the_first_task_starts(home, smtp):
+    """Two array tasks start; only the one that moves the job to Active mails, and a job
+    that becomes Active again (retry, resume) does not mail BEGIN twice."""
+    src, dst = make_tree(home)
+    job = run([str(src)], str(dst), mail_type="BEGIN", mail_user="ops@localhost")
+    assert job.state == "Done" and job.n_tasks == 2
+    (rcpt, msg), = smtp  # BEGIN only: END was not asked for
+    assert rcpt == ["ops@localhost"] and msg["X-Hpcmove-Job"] == f"{job.label} BEGIN"
+    assert msg["Subject"].startswith(f"hpcmove {job.label} ")
+    began = [e for e in db.Event.select().where(db.Event.job == job.id)
+             if e.kind == "began"]
+    assert len(began) == 1
+    notify.job_began(job)  # as a task of a retried job would
+    assert len(smtp) == 1
+
+
+def test_begin_and_end_mail_with_all(home, smtp):
+    src, dst = make_tree(home)
+    run([str(src)], str(dst), mail_type="ALL")
+    deadline = time.monotonic() + 60  # END is mailed just after finalize records Done
+    while len(smtp) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sorted(m["X-Hpcmove-Job"].split()[1] for _rcpt, m in smtp) == ["BEGIN", "END"]
+
+
 @pytest.mark.parametrize("types, event, sent", [
     ("NONE", notify.END, False), ("", notify.FAIL, False), ("BEGIN", notify.END, False),
     ("END", notify.FAIL, True),  # as sbatch: END covers however the job ended
@@ -414,7 +440,7 @@ def group():
     return cli_ops.register(click.Group("hpcmove"))
 
 
-@pytest.mark.parametrize("name", ["log", "metrics", "watch", "report"])
+@pytest.mark.parametrize("name", ["log", "metrics", "watch", "report", "completion"])
 def test_every_command_has_help_with_an_example(group, name):
     result = CliRunner().invoke(group, [name, "--help"])
     assert result.exit_code == 0

@@ -14,7 +14,7 @@ def test_wheel_ships_templates_plugins_and_entry_points(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for required in ("hpcmove/templates/transfer.sh.j2", "hpcmove/templates/finalize.sh.j2",
                      "hpcmove/templates/base.sh.j2", "hpcmove_plugins/copy.py",
-                     "hpcmove/backends/slurm.py"):
+                     "hpcmove_plugins/ssh.py", "hpcmove/backends/slurm.py"):
         assert required in names, required
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
@@ -29,4 +29,4 @@ def test_wheel_ships_templates_plugins_and_entry_points(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, PYTHONPATH=str(target)),
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "'local', 'slurm'" in out.stdout
+    assert out.stdout.strip() == "['drmaa', 'local', 'pyslurm', 'slurm']"

@@ -23,7 +23,8 @@ NASTY = b"/scratch/job dir/it's \"quoted\" $(touch /tmp/pwned) `touch /tmp/pwned
 def golden_settings(**over):
     values = dict(label="hm-42", jobdir=NASTY, db_url="postgresql://u:p'w@db.example/hpc move",
                   python="/usr/bin/python3", partition="dtn", account="proj_1", qos="normal",
-                  time="1-00:00:00", finalize_partition="short", extra=["--mem=4G"])
+                  time="1-00:00:00", finalize_partition="short", extra=["--mem=4G"],
+                  mail_types=("AUTH", "BEGIN", "END"), mail_user="ops@example.org")
     values.update(over)
     return render.ScriptSettings(**values)
 
@@ -62,6 +63,29 @@ def test_shape():
         first_cmd = lines.index("set -eu")
         assert not any(line.startswith("#SBATCH") for line in lines[first_cmd:])
     assert " -m hpcmove.worker " in t and " -m hpcmove.finalize " in f
+
+
+@pytest.mark.parametrize("types, transfer, final", [
+    (("AUTH", "BEGIN", "END"), "BEGIN", "END"),
+    (("AUTH", "BEGIN", "END", "FAIL"), "BEGIN", "END,FAIL"),  # ALL
+    (("FAIL",), None, "FAIL"),
+    (("AUTH",), None, None),  # hpcmove's own: Slurm is not asked to mail
+    ((), None, None),
+])
+def test_mail_goes_to_the_batch_job_where_it_means_the_same(types, transfer, final):
+    scripts = render.render(golden_settings(mail_types=types), n_tasks=2, stripe_width=1)
+    for name, want in (("transfer.sh", transfer), ("finalize.sh", final)):
+        lines = [x for x in scripts[name].splitlines() if "--mail-" in x]
+        assert lines == ([f"#SBATCH --mail-type={want}", "#SBATCH --mail-user=ops@example.org"]
+                         if want else []), name
+    assert "--mail" not in scripts["feed.sh"]
+
+
+def test_mail_user_defaults_to_slurms_own_and_is_checked():
+    s = render.render(golden_settings(mail_types=("END",), mail_user=""), 1, 1)["finalize.sh"]
+    assert "#SBATCH --mail-type=END\n" in s and "--mail-user" not in s
+    with pytest.raises(UsageError):
+        render.render(golden_settings(mail_types=("END",), mail_user="a b@c"), 1, 1)
 
 
 def test_no_transfer_script_without_tasks():

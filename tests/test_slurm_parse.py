@@ -205,7 +205,7 @@ def test_submit_chain(fake):
                      "--output=/j/logs/transfer-%A_%a.out",
                      "--dependency=afterok:77", "--kill-on-invalid-dep=yes", "/j/transfer.sh"]
     # the finalize job waits for the array whatever its outcome, not for the user's dependency
-    assert final == ["sbatch", "--parsable", "--dependency=afterany:500",
+    assert final == ["sbatch", "--parsable", "--export=ALL", "--dependency=afterany:500",
                      "--output=/j/logs/finalize-%j.out", "/j/finalize.sh"]
 
 
@@ -222,7 +222,7 @@ def test_submit_without_transfer_script(fake):
     f = fake(sbatch=["501\n"])
     assert slurm.SlurmBackend().submit(spec("afterok:77", transfer=False)) == \
         Submitted(None, "501")
-    assert f.calls == [["sbatch", "--parsable", "--output=/j/logs/finalize-%j.out",
+    assert f.calls == [["sbatch", "--parsable", "--export=ALL", "--output=/j/logs/finalize-%j.out",
                         "--dependency=afterok:77", "--kill-on-invalid-dep=yes",
                         "/j/finalize.sh"]]
 

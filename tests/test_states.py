@@ -8,12 +8,14 @@ from hpcmove.errors import IllegalTransition
 
 SUB, PEN, ACT, DON, FAI = "Submitted", "Pending", "Active", "Done", "Failed"
 CCL, CAN, HOL, WAI = "Cancelling", "Cancelled", "Hold", "Wait"
+AUT = "AuthRequired"  # the control socket to the remote host is gone
 
 JOB_EDGES = {
     (SUB, PEN), (SUB, FAI), (SUB, CCL), (SUB, CAN),
     (PEN, ACT), (PEN, DON), (PEN, FAI), (PEN, CCL), (PEN, HOL),
     (ACT, DON), (ACT, FAI), (ACT, CCL), (ACT, HOL),
     (HOL, PEN), (HOL, FAI), (HOL, CCL),
+    (PEN, AUT), (ACT, AUT), (AUT, PEN), (AUT, FAI), (AUT, CCL),
     (CCL, CAN),
 }
 FILE_EDGES = {
@@ -22,6 +24,7 @@ FILE_EDGES = {
     (ACT, ACT), (ACT, DON), (ACT, FAI), (ACT, WAI), (ACT, CAN),
     (WAI, PEN), (WAI, ACT), (WAI, HOL), (WAI, FAI), (WAI, CAN),
     (HOL, PEN), (HOL, FAI), (HOL, CAN),
+    (ACT, AUT), (WAI, AUT), (AUT, PEN), (AUT, FAI), (AUT, CAN),
 }
 # a verified slice whose spool data changed before placement is sent again
 SLICE_EDGES = FILE_EDGES | {(DON, WAI), (ACT, PEN)}  # and a paused task hands slices back
@@ -30,8 +33,9 @@ SPEC = {"job": (S.JOB_STATES, JOB_EDGES), "file": (S.FILE_STATES, FILE_EDGES),
 
 
 def test_state_names():
-    assert set(S.JOB_STATES) == {SUB, PEN, ACT, DON, FAI, CCL, CAN, HOL}
-    assert set(S.FILE_STATES) == {SUB, PEN, ACT, DON, FAI, WAI, HOL, CAN}
+    assert set(S.JOB_STATES) == {SUB, PEN, ACT, DON, FAI, CCL, CAN, HOL, AUT}
+    assert set(S.FILE_STATES) == {SUB, PEN, ACT, DON, FAI, WAI, HOL, AUT, CAN}
+    assert S.JOB_SETTLED == {DON, FAI, CAN, HOL, AUT}
     assert S.JOB_TERMINAL == S.FILE_TERMINAL == {DON, FAI, CAN}
 
 
@@ -57,7 +61,7 @@ def test_every_other_transition_is_illegal(kind):
 @pytest.mark.parametrize("kind, old, new", [
     ("job", DON, ACT), ("job", CAN, PEN), ("job", FAI, PEN), ("job", HOL, CAN),
     ("job", ACT, ACT), ("job", ACT, PEN), ("file", DON, ACT), ("slice", CAN, PEN),
-    ("slice", FAI, ACT), ("file", PEN, WAI),
+    ("slice", FAI, ACT), ("file", PEN, WAI), ("job", AUT, ACT), ("file", AUT, DON),
 ])
 def test_illegal_examples(kind, old, new):
     with pytest.raises(IllegalTransition) as info:
@@ -94,6 +98,8 @@ def test_sources_of_examples():
     ([DON, DON, DON], DON),
     ([HOL, ACT, DON], HOL),
     ([HOL, FAI], HOL),
+    ([AUT, HOL, DON], AUT),
+    ([AUT, ACT], AUT),
     ([FAI], FAI),
     ([DON, FAI], FAI),
     ([DON, FAI, CAN], FAI),

@@ -1,7 +1,10 @@
 """Batch backends: each declares how to submit, poll and cancel; nothing else knows
 which scheduler is behind a job. Loaded by name through hpcmove.plugins."""
+import os
 import time
 from dataclasses import dataclass, field
+
+from ..errors import UsageError
 
 # Scheduler states in which a job may still run (Slurm's names; other backends map to them).
 ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING",
@@ -19,6 +22,25 @@ def overall(states):
     if all(s == "COMPLETED" for s in states):
         return "COMPLETED"
     return next((s for s in states if s not in ("COMPLETED", "UNKNOWN")), "UNKNOWN")
+
+
+# What a batch job's environment may pass on to the jobs it submits (sbatch's default
+# --export=ALL): none of the variables Slurm set for the calling job, except this one.
+_SLURM_KEEP = frozenset({"SLURM_CONF"})
+
+
+def submission_env(environ=None):
+    """The environment for submitting from `environ` (default: ours). Inside a batch job
+    (or salloc) the variables Slurm set for *that* job would otherwise travel into the
+    jobs submitted from it: SLURM_ARRAY_TASK_ID in a job that is no array,
+    SLURM_MEM_PER_CPU next to the new job's SLURM_MEM_PER_NODE (srun then refuses to
+    run), SLURM_EXPORT_ENV=NONE (sbatch reads it as --export=NONE). They are dropped,
+    SLURM_CONF is kept; outside a job the environment is passed on as it is."""
+    env = dict(os.environ if environ is None else environ)
+    if "SLURM_JOB_ID" not in env and "SLURM_JOBID" not in env:
+        return env
+    return {k: v for k, v in env.items()
+            if not k.startswith(("SLURM_", "SLURMD_")) or k in _SLURM_KEEP}
 
 
 def parse_batch_ids(text):
@@ -84,6 +106,13 @@ class Backend:
     def release(self, ids):
         """Let held batch jobs start again (resume)."""
         raise NotImplementedError
+
+    def submit_after(self, script, final_id):
+        """Submit the user's `script` to start only when the batch job `final_id` ended
+        successfully (`--then`); returns its batch id."""
+        raise UsageError(f"--then needs a batch system: the {self.name} backend cannot "
+                         "hold a job until another succeeded; use --wait and run the "
+                         "script after it")
 
     def max_time(self, partition):
         """The longest a task may run in `partition`, in seconds; None when unlimited."""

@@ -71,6 +71,9 @@ FINALIZE_WRAPPER = (
     'if [ "$rc" -eq 0 ]; then "$py" -m hpcmove.backends.drmaa release "$registry" || rc=1; fi; '
     '[ "$rc" -ne 99 ] || rc=1; exit "$rc"')
 
+# --then: $1 the user's script, then NAME=VALUE pairs as above.
+THEN_WRAPPER = 'script=$1; shift; for a in "$@"; do export "$a"; done; exec /bin/bash "$script"'
+
 # Variables Grid Engine sets in every job: never carried over from the submitter.
 _GE_OWN = frozenset({"JOB_ID", "JOB_NAME", "JOB_SCRIPT", "NSLOTS", "NHOSTS", "NQUEUES", "QUEUE",
                      "PE", "PE_HOSTFILE", "RESTARTED", "ENVIRONMENT", "TMPDIR", "TMP",
@@ -411,6 +414,26 @@ class _DrmaaBackend(Backend):
                     raise _error("submit", e, jobdir) from e
                 raise
         return Submitted(array_id, gate)
+
+    def submit_after(self, script, final_id):
+        """`--then`: run SCRIPT with bash once the gate `final_id` is released, which
+        happens only when the transfer succeeded (-hold_jid on the gate). It runs in
+        the current directory, its output in SCRIPT-NAME.o<job id> there, as qsub's
+        default; its #$ lines are not read (HPCMOVE_DRMAA_NATIVE adds options)."""
+        env, exported = job_environment()
+        workdir = os.getcwd()
+        name = ge_job_name(os.path.basename(script))
+        with session() as s:
+            try:
+                jt = self._template(s, name, workdir, env,
+                                    ["-c", THEN_WRAPPER, "hpcmove-then", script, *exported],
+                                    os.path.join(workdir, f"{name}.o$JOB_ID"),
+                                    native_options({}) + ["-hold_jid", str(final_id)])
+                job = s.runJob(jt)
+                s.deleteJobTemplate(jt)
+            except import_drmaa().errors.DrmaaException as e:
+                raise _error("submit", e, script) from e
+        return job
 
     @staticmethod
     def _template(s, name, workdir, env, args, output, native, held=False,

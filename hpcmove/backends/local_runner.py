@@ -46,10 +46,12 @@ class Runner:
         os.replace(tmp, path)
 
     def script(self, name, log, env):
+        """Run one script where hpcmove was called (the runner's directory), as sbatch runs
+        a job in its submit directory: the plan keeps relative paths relative."""
         with open(log, "ab") as out:
             return subprocess.run(["/bin/bash", os.path.join(self.jobdir, name.encode())],
                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                  env=env, cwd=self.jobdir).returncode
+                                  env=env).returncode
 
     def task(self, index):
         env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(index), SLURM_ARRAY_JOB_ID=self.id,

@@ -10,7 +10,7 @@ import sh
 
 from ..errors import SchedulerError
 from ..units import parse_duration
-from . import Backend, Submitted, overall, parse_batch_ids
+from . import Backend, Submitted, overall, parse_batch_ids, submission_env
 
 _ARRAY_RANGE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
 # what scontrol hold/release say when no part of the job is pending any more
@@ -22,7 +22,7 @@ def run(command, *args):
     """Run a Slurm command; stdout as text, or SchedulerError explaining the failure."""
     argv = [command, *[os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args]]
     try:
-        return str(sh.Command(command)(*argv[1:], _env=dict(os.environ), _tty_out=False))
+        return str(sh.Command(command)(*argv[1:], _env=submission_env(), _tty_out=False))
     except sh.CommandNotFound as e:
         raise SchedulerError(argv, 127, "", f"{command}: command not found") from e
     except sh.ErrorReturnCode as e:
@@ -98,7 +98,8 @@ class SlurmBackend(Backend):
 
     def submit(self, spec):
         if "transfer.sh" not in spec.scripts:  # only directories and links: finalize alone
-            args = ["--parsable", f"--output={os.fsdecode(spec.logs['finalize'])}"]
+            args = ["--parsable", "--export=ALL",
+                    f"--output={os.fsdecode(spec.logs['finalize'])}"]
             if spec.dependency:
                 args += [f"--dependency={spec.dependency}", "--kill-on-invalid-dep=yes"]
             return Submitted(None, self._sbatch(*args, spec.scripts["finalize.sh"]))
@@ -109,7 +110,8 @@ class SlurmBackend(Backend):
             # afterany: finalize runs also when tasks failed, to record why and clean up;
             # it then exits non-zero so afterok chains on it never start.
             try:
-                final_id = self._sbatch("--parsable", f"--dependency=afterany:{array_id}",
+                final_id = self._sbatch("--parsable", "--export=ALL",
+                                        f"--dependency=afterany:{array_id}",
                                         f"--output={os.fsdecode(spec.logs['finalize'])}",
                                         spec.scripts["finalize.sh"])
             except SchedulerError:
@@ -122,7 +124,7 @@ class SlurmBackend(Backend):
         """More tasks than one array may hold: submit the final job held, the first chunk
         and a feeder that submits the next chunk when this one ends (and so on), then
         point the final job at them. The final id the user chains on never changes."""
-        final_id = self._sbatch("--parsable", "--hold",
+        final_id = self._sbatch("--parsable", "--hold", "--export=ALL",
                                 f"--output={os.fsdecode(spec.logs['finalize'])}",
                                 spec.scripts["finalize.sh"])
         submitted = [final_id]
@@ -149,9 +151,16 @@ class SlurmBackend(Backend):
         return self._sbatch(*args, script)
 
     def submit_feeder(self, script, log, after, chunk_index, chunk, final_id):
-        return self._sbatch("--parsable", f"--dependency=afterany:{after}",
+        return self._sbatch("--parsable", "--export=ALL", f"--dependency=afterany:{after}",
                             f"--output={os.fsdecode(log)}", script,
                             str(chunk_index), str(chunk), final_id)
+
+    def submit_after(self, script, final_id):
+        """`--then`: sbatch SCRIPT after the final job, afterok. Its own #SBATCH lines
+        decide the rest (partition, --export, output); if the transfer fails, Slurm
+        removes it (--kill-on-invalid-dep) rather than leave it pending for good."""
+        return self._sbatch("--parsable", f"--dependency=afterok:{final_id}",
+                            "--kill-on-invalid-dep=yes", script)
 
     @staticmethod
     def point_final(final_id, *after):

@@ -7,6 +7,8 @@
 #SBATCH --account=proj_1
 #SBATCH --qos=normal
 #SBATCH --time=1-00:00:00
+#SBATCH --mail-type=END
+#SBATCH --mail-user=ops@example.org
 #SBATCH --mem=4G
 
 set -eu

@@ -7,6 +7,8 @@
 #SBATCH --account=proj_1
 #SBATCH --qos=normal
 #SBATCH --time=1-00:00:00
+#SBATCH --mail-type=BEGIN
+#SBATCH --mail-user=ops@example.org
 #SBATCH --mem=4G
 #SBATCH --array=0-4%3
 #SBATCH --requeue

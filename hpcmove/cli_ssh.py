@@ -1,0 +1,170 @@
+"""Remote-host commands: `hpcmove socket open|list|check|close` and `hpcmove auth JOB`.
+A thin click layer over hpcmove.ssh and hpcmove.jobs, registered by cli.py."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import click
+
+from . import db, jobs, ssh
+from .errors import HpcmoveError
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except HpcmoveError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@click.group("socket", short_help="SSH control sockets that batch jobs reuse.")
+def socket_():
+    """SSH control sockets (ControlMaster) for remote transfers.
+
+    Open one on the data-transfer node before submitting to or from a remote host: you
+    authenticate once (agent or passphrase), and the batch tasks reuse the connection
+    without any credential. hpcmove never stores a key, passphrase or password. While
+    the socket lives, anything running as you on that node can reach the host as you:
+    keep --ttl short and close it when done.
+
+    \b
+    Examples:
+      hpcmove socket open --on dtn1 --ttl 2h alice@archive.example
+      hpcmove socket list --json
+      hpcmove socket close archive.example
+    """
+
+
+def _here(node):
+    """True when NODE is this machine (so the master can start here)."""
+    if not node or node == ssh.this_node():
+        return True
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    import socket as socketlib
+    names = {socketlib.gethostname(), socketlib.getfqdn(), "localhost", "127.0.0.1"}
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    return fields.get("NodeHostName") in names or fields.get("NodeAddr") in names
+
+
+@socket_.command("open")
+@click.argument("host", metavar="[USER@]HOST")
+@click.option("--on", "node", default="", metavar="NODE",
+              help="The node the transfer tasks run on (a DTN); their tasks are pinned to it.")
+@click.option("--ttl", default=ssh.DEFAULT_TTL, show_default=True,
+              help="How long the socket lives (ssh ControlPersist), e.g. 30m, 8h.")
+@click.option("-o", "ssh_options", multiple=True, metavar="OPTION",
+              help="Further ssh option for the master, e.g. -o Port=2222.")
+def socket_open(host, node, ttl, ssh_options):
+    """Open a control socket for HOST (your agent, or your passphrase).
+
+    \b
+    Examples:
+      hpcmove socket open archive.example
+      hpcmove socket open --on dtn1 --ttl 30m alice@archive.example
+    """
+    if not _here(node):  # start it on that node, over ssh, with a terminal for the prompt
+        argv = ["ssh", "-t", node, "hpcmove", "socket", "open", "--on", node, "--ttl", ttl,
+                *[x for o in ssh_options for x in ("-o", o)], host]
+        sys.exit(subprocess.run(argv).returncode)
+    db.connect()
+    extra = [x for o in ssh_options for x in ("-o", o)]
+    row = _run(ssh.open_socket, host, ttl=ttl, node=node, extra_options=extra)
+    click.echo(f"socket {row.id} for {host} on {row.node}: {os.fsdecode(row.path)} "
+               f"(until {time.strftime('%Y-%m-%d %H:%M', time.localtime(row.expires))})")
+
+
+@socket_.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.option("--all", "show_all", is_flag=True, help="Include closed sockets.")
+def socket_list(as_json, show_all):
+    """Your control sockets, and whether each still answers.
+
+    Shows host, node, time left and path of each.
+
+    \b
+    Examples:
+      hpcmove socket list
+      hpcmove socket list --json | jq '.[] | select(.state == "live") | .host'
+    """
+    db.connect()
+    rows = [ssh.describe(r) for r in ssh.sockets(include_closed=show_all)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['id']:>4}  {r['state']:<6} {r['host']:<30} {r['node'] or '-':<10} "
+                   f"{r['seconds_left'] // 60:>5} min  {r['path']}")
+
+
+@socket_.command("check")
+@click.argument("ident", metavar="HOST|ID")
+def socket_check(ident):
+    """Exit 0 when the socket for HOST (or ID) answers, 1 when not.
+
+    \b
+    Examples:
+      hpcmove socket check archive.example || hpcmove socket open archive.example
+    """
+    db.connect()
+    row = _run(ssh.find, ident)
+    state = ssh.describe(row)["state"]
+    click.echo(f"{row.host}: {state} ({os.fsdecode(row.path)})")
+    sys.exit(0 if state == "live" else 1)
+
+
+@socket_.command("close")
+@click.argument("ident", metavar="HOST|ID")
+def socket_close(ident):
+    """Stop the master for HOST (or socket ID) now and forget it.
+
+    \b
+    Examples:
+      hpcmove socket close archive.example
+    """
+    db.connect()
+    row = _run(ssh.find, ident)
+    ssh.close_socket(row)
+    click.echo(f"closed socket {row.id} for {row.host}")
+
+
+@click.command("auth", short_help="Open the socket again for an AuthRequired job; resume it.")
+@click.argument("job_id", metavar="JOB")
+@click.option("--ttl", default=ssh.DEFAULT_TTL, show_default=True, help="Lifetime of the socket.")
+def auth(job_id, ttl):
+    """Resume JOB, stopped in AuthRequired because its control socket went away.
+
+    Opens the socket again (your agent or passphrase) unless a live one exists, then
+    resubmits only the slices that are not Done.
+
+    \b
+    Examples:
+      hpcmove auth hm-42
+    """
+    db.connect()
+    job = _run(jobs.find, job_id)
+    options = json.loads(job.options)
+    far = options.get("remote")
+    if not far:
+        raise click.ClickException(f"{job.label} has no remote host")
+    host, node = far["host"], far.get("node", "")
+    if not _here(node):
+        raise click.ClickException(f"run this on {node}, where the job's socket must live")
+    try:
+        path, node = ssh.choose(host)
+    except ssh.SocketError:
+        row = _run(ssh.open_socket, host, ttl=ttl, node=node)
+        path, node = os.fsdecode(row.path), row.node
+    job = _run(jobs.auth, job, path, node)
+    new = job[0] if isinstance(job, tuple) else job
+    click.echo(f"{new.label}: resumed with socket {path}; final {new.final_id}")
+
+
+def register(group):
+    group.add_command(socket_)
+    group.add_command(auth)

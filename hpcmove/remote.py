@@ -1,0 +1,465 @@
+"""Remote endpoints (`[user@]host:path`, as scp writes them) and the shell commands run
+on the remote host through an SSH control socket.
+
+The remote side needs only sshd, a POSIX shell, coreutils and find: slices move with
+`dd` at byte offsets, are hashed there with `xxhsum -H2` when it is installed (the same
+xxh3-128 hpcmove uses everywhere) or `cksum` (coreutils' CRC) otherwise, and placement
+is a generated shell script of mkdir/chmod/touch/mv. Every path in a command is quoted
+by construction (`q`), as bytes, so any name - spaces, quotes, newlines, `$(...)`,
+leading '-', non-UTF-8 - reaches the remote shell as one literal word.
+
+The pure part (parsing, quoting, command and script text) is separate from `Remote`,
+which runs commands.
+"""
+import os
+import re
+import stat
+import subprocess
+from dataclasses import dataclass
+
+from .errors import HpcmoveError, PlanError, TransferError
+
+SUMS = ("xxh128", "cksum")  # remote checksum programs, fastest first
+DD_BS = b"1M"
+
+
+class AuthRequired(TransferError):
+    """The control socket is gone: a person must open it again (`hpcmove auth JOB`)."""
+
+    auth = True
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str  # '' for a local path; else [user@]host as written
+    path: bytes
+
+    @property
+    def remote(self):
+        return bool(self.host)
+
+    def __str__(self):
+        p = os.fsdecode(self.path)
+        return f"{self.host}:{p}" if self.host else p
+
+
+_HOST = re.compile(r"^(?:[A-Za-z0-9._+-]+@)?(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])$")
+
+
+def parse(arg):
+    """`[user@]host:path` -> remote Endpoint; anything else is a local path. As with scp,
+    a colon after a '/' (`./a:b`, `/x/y:z`) is part of a local name."""
+    raw = os.fsencode(arg)
+    bracket = raw.find(b"]:") if b"@[" in raw or raw.startswith(b"[") else -1
+    colon = bracket + 1 if bracket > 0 else raw.find(b":")
+    slash = raw.find(b"/")
+    if colon <= 0 or (0 <= slash < colon):
+        return Endpoint("", raw)
+    host = os.fsdecode(raw[:colon])
+    if not _HOST.match(host):
+        raise PlanError(f"not a valid remote host in {os.fsdecode(raw)!r}: {host!r}")
+    path = raw[colon + 1:] or b"."
+    return Endpoint(host, path)
+
+
+def q(value):
+    """One shell word, single-quoted, for any bytes (or str)."""
+    if isinstance(value, str):
+        value = os.fsencode(value)
+    return b"'" + value.replace(b"'", b"'\\''") + b"'"
+
+
+def word(path):
+    """A path as an operand: a leading '-' would be read as an option by find and others."""
+    return b"./" + path if path.startswith(b"-") else path
+
+
+# --- commands (pure: bytes of shell text) -------------------------------------------
+
+def sum_cmd(kind):
+    """Reads stdin, prints the digest first on its line."""
+    return b"xxhsum -H2" if kind == "xxh128" else b"cksum"
+
+
+def sums_cmd(kind):
+    """Digests of the files named after it, one line each: 'HASH  NAME' or 'CRC LEN NAME'."""
+    return b"xxhsum -H2" if kind == "xxh128" else b"cksum"
+
+
+def parse_sums(out, names, kind):
+    """{name: digest} from sums_cmd's output for `names` in order. Names are matched as
+    printed (any bytes, newlines too), so nothing is guessed; a name whose line is
+    missing (unreadable file) is absent from the result."""
+    found, pos = {}, 0
+    fields = 1 if kind == "xxh128" else 2
+    for name in names:
+        name = os.fsencode(name)
+        start = pos
+        parts = []
+        for _ in range(fields):
+            end = out.find(b" ", pos)
+            if end < 0:
+                return found
+            parts.append(out[pos:end])
+            pos = end + 1
+        if kind == "xxh128":
+            pos += 1  # two spaces
+        if out[pos:pos + len(name) + 1] != name + b"\n":
+            pos = start  # no line for this name (unreadable): try the next name here
+            continue
+        pos += len(name) + 1
+        found[name] = parts[0].decode() if kind == "xxh128" else \
+            "cksum:%s/%s" % (parts[0].decode(), parts[1].decode())
+    return found
+
+
+def read_cmd(path, offset, length):
+    return (b"dd if=" + q(path) + b" bs=" + DD_BS + b" skip=%d count=%d "
+            b"iflag=skip_bytes,count_bytes status=none" % (offset, length))
+
+
+def write_cmd(path, offset, kind, length):
+    """Write stdin at `offset` of `path` (created 0600), then print the digest of what is
+    now on the remote disk for that range: the remote side's verification."""
+    return (b"umask 077 && dd of=" + q(path) + b" bs=" + DD_BS + b" seek=%d "
+            b"oflag=seek_bytes conv=notrunc status=none && " % offset
+            + read_cmd(path, offset, length) + b" | " + sum_cmd(kind))
+
+
+def digest_cmd(path, offset, length, kind, size=None, mtime=False):
+    """Digest of a range; with mtime, first a line 'SIZE MTIME' of the file (lstat), so a
+    source that changed since planning is caught in the same call."""
+    head = b""
+    if mtime:
+        head = b"stat -c '%s %.9Y' -- " + q(word(path)) + b" && "
+    return head + read_cmd(path, offset, length) + b" | " + sum_cmd(kind)
+
+
+def digests_script(ranges, kind):
+    """One script printing a digest line per (path, offset, length), 'ERR' when unreadable."""
+    lines = [b"{ " + read_cmd(p, o, n) + b" | " + sum_cmd(kind) + b"; } 2>/dev/null"
+             b" || echo ERR" for p, o, n in ranges]
+    return b"\n".join(lines) + b"\n"
+
+
+def parse_digest(out, kind):
+    """The hex digest from xxhsum/cksum output (cksum: CRC and length, as one token)."""
+    fields = out.split()
+    if kind == "xxh128":
+        return fields[0].decode() if fields else ""
+    return "cksum:%s/%s" % (fields[0].decode(), fields[1].decode()) if len(fields) >= 2 else ""
+
+
+FIND_FORMAT = r"%y\0%s\0%m\0%T@\0%D\0%i\0%n\0%l\0%p\0"
+_FIELDS = 9
+
+
+@dataclass(slots=True)
+class RemoteStat:
+    """What find printed for one remote path, shaped like os.stat_result where it matters."""
+
+    st_mode: int
+    st_size: int
+    st_mtime_ns: int
+    st_dev: int
+    st_ino: int
+    st_nlink: int
+    link_target: bytes
+    path: bytes
+
+
+_TYPES = {b"f": stat.S_IFREG, b"d": stat.S_IFDIR, b"l": stat.S_IFLNK}
+
+
+def mtime_ns(text):
+    sec, _, frac = text.partition(b".")
+    return int(sec) * 1_000_000_000 + int((frac[:9] or b"0").ljust(9, b"0"))
+
+
+def parse_find(out):
+    """Records of `find ... -printf FIND_FORMAT`, in find's order."""
+    parts = out.split(b"\0")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    if len(parts) % _FIELDS:
+        raise PlanError("unexpected output from find on the remote host")
+    records = []
+    for i in range(0, len(parts), _FIELDS):
+        y, size, mode, mt, dev, ino, nlink, link, path = parts[i:i + _FIELDS]
+        kind = _TYPES.get(y, stat.S_IFIFO)  # anything else is skipped as special
+        records.append(RemoteStat(kind | int(mode, 8), int(size), mtime_ns(mt), int(dev),
+                                  int(ino), int(nlink), link, path))
+    return records
+
+
+def find_cmd(paths):
+    return (b"LC_ALL=C find " + b" ".join(q(word(p)) for p in paths)
+            + b" -printf " + q(FIND_FORMAT.encode()))
+
+
+def _touch(path, ns, link=False):
+    stamp = b"@%d.%09d" % divmod(ns, 1_000_000_000)
+    return b"touch -m " + (b"-h " if link else b"") + b"-d " + stamp + b" -- " + q(word(path))
+
+
+def place_script(files, spools):
+    """All-or-nothing placement on the remote host, as finalize does it locally: first
+    every conflict is looked for (exit 3, nothing moved), then directories, files, links,
+    then directory metadata deepest first; the spool directories go last.
+    `files` have kind, index, dst, spool, mode, mtime_ns, link_target, link_to."""
+    from .plan import DIR, FILE, HARDLINK, SYMLINK
+    out = [b"set -e"]
+    for f in files:
+        d = q(word(f.dst))
+        if f.kind == DIR:
+            out.append(b"if [ -e " + d + b" ] && [ ! -d " + d + b" ]; then echo CONFLICT "
+                       + d + b" is not a directory; exit 3; fi")
+        else:
+            out.append(b"if [ -d " + d + b" ] && [ ! -L " + d + b" ]; then echo CONFLICT "
+                       + d + b" is a directory; exit 3; fi")
+    by_index = {f.index: f for f in files}
+    dirs = [f for f in files if f.kind == DIR]
+    for f in dirs:
+        out.append(b"mkdir -p -m 0700 -- " + q(word(f.dst)))
+    for f in files:
+        tmp = os.path.join(f.spool, b"%d" % f.index)
+        if f.kind == FILE:
+            out += [b"chmod %o -- " % f.mode + q(tmp), _touch(tmp, f.mtime_ns)]
+        elif f.kind == SYMLINK:
+            out += [b"ln -s -- " + q(f.link_target) + b" " + q(tmp),
+                    _touch(tmp, f.mtime_ns, link=True)]
+        elif f.kind == HARDLINK:
+            out.append(b"ln -- " + q(word(by_index[f.link_to].dst)) + b" " + q(tmp))
+        else:
+            continue
+        out.append(b"mv -f -T -- " + q(tmp) + b" " + q(word(f.dst)))
+    for f in sorted(dirs, key=lambda d: -d.dst.count(b"/")):
+        out += [b"chmod %o -- " % f.mode + q(word(f.dst)), _touch(f.dst, f.mtime_ns)]
+    out += [b"rm -rf -- " + q(word(s)) for s in spools]
+    return b"\n".join(out) + b"\nexit 0\n"
+
+
+# The same placement as place_script, in one python3 process on the remote host (a
+# shell spawns several processes per file). Paths arrive hex-encoded in JSON on stdin.
+PLACE_PY = """
+import json, os, stat, sys
+h = bytes.fromhex
+fs = json.load(sys.stdin)
+for f in fs:
+    try:
+        st = os.lstat(h(f["dst"]))
+    except FileNotFoundError:
+        continue
+    if (f["kind"] == "dir") != stat.S_ISDIR(st.st_mode):
+        print("CONFLICT", os.fsdecode(h(f["dst"])), "is", "not a directory"
+              if f["kind"] == "dir" else "a directory")
+        sys.exit(3)
+by = {f["index"]: f for f in fs}
+dirs = [f for f in fs if f["kind"] == "dir"]
+for f in dirs:
+    os.makedirs(h(f["dst"]), 0o700, exist_ok=True)
+for f in fs:
+    tmp, dst, t = os.path.join(h(f["spool"]), b"%d" % f["index"]), h(f["dst"]), f["mtime_ns"]
+    if f["kind"] == "file":
+        os.chmod(tmp, f["mode"])
+        os.utime(tmp, ns=(t, t))
+    elif f["kind"] == "symlink":
+        os.symlink(h(f["link_target"]), tmp)
+        os.utime(tmp, ns=(t, t), follow_symlinks=False)
+    elif f["kind"] == "hardlink":
+        os.link(h(by[f["link_to"]]["dst"]), tmp)
+    else:
+        continue
+    os.rename(tmp, dst)
+for f in sorted(dirs, key=lambda f: -h(f["dst"]).count(b"/")):
+    os.chmod(h(f["dst"]), f["mode"])
+    os.utime(h(f["dst"]), ns=(f["mtime_ns"], f["mtime_ns"]))
+"""
+
+
+def place_ops(files):
+    import json
+    return json.dumps([{"kind": f.kind, "index": f.index, "dst": f.dst.hex(),
+                        "spool": f.spool.hex(), "mode": f.mode, "mtime_ns": f.mtime_ns,
+                        "link_target": (f.link_target or b"").hex(), "link_to": f.link_to}
+                       for f in files]).encode()
+
+
+def stat_script(paths):
+    """One line 'SIZE MTIME' per path (lstat), or 'MISSING'."""
+    return b"".join(b"stat -c '%s %.9Y' -- " + q(word(p)) + b" 2>/dev/null || echo MISSING\n"
+                    for p in paths)
+
+
+def remove_script(files):
+    """--move on a remote source: files, then directories deepest first (kept if not empty)."""
+    from .plan import DIR
+    out = [b"rm -f -- " + q(word(f.src)) for f in files if f.kind != DIR]
+    out += [b"rmdir -- " + q(word(f.src)) + b" 2>/dev/null || true"
+            for f in sorted((f for f in files if f.kind == DIR), key=lambda d: -d.src.count(b"/"))]
+    return b"\n".join(out) + b"\n"
+
+
+# --- running commands ----------------------------------------------------------------
+
+def ssh_argv(socket, host):
+    """ssh through an existing control socket only: no prompt, no new master. Should the
+    socket be gone, BatchMode makes the fallback connection fail instead of asking."""
+    return ["ssh", "-S", os.fsdecode(socket), "-o", "ControlMaster=no", "-o", "BatchMode=yes",
+            "-o", "ServerAliveInterval=30", "-T", "-x", host, "--"]
+
+
+class Remote:
+    """Commands on one remote host through a control socket."""
+
+    def __init__(self, host, socket):
+        self.host, self.socket = host, socket
+
+    def argv(self, command):
+        # ssh joins its arguments with spaces for the remote shell: pass one word of text
+        return ssh_argv(self.socket, self.host) + [os.fsdecode(command)]
+
+    def alive(self):
+        if not os.path.exists(self.socket):
+            return False
+        done = subprocess.run(["ssh", "-S", os.fsdecode(self.socket), "-O", "check", self.host],
+                              capture_output=True)
+        return done.returncode == 0
+
+    def check_alive(self):
+        if not self.alive():
+            raise AuthRequired(f"auth-required: the control socket {os.fsdecode(self.socket)} "
+                               f"for {self.host} is gone")
+
+    def run(self, command, input=b"", check=True):
+        """(exit code, stdout, stderr) of a shell command on the remote host."""
+        done = subprocess.run(self.argv(command), input=input, capture_output=True)
+        if done.returncode == 255:
+            self.check_alive()
+        if check and done.returncode != 0:
+            raise HpcmoveError(f"on {self.host}: command failed (exit {done.returncode}): "
+                               f"{done.stderr.decode(errors='replace').strip()}")
+        return done.returncode, done.stdout, done.stderr
+
+    def script(self, text, check=True):
+        """Run a generated script with `sh -s`, the script on stdin."""
+        return self.run(b"sh -s", input=text, check=check)
+
+    def probe(self):
+        """What the remote host offers beyond coreutils, in one call: the checksum
+        program ('xxh128' with xxhsum, else 'cksum'), python3 (fast placement) and the
+        home directory (relative remote paths are made absolute against it)."""
+        _code, out, _err = self.run(b"pwd; command -v xxhsum || echo -; "
+                                    b"command -v python3 || echo -", check=False)
+        lines = out.splitlines() + [b"-"] * 3
+        return {"sum": "xxh128" if lines[1] != b"-" else "cksum",
+                "python": lines[2] != b"-", "home": os.fsdecode(lines[0])}
+
+    def is_dir(self, path):
+        return self.run(b"test -d " + q(word(path)), check=False)[0] == 0
+
+    def find(self, paths):
+        code, out, err = self.run(find_cmd(paths), check=False)
+        if code != 0:
+            raise PlanError(f"cannot read source on {self.host}: "
+                            f"{err.decode(errors='replace').strip()}")
+        return parse_find(out)
+
+
+def _norm(path):
+    return path.rstrip(b"/") or b"/"
+
+
+class RemoteTree:
+    """A remote host's source trees, listed once with find, read like LocalTree."""
+
+    def __init__(self, records):
+        self.stats, self.kids = {}, {}
+        for r in records:
+            key = _norm(r.path)
+            if key in self.stats:
+                continue  # a root listed twice (nested sources)
+            self.stats[key] = r
+            parent = os.path.dirname(key)
+            if parent in self.stats and parent != key:
+                self.kids.setdefault(parent, []).append(r)
+
+    @classmethod
+    def listing(cls, remote, sources):
+        """One find per source root (its records first, then what is below it)."""
+        records = []
+        for src in sources:
+            records += remote.find([src])
+        return cls(records)
+
+    def lstat(self, path):
+        try:
+            return self.stats[_norm(word(path))]
+        except KeyError:
+            raise FileNotFoundError(2, "No such file or directory", os.fsdecode(path)) from None
+
+    def readlink(self, path):
+        return self.lstat(path).link_target
+
+    def isdir(self, path):
+        try:
+            return stat.S_ISDIR(self.lstat(path).st_mode)
+        except FileNotFoundError:
+            return False
+
+    def children(self, path):
+        found = self.kids.get(_norm(word(path)), [])
+        return sorted(((os.path.basename(r.path), r.path, r) for r in found),
+                      key=lambda c: c[0])
+
+
+class Far:
+    """The remote end of a job (from its recorded options): what finalize and cancel do
+    there. `side` is 'dst' for a push, 'src' for a pull."""
+
+    def __init__(self, host, socket, side, python=False):
+        self.remote, self.side, self.python = Remote(host, os.fsencode(socket)), side, python
+
+    def source_stats(self, files):
+        """{file id: (size, mtime_ns) or None} of the remote sources, in one call."""
+        from .plan import FILE
+        regular = [f for f in files if f.kind == FILE]
+        if not regular:
+            return {}
+        _code, out, _err = self.remote.script(stat_script([f.src for f in regular]),
+                                              check=False)
+        stats = {}
+        lines = out.splitlines()
+        for f, line in zip(regular, lines + [b"MISSING"] * (len(regular) - len(lines))):
+            fields = line.split()
+            stats[f.id] = None if len(fields) != 2 else (int(fields[0]), mtime_ns(fields[1]))
+        return stats
+
+    def place(self, files, python=False):
+        """Place on the remote host (python3 there does it in one process, else a shell
+        script); {file id: reason} when it could not (nothing placed then)."""
+        if python:
+            code, out, err = self.remote.run(b"python3 -c " + q(PLACE_PY),
+                                             input=place_ops(files), check=False)
+        else:
+            code, out, err = self.remote.script(place_script(files, []), check=False)
+        if code == 0:
+            return {}
+        text = (out + err).decode(errors="replace").strip().splitlines()
+        reason = text[-1] if text else f"exit {code}"
+        return {files[0].id: f"on {self.remote.host}: cannot place: {reason}"}
+
+    def remove_spools(self, files):
+        spools = sorted({f.spool for f in files})
+        if spools and self.remote.alive():
+            self.remote.run(b"rm -rf -- " + b" ".join(q(word(s)) for s in spools), check=False)
+
+    def make_spools(self, spools):
+        self.remote.run(b"umask 077 && mkdir -- " + b" ".join(q(word(s)) for s in spools))
+
+
+def of_job(job):
+    import json
+    options = json.loads(job.options or "{}")
+    r = options.get("remote")
+    return Far(r["host"], r["socket"], r["side"], r.get("python", False)) if r else None

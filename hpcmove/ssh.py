@@ -1,0 +1,193 @@
+"""The control-socket helper: SSH ControlMaster sockets that batch jobs reuse, so no one
+has to type a passphrase on a data-transfer node.
+
+`hpcmove socket open HOST` runs `ssh -M` once, interactively (your agent or your
+passphrase), on the node where the transfer tasks will run. The master stays up for
+--ttl (ControlPersist) and every transfer session is multiplexed over its one
+authenticated connection. hpcmove records where the socket is and until when; it never
+sees or stores a key, passphrase or password.
+
+The trade-off (as the ffv FAQ puts it): while the socket lives, anything running as you
+on that node can reach HOST as you without a credential. So sockets live in a directory
+only you can enter (0700, on the node's local /run or /tmp, never a shared file
+system), each socket is 0600, the default lifetime is short, and `hpcmove socket close`
+ends it at once.
+"""
+import getpass
+import hashlib
+import os
+import socket as socketlib
+import stat
+import subprocess
+import time
+
+from . import db
+from .errors import UsageError
+from .units import parse_duration
+
+DEFAULT_TTL = "4h"
+# AES-GCM runs on the CPU's AES instructions: on the order of twice chacha20's rate on
+# one core, and a control master's single connection is one core's worth of cipher.
+CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
+
+
+class SocketError(UsageError):
+    """A control socket is missing, dead, or not safe to use."""
+
+
+def socket_dir(env=os.environ):
+    """The user's socket directory, node-local: $HPCMOVE_SOCKET_DIR, else
+    $XDG_RUNTIME_DIR/hpcmove, else /tmp/hpcmove-<uid>. Created 0700; refused when it
+    is not ours or others can enter it."""
+    path = env.get("HPCMOVE_SOCKET_DIR") or (
+        os.path.join(env["XDG_RUNTIME_DIR"], "hpcmove") if env.get("XDG_RUNTIME_DIR")
+        else f"/tmp/hpcmove-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    check_private_dir(path)
+    return path
+
+
+def check_private_dir(path):
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise SocketError(f"socket directory {path} is not a directory owned by you: refused")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise SocketError(f"socket directory {path} is open to others "
+                          f"(mode {stat.S_IMODE(st.st_mode):04o}; must be 0700): refused")
+
+
+def check_socket(path):
+    """A socket that is ours, 0600 or tighter, in a private directory; else SocketError."""
+    path = os.fsdecode(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise SocketError(f"no control socket at {path}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketError(f"{path} is not a socket: refused")
+    if st.st_uid != os.getuid():
+        raise SocketError(f"control socket {path} is owned by uid {st.st_uid}, not you "
+                          f"({os.getuid()}): refused")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise SocketError(f"control socket {path} is open to others "
+                          f"(mode {stat.S_IMODE(st.st_mode):04o}): refused")
+    check_private_dir(os.path.dirname(path) or ".")
+    return path
+
+
+def socket_path(host, directory):
+    """Short (sun_path holds 108 bytes) and distinct per host."""
+    digest = hashlib.sha256(host.encode()).hexdigest()[:10]
+    safe = "".join(c if c.isalnum() or c in ".-_@" else "_" for c in host)[:40]
+    return os.path.join(directory, f"{safe}-{digest}.sock")
+
+
+def alive(path, host):
+    done = subprocess.run(["ssh", "-S", os.fsdecode(path), "-O", "check", host],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+def this_node():
+    return os.environ.get("SLURMD_NODENAME") or socketlib.gethostname()
+
+
+def parse_ttl(text):
+    """'90s', '30m', '8h', '1d' (as ssh's ControlPersist), or Slurm's time syntax."""
+    t = str(text).strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if t and t[-1] in units:
+            return int(t[:-1]) * units[t[-1]]
+        return parse_duration(t) or 0
+    except ValueError:
+        raise UsageError(f"not a lifetime: {text!r} (e.g. 30m, 8h)") from None
+
+
+def open_socket(host, ttl=DEFAULT_TTL, node="", extra_options=(), run=subprocess.run):
+    """Start a ControlMaster for `host` here (interactive: agent or passphrase) and
+    record it. Returns the db.ControlSocket row."""
+    seconds = parse_ttl(ttl)
+    if seconds <= 0:
+        raise UsageError("--ttl must be positive")
+    path = socket_path(host, socket_dir())
+    if os.path.lexists(path):
+        if alive(path, host):
+            check_socket(path)
+            raise SocketError(f"a control socket for {host} is already open at {path}; "
+                              f"`hpcmove socket close {host}` first")
+        os.unlink(path)  # a stale socket left by a master that died
+    argv = ["ssh", "-M", "-S", path, "-o", f"ControlPersist={seconds}", "-o",
+            f"Ciphers={CIPHERS}", "-o", "Compression=no", "-o", "ServerAliveInterval=30",
+            *extra_options, "-f", "-N", host]
+    old = os.umask(0o077)
+    try:
+        done = run(argv)
+    finally:
+        os.umask(old)
+    if done.returncode != 0 or not os.path.exists(path):
+        raise SocketError(f"ssh could not open a control master for {host} "
+                          f"(exit {done.returncode})")
+    check_socket(path)
+    now = time.time()
+    db.ControlSocket.update(closed=True).where(
+        db.ControlSocket.owner == getpass.getuser(), db.ControlSocket.path == os.fsencode(path),
+        db.ControlSocket.closed == False).execute()  # noqa: E712 (peewee expression)
+    # '' = the host it was opened on, outside any batch system (no pinning)
+    node = node or os.environ.get("SLURMD_NODENAME", "")
+    return db.ControlSocket.create(owner=getpass.getuser(), host=host, node=node,
+                                   path=os.fsencode(path), opened=now, expires=now + seconds)
+
+
+def sockets(include_closed=False):
+    query = db.ControlSocket.select().where(db.ControlSocket.owner == getpass.getuser())
+    if not include_closed:
+        query = query.where(db.ControlSocket.closed == False)  # noqa: E712
+    return list(query.order_by(db.ControlSocket.id))
+
+
+def describe(row, check=True):
+    """A dict for `socket list` (--json fields are these)."""
+    now = time.time()
+    live = bool(check and not row.closed and row.expires > now and os.path.exists(row.path)
+                and alive(row.path, row.host))
+    return {"id": row.id, "host": row.host, "node": row.node, "path": os.fsdecode(row.path),
+            "opened": row.opened, "expires": row.expires,
+            "seconds_left": max(0, int(row.expires - now)),
+            "state": "closed" if row.closed else ("live" if live else "gone")}
+
+
+def find(ident):
+    """A socket row by id or host (the newest open one)."""
+    rows = [r for r in sockets() if str(r.id) == str(ident) or r.host == ident]
+    if not rows:
+        raise SocketError(f"no open control socket for {ident}; `hpcmove socket open {ident}`")
+    return rows[-1]
+
+
+def close_socket(row):
+    path = os.fsdecode(row.path)
+    if os.path.exists(path):
+        subprocess.run(["ssh", "-S", path, "-O", "exit", row.host], capture_output=True)
+    db.ControlSocket.update(closed=True).where(db.ControlSocket.id == row.id).execute()
+
+
+def choose(host, explicit=""):
+    """(socket path, node) for a transfer to `host`: the one named with -S, or the newest
+    live socket recorded for the host. The socket must be ours and private."""
+    if explicit:
+        path = check_socket(os.path.abspath(explicit))
+        if not alive(path, host):
+            raise SocketError(f"control socket {path} does not answer for {host}")
+        row = db.ControlSocket.get_or_none(db.ControlSocket.path == os.fsencode(path),
+                                           db.ControlSocket.closed == False)  # noqa: E712
+        return path, (row.node if row else "")
+    for row in reversed(sockets()):
+        if row.host == host and row.expires > time.time() and os.path.exists(row.path) \
+                and alive(row.path, host):
+            return check_socket(row.path), row.node
+    raise SocketError(f"no live control socket for {host}: run `hpcmove socket open {host}` "
+                      "(on the data-transfer node, with --on NODE) first, then submit")

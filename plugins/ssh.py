@@ -1,0 +1,427 @@
+"""The SSH engine: slices to (push) or from (pull) a remote host through a control socket.
+
+Push: the local slice is read once, hashed and written to `ssh HOST 'dd of=SPOOL seek=..'`;
+the remote side reads back what landed on its disk and hashes it; the two digests must
+agree. Pull: `dd if=SRC skip=..` streams the slice here, it is written to the local spool
+and read back for its digest, while a second session hashes the source range on the
+remote host (and reports the file's size and mtime, so a changed source is caught).
+
+Hashes: xxh3-128 (`xxhsum -H2`) when the remote host has xxhsum, else POSIX `cksum`
+(coreutils), computed here with zlib's CRC-32 over bit-reversed bytes.
+
+A task runs `streams` slices at once, each its own session on the control master: a
+stream that finishes early takes the next slice (next-available queueing).
+"""
+import os
+import subprocess
+import tarfile
+import time
+import zlib
+
+import xxhash
+
+from hpcmove import states
+from hpcmove.errors import TransferError
+from hpcmove.remote import AuthRequired, Remote, digest_cmd, digests_script, mtime_ns, \
+    parse_digest, parse_sums, q, read_cmd, sums_cmd, word, write_cmd
+from hpcmove_plugins.copy import BUFFER, CopyEngine
+
+# Whole files up to this size travel in bundles: one tar stream and one session for many
+# files, never one connection per file.
+BUNDLE_FILE_MAX = 4 << 20
+BUNDLE_FILES, BUNDLE_BYTES = 2000, 128 << 20
+_REV = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
+
+
+class Cksum:
+    """POSIX cksum (CRC-32, MSB first, length appended) as coreutils prints it."""
+
+    def __init__(self):
+        self.reg, self.n = 0xFFFFFFFF, 0  # zlib's start value for a zero register
+
+    def update(self, data):
+        self.reg = zlib.crc32(bytes(data).translate(_REV), self.reg)
+        self.n += len(data)
+
+    def hexdigest(self):
+        length, tail = self.n, bytearray()
+        while length:
+            tail.append(length & 0xFF)
+            length >>= 8
+        reg = zlib.crc32(bytes(tail).translate(_REV), self.reg) ^ 0xFFFFFFFF
+        return "cksum:%d/%d" % (int(f"{reg:032b}"[::-1], 2) ^ 0xFFFFFFFF, self.n)
+
+
+def new_sum(kind):
+    return xxhash.xxh3_128() if kind == "xxh128" else Cksum()
+
+
+def _close(stream):
+    try:
+        stream.close()
+    except BrokenPipeError:
+        pass
+
+
+class SshEngine(CopyEngine):
+    name = "ssh"
+
+    def __init__(self, buffer_size=BUFFER, bwlimit=0, remote=None, streams=2):
+        super().__init__(buffer_size, bwlimit)
+        remote = remote or {}
+        self.side = remote.get("side", "dst")  # which end is remote
+        self.kind = remote.get("sum", "cksum")
+        self.remote = Remote(remote.get("host", ""), os.fsencode(remote.get("socket", "")))
+        self.streams = max(1, int(streams))
+        self.gone = False  # the socket died: later slices need not try
+
+    @classmethod
+    def from_options(cls, options):
+        return cls(bwlimit=options.get("bwlimit", 0), remote=options.get("remote"),
+                   streams=options.get("streams", 2))
+
+    def fork(self):
+        """An engine for one more concurrent stream (its own buffer)."""
+        twin = type(self)(len(self.buf), self.bwlimit, streams=self.streams)
+        twin.side, twin.kind, twin.remote = self.side, self.kind, self.remote
+        return twin
+
+    # --- one slice ---------------------------------------------------------------
+
+    def copy_slice(self, work):
+        if self.gone:
+            raise AuthRequired("auth-required: the control socket is gone")
+        try:
+            return self._push(work) if self.side == "dst" else self._pull(work)
+        except AuthRequired:
+            self.gone = True
+            raise
+
+    def _failed(self, proc_code, stderr, what):
+        if proc_code == 255:
+            self.remote.check_alive()  # AuthRequired when the master is gone
+        message = stderr.decode(errors="replace").strip() or f"exit {proc_code}"
+        return TransferError(f"on {self.remote.host}: {what}: {message}", transient=True)
+
+    def _push(self, work):
+        src_fd, _st = self.open_source(work)
+        try:
+            proc = subprocess.Popen(self.remote.argv(write_cmd(work.dst, work.offset, self.kind,
+                                                               work.length)),
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+            h, mv = new_sum(self.kind), memoryview(self.buf)
+            pos, end = work.offset, work.offset + work.length
+            try:
+                while pos < end:
+                    n = os.preadv(src_fd, [mv[:min(len(mv), end - pos)]], pos)
+                    if n == 0:
+                        raise TransferError(f"source changed (shorter than planned): "
+                                            f"{os.fsdecode(work.src)}")
+                    h.update(mv[:n])
+                    proc.stdin.write(mv[:n])
+                    pos += n
+                    self._throttle(n)
+            except BrokenPipeError:
+                pass  # the remote end stopped reading: its exit code says why
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            finally:
+                _close(proc.stdin)
+                proc.stdin = None
+            out, err = proc.communicate()
+        except OSError as e:
+            raise self._error(e, work.src) from e
+        finally:
+            os.close(src_fd)
+        if proc.returncode != 0:
+            raise self._failed(proc.returncode, err, f"writing {os.fsdecode(work.dst)}")
+        return h.hexdigest(), parse_digest(out, self.kind)
+
+    def _pull(self, work):
+        check = subprocess.Popen(self.remote.argv(digest_cmd(work.src, work.offset, work.length,
+                                                             self.kind, mtime=True)),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            self._receive(work)
+        finally:
+            out, err = check.communicate()
+        if check.returncode != 0:
+            raise self._failed(check.returncode, err, f"reading {os.fsdecode(work.src)}")
+        first, _, rest = out.partition(b"\n")
+        size, mtime = first.split()
+        if int(size) != work.size or mtime_ns(mtime) != work.mtime_ns:
+            raise TransferError(f"source changed since it was planned: "
+                                f"{self.remote.host}:{os.fsdecode(work.src)}")
+        return parse_digest(rest, self.kind), self._local_digest(work.dst, work.offset,
+                                                                 work.length)
+
+    def _receive(self, work):
+        proc = subprocess.Popen(self.remote.argv(read_cmd(work.src, work.offset, work.length)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            dst_fd = os.open(work.dst, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            proc.kill()
+            proc.wait()
+            raise self._error(e, work.dst) from e
+        try:
+            if os.fstat(dst_fd).st_size != work.size:
+                os.ftruncate(dst_fd, work.size)
+            mv, pos, end = memoryview(self.buf), work.offset, work.offset + work.length
+            while pos < end:
+                n = proc.stdout.readinto(mv[:min(len(mv), end - pos)])
+                if not n:
+                    break
+                written = 0
+                while written < n:
+                    written += os.pwritev(dst_fd, [mv[written:n]], pos + written)
+                pos += n
+                self._throttle(n)
+        except OSError as e:
+            proc.kill()
+            raise self._error(e, work.dst) from e
+        finally:
+            os.close(dst_fd)
+            _out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise self._failed(proc.returncode, err, f"reading {os.fsdecode(work.src)}")
+        if pos != end:
+            raise TransferError(f"source changed (shorter than planned): "
+                                f"{self.remote.host}:{os.fsdecode(work.src)}")
+
+    def _local_digest(self, path, offset, length):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            h, mv, pos, end = new_sum(self.kind), memoryview(self.buf), offset, offset + length
+            while pos < end:
+                n = os.preadv(fd, [mv[:min(len(mv), end - pos)]], pos)
+                if n == 0:
+                    break
+                h.update(mv[:n])
+                pos += n
+            return h.hexdigest()
+        finally:
+            os.close(fd)
+
+    # --- digests of the destination side (finalize's integrity re-check) ------------
+
+    def digest(self, path, offset, length):
+        if self.side == "src":  # the destination is here
+            try:
+                return self._local_digest(path, offset, length)
+            except OSError as e:
+                raise self._error(e, path) from e
+        return self.digests([(path, offset, length)])[0]
+
+    def digests(self, ranges):
+        """Digest of each (path, offset, length[, file size]) on the destination side;
+        for a push, in one remote call: whole files named at once per directory
+        (xxhsum/cksum over many files), slices of larger files with dd."""
+        if self.side == "src":
+            return super().digests(ranges)
+        if not ranges:
+            return []
+        whole = [r for r in ranges if len(r) > 3 and r[1] == 0 and r[2] == r[3]]
+        parts = [r for r in ranges if not (len(r) > 3 and r[1] == 0 and r[2] == r[3])]
+        found = {}
+        if parts:
+            _code, out, _err = self.remote.script(digests_script([r[:3] for r in parts],
+                                                                 self.kind), check=False)
+            lines = out.splitlines()
+            for r, line in zip(parts, lines):
+                found[r[:3]] = parse_digest(line, self.kind) if line != b"ERR" else "unreadable"
+        by_dir = {}
+        for r in whole:
+            by_dir.setdefault(os.path.dirname(r[0]), []).append(r)
+        names, script = [], []
+        for d, rs in by_dir.items():
+            for chunk in (rs[i:i + 2000] for i in range(0, len(rs), 2000)):
+                base = [os.path.basename(r[0]) for r in chunk]
+                names += [(d, b) for b in base]
+                script.append(b"(cd " + q(word(d)) + b" && " + sums_cmd(self.kind) + b" -- "
+                              + b" ".join(q(word(b)) for b in base) + b") 2>/dev/null")
+        if script:
+            _code, out, _err = self.remote.script(b"\n".join(script) + b"\n", check=False)
+            sums = parse_sums(out, [word(b) for _d, b in names], self.kind)
+            for r in whole:
+                found[r[:3]] = sums.get(word(os.path.basename(r[0])), "unreadable")
+        return [found.get(r[:3], "unreadable") for r in ranges]
+
+    def already_there(self, work, dst):
+        return None, False  # --skip-existing is refused for remote endpoints
+
+    # --- bundles of small files ------------------------------------------------------
+
+    def units(self, items):
+        """Units of work for the task's streams: each large slice alone; small whole
+        files in bundles (by spool directory, up to BUNDLE_FILES / BUNDLE_BYTES)."""
+        single, bundles, current = [], {}, {}
+        for item in items:
+            whole = item["offset"] == 0 and item["length"] == item["size"]
+            if not whole or item["size"] > BUNDLE_FILE_MAX:
+                single.append([item])
+                continue
+            key = os.path.dirname(item["spool"])
+            unit, size = current.get(key, (None, 0))
+            if unit is None or len(unit) >= BUNDLE_FILES or size + item["size"] > BUNDLE_BYTES:
+                unit, size = [], 0
+                bundles.setdefault(key, []).append(unit)
+            unit.append(item)
+            current[key] = (unit, size + item["size"])
+        return single + [u for units in bundles.values() for u in units]
+
+    def copy_bundle(self, items):
+        """[(item, result)] for whole small files moved as one tar stream."""
+        start = time.monotonic()
+        if self.gone:
+            return [(i, _result(i, states.AUTH, "auth-required: the control socket is gone",
+                                start)) for i in items]
+        try:
+            got = self._push_bundle(items) if self.side == "dst" else self._pull_bundle(items)
+        except AuthRequired as e:
+            self.gone = True
+            return [(i, _result(i, states.AUTH, str(e), start)) for i in items]
+        except TransferError as e:  # the whole bundle: each file is tried alone next
+            return [(i, _result(i, states.WAIT, str(e), start)) for i in items]
+        seconds = (time.monotonic() - start) / max(1, len(items))
+        out = []
+        for item in items:
+            src, dst, reason = got.get(item["slice"], ("", "", "not in the bundle's output"))
+            state = states.DONE if src and src == dst else states.WAIT
+            out.append((item, dict(_result(item, state, "" if state == states.DONE else
+                                           reason or "verification failed", 0.0),
+                                   src=src, dst=dst, seconds=seconds)))
+        return out
+
+    def _push_bundle(self, items):
+        spool = os.path.dirname(items[0]["spool"])
+        names = [os.path.basename(i["spool"]) for i in items]
+        cmd = (b"umask 077 && tar -x -f - -C " + q(word(spool)) + b" --no-same-owner "
+               b"--no-same-permissions && cd " + q(word(spool)) + b" && " + sums_cmd(self.kind)
+               + b" -- " + b" ".join(q(n) for n in names))
+        proc = subprocess.Popen(self.remote.argv(cmd), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ours, problems = {}, {}
+        try:
+            with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.GNU_FORMAT,
+                              bufsize=len(self.buf), copybufsize=len(self.buf)) as tar:
+                for item, name in zip(items, names):
+                    try:
+                        ours[item["slice"]] = self._add(tar, item, name)
+                    except TransferError as e:
+                        problems[item["slice"]] = str(e)
+        except BrokenPipeError:
+            pass
+        finally:
+            _close(proc.stdin)
+            proc.stdin = None
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise self._failed(proc.returncode, err, f"writing a bundle into {os.fsdecode(spool)}")
+        theirs = parse_sums(out, [n for i, n in zip(items, names) if i["slice"] in ours],
+                            self.kind)
+        got = {}
+        for item, name in zip(items, names):
+            if item["slice"] in ours:
+                got[item["slice"]] = (ours[item["slice"]], theirs.get(name, ""), "")
+            else:
+                got[item["slice"]] = ("", "", problems.get(item["slice"], ""))
+        return got
+
+    def _add(self, tar, item, name):
+        """One source file into the tar stream under `name`; returns its digest."""
+        try:
+            f = open(item["src"], "rb", buffering=0, opener=_nofollow)
+        except OSError as e:
+            raise self._error(e, item["src"]) from e
+        with f:
+            st = os.fstat(f.fileno())
+            if st.st_size != item["size"] or st.st_mtime_ns != item["mtime_ns"]:
+                raise TransferError(f"source changed since it was planned: "
+                                    f"{os.fsdecode(item['src'])}")
+            data = f.read()  # small by construction (BUNDLE_FILE_MAX)
+        if len(data) != item["size"]:
+            raise TransferError(f"source changed while read: {os.fsdecode(item['src'])}")
+        h = new_sum(self.kind)
+        h.update(data)
+        info = tarfile.TarInfo(name.decode() if isinstance(name, bytes) else name)
+        info.size, info.mode = len(data), 0o600
+        import io
+        tar.addfile(info, io.BytesIO(data))
+        return h.hexdigest()
+
+    def _pull_bundle(self, items):
+        srcs = [i["src"] for i in items]
+        listing = b"\0".join(srcs) + b"\0"
+        sums = subprocess.Popen(self.remote.argv(b"xargs -0 " + sums_cmd(self.kind) + b" --"),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(self.remote.argv(b"tar -c -f - --null --verbatim-files-from -T - --no-recursion"),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        try:
+            proc.stdin.write(listing)
+        finally:
+            _close(proc.stdin)
+            proc.stdin = None
+        by_name = {_member(s): i for s, i in zip(srcs, items)}
+        ours = {}
+        try:
+            with tarfile.open(fileobj=proc.stdout, mode="r|", errors="surrogateescape",
+                              bufsize=len(self.buf)) as tar:
+                for member in tar:
+                    item = by_name.get(_member(member.name))
+                    if item is None or not member.isfile():
+                        continue
+                    data = tar.extractfile(member).read()
+                    ours[item["slice"]] = self._write_whole(item, data)
+        except tarfile.TarError as e:
+            proc.kill()
+            raise TransferError(f"on {self.remote.host}: bad bundle stream: {e}",
+                                transient=True) from e
+        finally:
+            _out, err = proc.communicate()
+        theirs_out, theirs_err = sums.communicate(listing)
+        if sums.returncode == 255 or proc.returncode == 255:
+            self.remote.check_alive()
+        theirs = parse_sums(theirs_out, srcs, self.kind)
+        got = {}
+        for item in items:
+            if item["slice"] not in ours:
+                got[item["slice"]] = ("", "", f"not received from {self.remote.host}: "
+                                              f"{err.decode(errors='replace').strip()}")
+                continue
+            got[item["slice"]] = (theirs.get(item["src"], ""), ours[item["slice"]], "")
+        return got
+
+    def _write_whole(self, item, data):
+        if len(data) != item["size"]:
+            return "size differs from the plan"
+        fd = os.open(item["spool"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        return self._local_digest(item["spool"], 0, item["size"])
+
+
+def _member(path):
+    """A path as tar names its member: no leading '/' or './'."""
+    path = os.fsencode(path)
+    while path.startswith((b"/", b"./")):
+        path = path[1:] if path.startswith(b"/") else path[2:]
+    return path
+
+
+def _nofollow(path, flags):
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _result(item, state, reason, start):
+    return {"slice": item["slice"], "state": state, "seconds": time.monotonic() - start
+            if start else 0.0, "attempts": 1, "src": "", "dst": "", "reason": reason}

@@ -1,0 +1,161 @@
+"""The pure side of remote endpoints: parsing, quoting, the generated shell text (run
+here by a real sh, on local directories), find output, and the cksum digest."""
+import os
+import subprocess
+
+import pytest
+
+from hpcmove import plan, remote
+from hpcmove.errors import PlanError
+from hpcmove_plugins.ssh import Cksum
+
+HOSTILE = [b"sp ace", b"qu'ote\"s", b"new\nline", b"$(touch PWNED)", b"`touch PWNED`",
+           b"-rf", b"--help", b"caf\xe9", b"semi;colon&"]
+
+
+@pytest.mark.parametrize("arg, host, path", [
+    ("archive:/store/x", "archive", b"/store/x"),
+    ("alice@archive.example:run42/", "alice@archive.example", b"run42/"),
+    ("archive:", "archive", b"."),
+    ("[::1]:/tmp/x", "[::1]", b"/tmp/x"),
+    ("/local/with:colon", "", b"/local/with:colon"),
+    ("./a:b", "", b"./a:b"),
+    ("plain", "", b"plain"),
+    (":x", "", b":x"),
+])
+def test_parse(arg, host, path):
+    e = remote.parse(arg)
+    assert (e.host, e.path, e.remote) == (host, path, bool(host))
+
+
+def test_parse_refuses_a_host_that_could_be_an_option():
+    with pytest.raises(PlanError, match="not a valid remote host"):
+        remote.parse("-oProxyCommand=x:/tmp")
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_quoted_word_reaches_the_shell_as_itself(tmp_path, name):
+    out = subprocess.run(["sh", "-c", b"printf %s " + remote.q(name)], capture_output=True,
+                         cwd=tmp_path, check=True).stdout
+    assert out == name
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_find_listing_of_hostile_names(tmp_path):
+    root = tmp_path / "t"
+    root.mkdir()
+    for n in HOSTILE:
+        (root / os.fsdecode(n)).write_bytes(n * 3)
+    os.symlink(b"new\nline", os.path.join(bytes(root), b"link"))
+    os.link(os.path.join(bytes(root), b"sp ace"), os.path.join(bytes(root), b"hard"))
+    out = subprocess.run(["sh", "-c", remote.find_cmd([bytes(root) + b"/"])],
+                         capture_output=True, check=True, cwd=tmp_path).stdout
+    tree = remote.RemoteTree(remote.parse_find(out))
+    names = {n for n, _p, _s in tree.children(bytes(root))}
+    assert names == set(HOSTILE) | {b"link", b"hard"}
+    st = tree.lstat(os.path.join(bytes(root), b"new\nline"))
+    local = os.lstat(os.path.join(bytes(root), b"new\nline"))
+    assert (st.st_size, st.st_mtime_ns, st.st_mode) == (local.st_size, local.st_mtime_ns,
+                                                        local.st_mode)
+    assert tree.readlink(os.path.join(bytes(root), b"link")) == b"new\nline"
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_plan_from_a_remote_listing_matches_the_local_plan(tmp_path):
+    root = tmp_path / "src"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "f").write_bytes(os.urandom(3000))
+    (root / "g").write_bytes(b"")
+    out = subprocess.run(["sh", "-c", remote.find_cmd([bytes(root)])], capture_output=True,
+                         check=True).stdout
+    tree = remote.RemoteTree(remote.parse_find(out))
+    opts = plan.Options(slice_size=1024, stripe_width=2)
+    pairs = [(bytes(root), bytes(tmp_path / "dst"))]
+    local = plan.plan_pairs(pairs, opts, "t1")
+    far = plan.plan_pairs(pairs, opts, "t1", tree=tree)
+    key = lambda p: [(e.kind, e.src, e.dst, e.size, e.mode, e.mtime_ns) for e in p.entries]
+    assert key(far) == key(local)
+    assert [(s.entry, s.offset, s.length) for s in far.slices] == \
+        [(s.entry, s.offset, s.length) for s in local.slices]
+
+
+def test_place_script_places_every_name_and_metadata(tmp_path):
+    """The remote placement script, run by sh here: all names arrive, modes and mtimes
+    follow, links are links, and the spool is gone."""
+    spool = bytes(tmp_path / ".hpcmove-t.spool")
+    os.mkdir(spool)
+    dst = bytes(tmp_path / "out")
+    files = [_F(0, plan.DIR, dst, spool, mode=0o750, mtime_ns=1_600_000_000_123_456_789)]
+    for i, n in enumerate(HOSTILE, 1):
+        with open(os.path.join(spool, b"%d" % i), "wb") as f:
+            f.write(n)
+        files.append(_F(i, plan.FILE, os.path.join(dst, n), spool, mode=0o640,
+                        mtime_ns=1_500_000_000_000_000_001 + i))
+    k = len(files)
+    files.append(_F(k, plan.SYMLINK, os.path.join(dst, b"ln"), spool, link_target=b"$(x)",
+                    mtime_ns=1_400_000_000_000_000_000))
+    files.append(_F(k + 1, plan.HARDLINK, os.path.join(dst, b"hl"), spool, link_to=1))
+    script = remote.place_script(files, [spool])
+    done = subprocess.run(["sh", "-s"], input=script, capture_output=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for i, n in enumerate(HOSTILE, 1):
+        p = os.path.join(dst, n)
+        assert open(p, "rb").read() == n
+        st = os.stat(p)
+        assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o640, 1_500_000_000_000_000_001 + i)
+    assert os.readlink(os.path.join(dst, b"ln")) == b"$(x)"
+    assert os.lstat(os.path.join(dst, b"ln")).st_mtime_ns == 1_400_000_000_000_000_000
+    assert os.stat(os.path.join(dst, b"hl")).st_ino == os.stat(os.path.join(dst, HOSTILE[0])).st_ino
+    assert os.stat(dst).st_mode & 0o777 == 0o750
+    assert os.stat(dst).st_mtime_ns == 1_600_000_000_123_456_789
+    assert not os.path.exists(spool)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_place_script_moves_nothing_on_a_conflict(tmp_path):
+    spool = bytes(tmp_path / "spool")
+    os.mkdir(spool)
+    open(os.path.join(spool, b"0"), "wb").close()
+    open(os.path.join(spool, b"1"), "wb").close()
+    os.mkdir(tmp_path / "b")  # a directory where a file must go
+    files = [_F(0, plan.FILE, bytes(tmp_path / "a"), spool), _F(1, plan.FILE,
+                                                                bytes(tmp_path / "b"), spool)]
+    done = subprocess.run(["sh", "-s"], input=remote.place_script(files, []), capture_output=True)
+    assert done.returncode == 3 and b"CONFLICT" in done.stdout
+    assert not (tmp_path / "a").exists()
+    assert sorted(os.listdir(spool)) == [b"0", b"1"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 255, 256, 65536, 3 << 20])
+def test_cksum_matches_coreutils(size):
+    data = os.urandom(size)
+    h = Cksum()
+    h.update(data[:5])
+    h.update(data[5:])
+    crc, length = subprocess.run(["cksum"], input=data, capture_output=True,
+                                 check=True).stdout.split()
+    assert h.hexdigest() == f"cksum:{int(crc)}/{int(length)}"
+    assert remote.parse_digest(crc + b" " + length + b"\n", "cksum") == h.hexdigest()
+
+
+class _F:
+    def __init__(self, index, kind, dst, spool, mode=0o644, mtime_ns=0, link_target=b"",
+                 link_to=-1):
+        self.index, self.kind, self.dst, self.spool = index, kind, dst, spool
+        self.mode, self.mtime_ns, self.link_target, self.link_to = mode, mtime_ns, link_target, \
+            link_to
+
+
+@pytest.mark.parametrize("kind, program", [("xxh128", ["xxhsum", "-H2"]), ("cksum", ["cksum"])])
+def test_parse_sums_matches_names_in_order_and_skips_unreadable(tmp_path, kind, program):
+    names = [b"plain", b"new\nline", b"gone", b"sp ace", b"back\\slash"]
+    for n in names:
+        if n != b"gone":
+            (tmp_path / os.fsdecode(n)).write_bytes(n * 7)
+    out = subprocess.run(program + ["--", *names], capture_output=True, cwd=tmp_path).stdout
+    found = remote.parse_sums(out, names, kind)
+    assert set(found) == set(names) - {b"gone"}
+    for n in found:
+        h = remote.parse_digest(subprocess.run(program, input=n * 7, capture_output=True)
+                                .stdout, kind)
+        assert found[n] == h

@@ -1,0 +1,275 @@
+"""Remote hosts over SSH, for real: the sshd of ssh/testbed on 127.0.0.1, a
+passphrase-protected key in a real ssh-agent, control sockets opened by
+`hpcmove socket open`, transfers through the Slurm testbed (and the local backend for
+the name tests). The "remote" host is this machine, so both ends are checked here."""
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import uuid
+
+import pytest
+
+from conftest import TEST_USER, Hpcmove, run_as_user, slurm_env
+
+HOST = os.environ.get("HPCMOVE_TEST_SSH_HOST", "hpcmove-remote")
+HOSTILE = [b"sp ace", b"qu'ote\"s", b"new\nline", b"$(touch PWNED)", b"`touch PWNED`",
+           b"-rf", b"--help", b"caf\xe9", b"semi;colon&"]
+
+
+@pytest.fixture(scope="session")
+def sshd():
+    if not os.environ.get("HPCMOVE_TEST_SSH_CONFIG"):
+        pytest.fail("the ssh testbed is not up: run tests/run (or ssh/testbed up and "
+                    "eval \"$(ssh/testbed env)\")")
+    if not TEST_USER:
+        pytest.fail("the SSH tests run as root, acting as the test user")
+    # the user's own ~/.ssh/config names the testbed's host, as a user's would
+    home = os.path.expanduser(f"~{TEST_USER}")
+    line = f"Include {os.environ['HPCMOVE_TEST_SSH_CONFIG']}\n"
+    subprocess.run(["runuser", "-u", TEST_USER, "--", "sh", "-c",
+                    f"umask 077; mkdir -p {home}/.ssh; grep -qxF '{line.strip()}' "
+                    f"{home}/.ssh/config 2>/dev/null || printf '%s' '{line}' >> "
+                    f"{home}/.ssh/config"], check=True)
+    return os.environ["HPCMOVE_TEST_SSH_KEYS"]
+
+
+class Agent:
+    """A real ssh-agent of the test user holding the passphrase-protected key."""
+
+    def __init__(self, area, keys):
+        self.sock = f"/tmp/hm-agent-{uuid.uuid4().hex[:8]}"  # sun_path holds 108 bytes
+        self.askpass = os.path.join(area.root, "askpass")
+        with open(self.askpass, "w") as f:
+            f.write(f"#!/bin/sh\necho '{os.environ['HPCMOVE_TEST_SSH_PASSPHRASE']}'\n")
+        os.chmod(self.askpass, 0o755)
+        out = run_as_user(["ssh-agent", "-a", self.sock, "-s"], {"PATH": "/usr/bin:/bin"},
+                          check=True).stdout.decode()
+        self.pid = int(re.search(r"SSH_AGENT_PID=(\d+)", out).group(1))
+        key = os.path.join(keys, TEST_USER, "id_ed25519")
+        run_as_user(["ssh-add", key], {"PATH": "/usr/bin:/bin", "SSH_AUTH_SOCK": self.sock,
+                                       "SSH_ASKPASS": self.askpass,
+                                       "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"},
+                    check=True, input=b"")
+
+    def kill(self):
+        if self.pid:
+            os.kill(self.pid, signal.SIGTERM)
+            self.pid = None
+
+
+@pytest.fixture
+def remote_env(sshd, area):
+    """Hpcmove runner on Slurm with a private socket directory, the agent started."""
+    sockets = f"/tmp/hm-{uuid.uuid4().hex[:8]}"
+    os.mkdir(sockets, 0o700)
+    subprocess.run(["chown", TEST_USER, sockets], check=True)
+    hp = Hpcmove("slurm" if os.environ.get("SLURM_CONF") else "local", area)
+    hp.env["HPCMOVE_SOCKET_DIR"] = sockets
+    agent = Agent(area, sshd)
+    hp.env["SSH_AUTH_SOCK"] = agent.sock
+    far = os.path.join(area.root, "far")  # the remote host's side (same machine)
+    os.mkdir(far)
+    area.own()
+    yield hp, agent, far
+    agent.kill()
+    hp.run("socket", "close", HOST, check=False)
+    subprocess.run(["rm", "-rf", sockets])
+
+
+def open_socket(hp, node="dtn1"):
+    on = ["--on", node] if hp.backend == "slurm" else []
+    hp.run("socket", "open", *on, "--ttl", "20m", HOST)
+    rows = json.loads(hp.run("socket", "list", "--json").stdout)
+    assert [r["state"] for r in rows] == ["live"]
+    return rows[0]
+
+
+def tree_of(root):
+    """{relative path: (kind, bytes or link target, mode)} of a tree, any names."""
+    out = {}
+    root = os.fsencode(root)
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                out[rel] = ("l", os.readlink(p), 0)
+            elif os.path.isdir(p):
+                out[rel] = ("d", b"", st.st_mode & 0o777)
+            else:
+                with open(p, "rb") as f:
+                    out[rel] = ("f", f.read(), st.st_mode & 0o777)
+    return out
+
+
+def make_data(area):
+    big = os.path.join(area.src, "big.bin")
+    with open(big, "wb") as f:
+        for _ in range(32):
+            f.write(os.urandom(16 << 20))  # 512 MiB
+    tree = os.path.join(area.src, "tree")
+    for i in range(1000):
+        d = os.path.join(tree, f"d{i % 10}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"f{i:04d}"), "wb") as f:
+            f.write(os.urandom(100 + (i * 53) % 9000))
+    area.own()
+    return big, tree
+
+
+def log(hp, job):
+    return hp.run("log", job, check=False).stdout.decode(errors="replace")[-3000:]
+
+
+def same_file(a, b):
+    return subprocess.run(["cmp", a, b]).returncode == 0
+
+
+def test_socket_lets_batch_jobs_push_and_pull_without_any_credential(remote_env, area):
+    hp, agent, far = remote_env
+    slurm_env()
+    big, tree = make_data(area)
+    sock = open_socket(hp)
+    assert sock["node"] == "dtn1"
+    st = os.stat(sock["path"])
+    assert oct(st.st_mode & 0o777) == "0o600" and st.st_uid == os.stat(area.home).st_uid
+    assert os.stat(os.path.dirname(sock["path"])).st_mode & 0o777 == 0o700
+    agent.kill()  # from here on no credential exists anywhere
+    push = hp.submit("--slice-size", "64M", big, tree, f"{HOST}:{far}/")
+    s = hp.wait(push)
+    assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    assert {x["host"] for f in s["files"] for x in f["slices"]} == {"dtn1"}  # where the socket is
+    assert same_file(big, os.path.join(far, "big.bin"))
+    assert tree_of(tree) == tree_of(os.path.join(far, "tree"))
+    back = os.path.join(area.dst, "back")
+    os.mkdir(back)
+    area.own()
+    pull = hp.submit("--slice-size", "64M", f"{HOST}:{far}/big.bin", f"{HOST}:{far}/tree", back)
+    s = hp.wait(pull)
+    assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    assert same_file(big, os.path.join(back, "big.bin"))
+    assert tree_of(tree) == tree_of(os.path.join(back, "tree"))
+    assert not [n for n in os.listdir(far) if n.startswith(".hpcmove-")]  # no spool left
+
+
+def test_master_killed_mid_transfer_waits_in_auth_required_then_resumes(remote_env, area):
+    hp, agent, far = remote_env
+    big = os.path.join(area.src, "big.bin")
+    with open(big, "wb") as f:
+        for _ in range(32):
+            f.write(os.urandom(16 << 20))
+    area.own()
+    sock = open_socket(hp)
+    agent.kill()
+    job = hp.submit("--slice-size", "8M", "--bwlimit", "40M", "--stripe-width", "1", big,
+                    f"{HOST}:{far}/")
+    hp.wait_for(job, lambda s: sum(x["state"] == "Done" for x in s["files"][0]["slices"]) >= 4)
+    pid = re.search(rb"pid=(\d+)", subprocess.run(
+        ["ssh", "-S", sock["path"], "-O", "check", HOST], capture_output=True).stderr).group(1)
+    os.kill(int(pid), signal.SIGTERM)  # the master goes away mid-transfer
+    s = hp.wait(job)
+    assert s["state"] == "AuthRequired", (s["reason"], log(hp, job))
+    assert "hpcmove auth" in s["reason"]
+    slices = s["files"][0]["slices"]
+    done_before = {x["offset"] for x in slices if x["state"] == "Done"}
+    assert 4 <= len(done_before) < len(slices)
+    assert {x["state"] for x in slices} <= {"Done", "AuthRequired"}
+    assert not os.path.exists(os.path.join(far, "big.bin"))  # nothing partial in place
+    agent2 = Agent(area, os.environ["HPCMOVE_TEST_SSH_KEYS"])
+    hp.env["SSH_AUTH_SOCK"] = agent2.sock
+    try:
+        hp.run("auth", job)
+    finally:
+        agent2.kill()
+    s = hp.wait(job)
+    assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    assert same_file(big, os.path.join(far, "big.bin"))
+    db = sqlite3.connect(os.path.join(area.home, "hpcmove.db"))
+    resent = [int(m.split()[0]) for (m,) in db.execute(
+        "SELECT message FROM event WHERE kind = 'retry'")]
+    assert resent == [len(slices) - len(done_before)]  # only the unfinished slices
+
+
+@pytest.mark.parametrize("tools", ["xxhsum+python3", "coreutils only"])
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_hostile_remote_names_arrive_intact_and_nothing_runs(sshd, area, direction, tools):
+    sockets = f"/tmp/hm-{uuid.uuid4().hex[:8]}"
+    os.mkdir(sockets, 0o700)
+    subprocess.run(["chown", TEST_USER, sockets], check=True)
+    hp = Hpcmove("local", area)
+    hp.env["HPCMOVE_SOCKET_DIR"] = sockets
+    if tools == "coreutils only":  # cksum digests, placement by a generated shell script
+        hp.env.update(HPCMOVE_REMOTE_SUM="cksum", HPCMOVE_REMOTE_NO_PYTHON="1")
+    agent = Agent(area, sshd)
+    hp.env["SSH_AUTH_SOCK"] = agent.sock
+    try:
+        src = os.path.join(os.fsencode(area.src), b"-$(touch PWNED) dir\n")
+        os.makedirs(os.path.join(src, b"sub `touch PWNED`"))
+        for n in HOSTILE:
+            with open(os.path.join(src, n), "wb") as f:
+                f.write(n * 1000)
+            with open(os.path.join(src, b"sub `touch PWNED`", n), "wb") as f:
+                f.write(os.urandom(5000))
+        os.symlink(b"$(touch PWNED)", os.path.join(src, b"link;ls"))
+        far = os.path.join(area.root, "far")
+        os.mkdir(far)
+        area.own()
+        hp.run("socket", "open", "--ttl", "5m", HOST)
+        agent.kill()
+        if direction == "push":
+            out = os.path.join(os.fsencode(far), b"new\n'dst'")
+            job = hp.submit("--slice-size", "4K", src, os.fsencode(HOST) + b":" + out)
+        else:
+            out = os.path.join(os.fsencode(area.dst), b"new\n'dst'")
+            job = hp.submit("--slice-size", "4K", os.fsencode(HOST) + b":" + src, out)
+        s = hp.wait(job)
+        assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+        assert tree_of(src) == tree_of(out)
+        sums = {f["checksum"].split(":")[0].split("-")[0] for f in s["files"]
+                if f["type"] == "file"}
+        assert sums == ({"cksum"} if tools == "coreutils only" else {"xxh3_128"})
+        found = subprocess.run(["find", area.root, "/tmp", os.path.expanduser(f"~{TEST_USER}"),
+                                "-name", "PWNED"], capture_output=True).stdout
+        assert found == b""
+    finally:
+        agent.kill()
+        hp.run("socket", "close", HOST, check=False)
+        subprocess.run(["rm", "-rf", sockets])
+
+
+def test_socket_of_another_user_or_open_directory_is_refused(sshd, area, tmp_path):
+    import socket as socketlib
+    sockets = f"/tmp/hm-{uuid.uuid4().hex[:8]}"
+    os.mkdir(sockets, 0o700)
+    subprocess.run(["chown", TEST_USER, sockets], check=True)
+    try:
+        theirs = os.path.join(sockets, "theirs.sock")
+        s = socketlib.socket(socketlib.AF_UNIX)
+        s.bind(theirs)
+        os.chmod(theirs, 0o600)
+        os.chown(theirs, *_uid_gid("hpcmove-u2"))
+        with open(os.path.join(area.src, "f"), "wb") as f:
+            f.write(b"x" * 100)
+        area.own()
+        hp = Hpcmove("local", area)
+        hp.env["HPCMOVE_SOCKET_DIR"] = sockets
+        done = hp.run("submit", "--backend", "local", "-S", theirs,
+                      os.path.join(area.src, "f"), f"{HOST}:{area.root}/", check=False)
+        assert done.returncode != 0
+        assert b"owned by uid" in done.stderr and b"refused" in done.stderr
+        os.chmod(sockets, 0o755)  # a socket directory others can enter
+        done = hp.run("socket", "open", HOST, check=False)
+        assert done.returncode != 0 and b"open to others" in done.stderr
+        assert os.listdir(area.root).count("far") == 0
+    finally:
+        subprocess.run(["rm", "-rf", sockets])
+
+
+def _uid_gid(user):
+    import pwd
+    pw = pwd.getpwnam(user)
+    return pw.pw_uid, pw.pw_gid
