@@ -234,8 +234,9 @@ def _ssh_setup(args, env, cleanup):
     agent = Agent(ssh)
     cleanup.append(agent.stop)
     senv = dict(os.environ, **agent.env)
-    sockets = os.path.join(args.dir, "sockets")
-    os.makedirs(sockets, mode=0o700, exist_ok=True)
+    import tempfile
+    sockets = tempfile.mkdtemp(prefix="hm-bench-", dir="/tmp")  # socket paths must be short
+    cleanup.append(lambda: shutil.rmtree(sockets, ignore_errors=True))
     henv = dict(env, **agent.env, HPCMOVE_SOCKET_DIR=sockets)
     host = ssh["HPCMOVE_TEST_SSH_HOST"]
     # the testbed host by options, as root's own ssh config does not name it

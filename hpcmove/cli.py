@@ -262,11 +262,13 @@ def cancel(job_id):
     """Cancel a job: stop its batch jobs, remove its spool data. Placed files stay."""
     _run(_connect)
     job = _run(jobs.find, job_id)
-    if job.state in states.JOB_TERMINAL:
+    spool_left = job.state == states.CANCELLED and "remote spool" in job.reason
+    if job.state in states.JOB_TERMINAL and not spool_left:
         raise click.ClickException(f"{job.label} already ended {job.state}; nothing to cancel")
     job = _run(jobs.cancel, job)
-    notify.job_ended(job)
-    click.echo(f"{job.label} {job.state}")
+    if not spool_left:
+        notify.job_ended(job)
+    click.echo(f"{job.label} {job.state}" + (f": {job.reason}" if job.reason else ""))
 
 
 @cli.command()

@@ -219,7 +219,7 @@ def _endpoints(sources, dest, options, site):
     if len(hosts) > 1 or (hosts and not all(e.remote for e in srcs)):
         raise UsageError("sources must all be local, or all on one remote host")
     host = dst.host or hosts[0]
-    policy.check_host(site, host)
+    policy.check_host(site, host.rpartition("@")[2])  # the site's patterns name hosts
     for flag, on in (("--move", options.move), ("--skip-existing", options.skip_existing)):
         if on:
             raise UsageError(f"{flag} is not available with a remote host yet")
@@ -561,6 +561,8 @@ def status_dict(job):
 
 def cancel(job, timeout=120.0):
     """Stop the job's batch jobs, remove its spool, mark what had not finished Cancelled."""
+    if job.state == states.CANCELLED and remote.of_job(job):
+        return _cancel_again(job)  # a remote spool left behind when no socket was there
     job = db.set_job_state(job, states.CANCELLING)
     backend = plugins.backend(job.backend)
     cancelled = set()
@@ -574,16 +576,36 @@ def cancel(job, timeout=120.0):
             raise HpcmoveError(f"{job.label}: batch jobs {', '.join(ids)} still running "
                                f"{timeout:.0f} s after cancel; state left Cancelling")
     files = list(job.files)
-    far = remote.of_job(job)
+    far, left = remote.of_job(job), None
     if far and far.side == "dst":
-        far.remove_spools(files)  # the remote spool, while the socket is there to do it
+        if not far.remove_spools(files, _live_socket(far.remote.host)):
+            left = (f"cancelled; the remote spool on {far.remote.host} is left "
+                    f"({', '.join(sorted({os.fsdecode(f.spool) for f in files}))}): no live "
+                    f"control socket; open one and cancel {job.label} again to remove it")
     else:
         for spool in {f.spool for f in files}:
             shutil.rmtree(spool, ignore_errors=True)
     with db.atomic():
         db.bulk_state(db.Slice, "slice", db.Slice.job == job.id, states.CANCELLED)
         db.bulk_state(db.File, "file", db.File.job == job.id, states.CANCELLED)
-    return db.set_job_state(job, states.CANCELLED)
+    return db.set_job_state(job, states.CANCELLED, reason=(left or "") if far else None)
+
+
+def _cancel_again(job):
+    far = remote.of_job(job)
+    if far.side == "dst" and not far.remove_spools(list(job.files), _live_socket(far.remote.host)):
+        raise UsageError(f"{job.label}: no live control socket for {far.remote.host}; "
+                         f"`hpcmove socket open {far.remote.host}` first")
+    db.Job.update(reason="").where(db.Job.id == job.id).execute()
+    db.event(job.id, "cancel", "remote spool removed")
+    return db.Job.get_by_id(job.id)
+
+
+def _live_socket(host):
+    try:
+        return ssh.choose(host)[0]
+    except ssh.SocketError:
+        return None
 
 
 def wait(job, timeout=None, poll_max=5.0, scheduler_every=2.0):

@@ -449,10 +449,17 @@ class Far:
         reason = text[-1] if text else f"exit {code}"
         return {files[0].id: f"on {self.remote.host}: cannot place: {reason}"}
 
-    def remove_spools(self, files):
+    def remove_spools(self, files, socket=None):
+        """Remove the remote spool directories; False when no socket reaches the host
+        (the job's own, or `socket` - a live one opened since)."""
         spools = sorted({f.spool for f in files})
-        if spools and self.remote.alive():
-            self.remote.run(b"rm -rf -- " + b" ".join(q(word(s)) for s in spools), check=False)
+        if not spools:
+            return True
+        remote = Remote(self.remote.host, os.fsencode(socket)) if socket else self.remote
+        if not remote.alive():
+            return False
+        remote.run(b"rm -rf -- " + b" ".join(q(word(s)) for s in spools), check=False)
+        return True
 
     def make_spools(self, spools):
         self.remote.run(b"umask 077 && mkdir -- " + b" ".join(q(word(s)) for s in spools))

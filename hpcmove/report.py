@@ -137,7 +137,8 @@ def write_report(job):
     data = build(job)
     folder = logs_dir(job)
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    _write(os.path.join(folder, JSON_NAME), json.dumps(data, indent=1).encode())
+    # one line: json's C encoder runs only without indent (5-10x faster for 20k files)
+    _write(os.path.join(folder, JSON_NAME), json.dumps(data).encode() + b"\n")
     _write(os.path.join(folder, TEXT_NAME), text(data).encode("utf-8", "surrogateescape"))
     return data
 

@@ -78,11 +78,21 @@ def check_socket(path):
     return path
 
 
+# A Unix socket's path holds 107 bytes, and ssh first binds a temporary name 17 bytes
+# longer than the socket's.
+MAX_PATH = 107 - 17
+
+
 def socket_path(host, directory):
-    """Short (sun_path holds 108 bytes) and distinct per host."""
+    """Short and distinct per host; SocketError when the directory leaves no room."""
     digest = hashlib.sha256(host.encode()).hexdigest()[:10]
-    safe = "".join(c if c.isalnum() or c in ".-_@" else "_" for c in host)[:40]
-    return os.path.join(directory, f"{safe}-{digest}.sock")
+    safe = "".join(c if c.isalnum() or c in ".-_@" else "_" for c in host)[:24]
+    path = os.path.join(directory, f"{safe}-{digest}.sock")
+    if len(os.fsencode(path)) > MAX_PATH:
+        raise SocketError(f"socket path {path} is too long for a Unix socket "
+                          f"({len(os.fsencode(path))} bytes, at most {MAX_PATH}): set "
+                          "HPCMOVE_SOCKET_DIR to a shorter directory")
+    return path
 
 
 def alive(path, host):

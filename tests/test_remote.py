@@ -159,3 +159,43 @@ def test_parse_sums_matches_names_in_order_and_skips_unreadable(tmp_path, kind, 
         h = remote.parse_digest(subprocess.run(program, input=n * 7, capture_output=True)
                                 .stdout, kind)
         assert found[n] == h
+
+
+@pytest.mark.parametrize("dest, message", [
+    ("alice@elsewhere.example:/x/", "not in remote.allowed_hosts"),
+    ("archive.example:/x/", "no live control socket for archive.example"),
+])
+def test_submit_checks_the_host_policy_then_wants_a_socket(tmp_path, monkeypatch, dest, message):
+    from click.testing import CliRunner
+
+    from hpcmove import cli
+    site = tmp_path / "policy.toml"
+    site.write_text('[remote]\nallowed_hosts = ["archive.example", "*.dtn.example"]\n')
+    for k, v in {"HPCMOVE_POLICY": str(site), "HPCMOVE_HOME": str(tmp_path / "home"),
+                 "HPCMOVE_CONFIG": str(tmp_path / "none.toml"),
+                 "HPCMOVE_SOCKET_DIR": str(tmp_path / "s")}.items():
+        monkeypatch.setenv(k, v)
+    (tmp_path / "f").write_bytes(b"x")
+    result = CliRunner().invoke(cli.cli, ["submit", "--backend", "local", str(tmp_path / "f"),
+                                          dest])
+    assert result.exit_code == 1
+    assert message in result.output
+    assert not (tmp_path / "home" / "jobs").exists() or not os.listdir(tmp_path / "home" / "jobs")
+
+
+def test_remote_to_remote_and_mixed_sources_are_refused(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from hpcmove import cli
+    monkeypatch.setenv("HPCMOVE_HOME", str(tmp_path / "home"))
+    for args, message in ((["a:/x", "b:/y"], "both remote"),
+                          (["a:/x", str(tmp_path), str(tmp_path / "d")], "all on one remote")):
+        result = CliRunner().invoke(cli.cli, ["submit", "--backend", "local", *args])
+        assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_socket_path_that_cannot_be_bound_is_refused_with_the_way_out(tmp_path):
+    from hpcmove import ssh
+    assert len(ssh.socket_path("alice@archive.example", "/tmp/hpcmove-1001")) <= ssh.MAX_PATH
+    with pytest.raises(ssh.SocketError, match="HPCMOVE_SOCKET_DIR"):
+        ssh.socket_path("archive.example", "/tmp/" + "d" * 80)

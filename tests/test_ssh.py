@@ -273,3 +273,35 @@ def _uid_gid(user):
     import pwd
     pw = pwd.getpwnam(user)
     return pw.pw_uid, pw.pw_gid
+
+
+def test_cancel_of_an_auth_required_job_removes_the_remote_spool(remote_env, area):
+    """The socket died mid-transfer: cancel says the remote spool is left while no
+    socket reaches the host, and removes it once one is open again."""
+    hp, agent, far = remote_env
+    src = os.path.join(area.src, "f.bin")
+    with open(src, "wb") as f:
+        f.write(os.urandom(64 << 20))
+    area.own()
+    sock = open_socket(hp)
+    agent.kill()
+    job = hp.submit("--slice-size", "4M", "--bwlimit", "8M", "--stripe-width", "1", src,
+                    f"{HOST}:{far}/")
+    hp.wait_for(job, lambda s: any(x["state"] == "Done" for x in s["files"][0]["slices"]))
+    spools = [n for n in os.listdir(far) if n.startswith(".hpcmove-")]
+    assert len(spools) == 1  # partial data is there, in the spool only
+    subprocess.run(["ssh", "-S", sock["path"], "-O", "exit", HOST], capture_output=True)
+    assert hp.wait(job)["state"] == "AuthRequired"
+    out = hp.run("cancel", job).stdout
+    assert b"Cancelled" in out and b"remote spool" in out and b"left" in out
+    assert os.listdir(far) == spools
+    agent2 = Agent(area, os.environ["HPCMOVE_TEST_SSH_KEYS"])
+    hp.env["SSH_AUTH_SOCK"] = agent2.sock
+    try:
+        on = ["--on", "dtn1"] if hp.backend == "slurm" else []
+        hp.run("socket", "open", *on, "--ttl", "5m", HOST)
+    finally:
+        agent2.kill()
+    hp.run("cancel", job)
+    assert os.listdir(far) == []
+    assert not os.path.exists(os.path.join(far, "f.bin"))
