@@ -100,7 +100,8 @@ def effective_settings(flags):
               help="Control socket for the remote host [default: your newest live one "
                    "from `hpcmove socket open`].")
 @click.option("--streams", type=click.IntRange(min=1, max=16), default=None,
-              help="Concurrent slice streams per task to or from a remote host [default: 2].")
+              help="Concurrent slice streams per task to or from a remote host "
+                   "[default: 3].")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the batch scripts; submit nothing.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job to end; exit 0 only if Done.")
 @click.option("--then", "then", type=click.Path(exists=True, dir_okay=False), default=None,

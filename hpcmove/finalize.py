@@ -282,10 +282,10 @@ def run(path):
         fail(job, files, problems)
         notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
         return 1
+    _remove_spools(far, files)  # before Done: whoever waits on Done finds nothing of ours
     finish(job, files, slices_by_file)
     if job.move:
         remove_sources(files)
-    _remove_spools(far, files)
     notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
     return 0
 

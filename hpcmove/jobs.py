@@ -51,7 +51,7 @@ class SubmitOptions:
     move: bool = False
     socket: str = ""  # -S/--socket: the control socket for a remote host
     remote: dict = None  # {host, socket, side, sum, node} for a push or pull
-    streams: int = 2  # concurrent slice streams per task (remote transfers)
+    streams: int = 3  # concurrent slice streams per task (remote transfers)
     then: str = ""  # --then: a batch script to start once the job is Done (afterok)
 
     @classmethod

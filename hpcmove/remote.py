@@ -135,11 +135,27 @@ def digest_cmd(path, offset, length, kind, size=None, mtime=False):
     return head + read_cmd(path, offset, length) + b" | " + sum_cmd(kind)
 
 
-def digests_script(ranges, kind):
-    """One script printing a digest line per (path, offset, length), 'ERR' when unreadable."""
-    lines = [b"{ " + read_cmd(p, o, n) + b" | " + sum_cmd(kind) + b"; } 2>/dev/null"
-             b" || echo ERR" for p, o, n in ranges]
-    return b"\n".join(lines) + b"\n"
+def digests_script(ranges, kind, parallel=4):
+    """A script printing 'N DIGEST' for the N-th (path, offset, length), or 'N ERR'
+    when unreadable; `parallel` ranges are read at once (the lines come in any order,
+    each written whole by one echo)."""
+    lines = []
+    for n, (p, o, length) in enumerate(ranges):
+        lines.append(b"{ h=$(" + read_cmd(p, o, length) + b" 2>/dev/null | " + sum_cmd(kind)
+                     + b") && echo \"%d $h\" || echo \"%d ERR\"; } &" % (n, n))
+        if n % parallel == parallel - 1:
+            lines.append(b"wait")
+    return b"\n".join(lines + [b"wait"]) + b"\n"
+
+
+def parse_digests(out, count, kind):
+    """[digest or 'unreadable'] in range order, from digests_script's output."""
+    found = {}
+    for line in out.splitlines():
+        number, _, rest = line.partition(b" ")
+        if number.isdigit() and rest != b"ERR":
+            found[int(number)] = parse_digest(rest, kind)
+    return [found.get(n) or "unreadable" for n in range(count)]
 
 
 def parse_digest(out, kind):

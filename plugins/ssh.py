@@ -23,7 +23,7 @@ import xxhash
 from hpcmove import states
 from hpcmove.errors import TransferError
 from hpcmove.remote import AuthRequired, Remote, digest_cmd, digests_script, mtime_ns, \
-    parse_digest, parse_sums, q, read_cmd, sums_cmd, word, write_cmd
+    parse_digest, parse_digests, parse_sums, q, read_cmd, sums_cmd, word, write_cmd
 from hpcmove_plugins.copy import BUFFER, CopyEngine
 
 # Whole files up to this size travel in bundles: one tar stream and one session for many
@@ -66,7 +66,7 @@ def _close(stream):
 class SshEngine(CopyEngine):
     name = "ssh"
 
-    def __init__(self, buffer_size=BUFFER, bwlimit=0, remote=None, streams=2):
+    def __init__(self, buffer_size=BUFFER, bwlimit=0, remote=None, streams=3):
         super().__init__(buffer_size, bwlimit)
         remote = remote or {}
         self.side = remote.get("side", "dst")  # which end is remote
@@ -78,7 +78,7 @@ class SshEngine(CopyEngine):
     @classmethod
     def from_options(cls, options):
         return cls(bwlimit=options.get("bwlimit", 0), remote=options.get("remote"),
-                   streams=options.get("streams", 2))
+                   streams=options.get("streams", 3))
 
     def fork(self):
         """An engine for one more concurrent stream (its own buffer)."""
@@ -230,9 +230,8 @@ class SshEngine(CopyEngine):
         if parts:
             _code, out, _err = self.remote.script(digests_script([r[:3] for r in parts],
                                                                  self.kind), check=False)
-            lines = out.splitlines()
-            for r, line in zip(parts, lines):
-                found[r[:3]] = parse_digest(line, self.kind) if line != b"ERR" else "unreadable"
+            for r, digest in zip(parts, parse_digests(out, len(parts), self.kind)):
+                found[r[:3]] = digest
         by_dir = {}
         for r in whole:
             by_dir.setdefault(os.path.dirname(r[0]), []).append(r)

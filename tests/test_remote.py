@@ -199,3 +199,21 @@ def test_socket_path_that_cannot_be_bound_is_refused_with_the_way_out(tmp_path):
     assert len(ssh.socket_path("alice@archive.example", "/tmp/hpcmove-1001")) <= ssh.MAX_PATH
     with pytest.raises(ssh.SocketError, match="HPCMOVE_SOCKET_DIR"):
         ssh.socket_path("archive.example", "/tmp/" + "d" * 80)
+
+
+@pytest.mark.parametrize("kind, program", [("xxh128", ["xxhsum", "-H2"]), ("cksum", ["cksum"])])
+def test_digests_script_hashes_ranges_in_parallel_and_in_order(tmp_path, kind, program):
+    data = os.urandom(300_000)
+    (tmp_path / "new\nf").write_bytes(data)
+    path = bytes(tmp_path / "new\nf")
+    ranges = [(path, o, n) for o, n in ((0, 1000), (1000, 99_000), (100_000, 200_000),
+                                         (5, 7), (299_999, 1), (0, 300_000))]
+    ranges.append((bytes(tmp_path / "missing"), 0, 10))
+    out = subprocess.run(["sh", "-s"], input=remote.digests_script(ranges, kind, parallel=3),
+                         capture_output=True).stdout
+    got = remote.parse_digests(out, len(ranges), kind)
+    for (p, o, n), digest in zip(ranges[:-1], got):
+        want = subprocess.run(program, input=data[o:o + n], capture_output=True).stdout
+        assert digest == remote.parse_digest(want, kind)
+    assert got[-1] in ("unreadable", remote.parse_digest(subprocess.run(
+        program, input=b"", capture_output=True).stdout, kind))

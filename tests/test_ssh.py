@@ -121,6 +121,21 @@ def make_data(area):
     return big, tree
 
 
+def slow_push(hp, agent, area, far, mib, slice_size, bwlimit):
+    """A file of `mib` MiB pushed slowly by one task, after the socket is open and the
+    agent gone: (source path, socket row, job id)."""
+    src = os.path.join(area.src, "big.bin")
+    with open(src, "wb") as f:
+        for _ in range(mib // 16):
+            f.write(os.urandom(16 << 20))
+    area.own()
+    sock = open_socket(hp)
+    agent.kill()
+    job = hp.submit("--slice-size", slice_size, "--bwlimit", bwlimit, "--stripe-width", "1",
+                    src, f"{HOST}:{far}/")
+    return src, sock, job
+
+
 def log(hp, job):
     return hp.run("log", job, check=False).stdout.decode(errors="replace")[-3000:]
 
@@ -158,15 +173,7 @@ def test_socket_lets_batch_jobs_push_and_pull_without_any_credential(remote_env,
 
 def test_master_killed_mid_transfer_waits_in_auth_required_then_resumes(remote_env, area):
     hp, agent, far = remote_env
-    big = os.path.join(area.src, "big.bin")
-    with open(big, "wb") as f:
-        for _ in range(32):
-            f.write(os.urandom(16 << 20))
-    area.own()
-    sock = open_socket(hp)
-    agent.kill()
-    job = hp.submit("--slice-size", "8M", "--bwlimit", "40M", "--stripe-width", "1", big,
-                    f"{HOST}:{far}/")
+    big, sock, job = slow_push(hp, agent, area, far, 512, "8M", "40M")
     hp.wait_for(job, lambda s: sum(x["state"] == "Done" for x in s["files"][0]["slices"]) >= 4)
     pid = re.search(rb"pid=(\d+)", subprocess.run(
         ["ssh", "-S", sock["path"], "-O", "check", HOST], capture_output=True).stderr).group(1)
@@ -279,14 +286,7 @@ def test_cancel_of_an_auth_required_job_removes_the_remote_spool(remote_env, are
     """The socket died mid-transfer: cancel says the remote spool is left while no
     socket reaches the host, and removes it once one is open again."""
     hp, agent, far = remote_env
-    src = os.path.join(area.src, "f.bin")
-    with open(src, "wb") as f:
-        f.write(os.urandom(64 << 20))
-    area.own()
-    sock = open_socket(hp)
-    agent.kill()
-    job = hp.submit("--slice-size", "4M", "--bwlimit", "8M", "--stripe-width", "1", src,
-                    f"{HOST}:{far}/")
+    _src, sock, job = slow_push(hp, agent, area, far, 64, "4M", "8M")
     hp.wait_for(job, lambda s: any(x["state"] == "Done" for x in s["files"][0]["slices"]))
     spools = [n for n in os.listdir(far) if n.startswith(".hpcmove-")]
     assert len(spools) == 1  # partial data is there, in the spool only
@@ -304,4 +304,4 @@ def test_cancel_of_an_auth_required_job_removes_the_remote_spool(remote_env, are
         agent2.kill()
     hp.run("cancel", job)
     assert os.listdir(far) == []
-    assert not os.path.exists(os.path.join(far, "f.bin"))
+    assert not os.path.exists(os.path.join(far, "big.bin"))
