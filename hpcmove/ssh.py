@@ -25,7 +25,7 @@ from . import db
 from .errors import UsageError
 from .units import parse_duration
 
-DEFAULT_TTL = "4h"
+DEFAULT_TTL = "1h"  # short: a live socket opens the host without a credential
 # AES-GCM runs on the CPU's AES instructions: on the order of twice chacha20's rate on
 # one core, and a control master's single connection is one core's worth of cipher.
 CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
