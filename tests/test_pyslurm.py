@@ -427,3 +427,16 @@ def test_transfer_with_pyslurm_backend_falls_back_to_sbatch(area):
     assert all(x["id"].isdigit() for x in s["slurm_job_ids"])  # Slurm's ids
     assert open(os.path.join(area.src, "f"), "rb").read() == \
         open(os.path.join(area.dst, "f"), "rb").read()
+
+
+def test_submission_from_inside_a_job_leaves_that_jobs_slurm_variables_behind(tmp_path):
+    """Stage-out: the jobs hpcmove submits from a running job must not inherit its
+    SLURM_* (array index, memory, --export=NONE); SLURM_CONF is kept."""
+    script = tmp_path / "s.sh"
+    script.write_text("#!/bin/bash\ntrue\n")
+    caller = {"SLURM_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "3", "SLURM_MEM_PER_CPU": "100",
+              "SLURM_EXPORT_ENV": "NONE", "SLURM_CONF": "/etc/slurm/slurm.conf", "HOME": "/h"}
+    fields = backend.submit_fields(["--parsable", "--export=ALL,X=1", str(script)],
+                                   environ=caller, cwd="/w")
+    assert fields["environment"] == {"SLURM_CONF": "/etc/slurm/slurm.conf", "HOME": "/h",
+                                     "X": "1"}

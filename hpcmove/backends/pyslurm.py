@@ -27,7 +27,7 @@ import re
 from functools import cache
 
 from ..errors import SchedulerError
-from . import slurm
+from . import slurm, submission_env
 from .slurm import SlurmBackend, _NOTHING_TO_HOLD, _expand, _state
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def submit_fields(args, environ=None, cwd=None):
     for arg in args[:n]:
         option, _, value = arg[2:].partition("=")
         options[option] = value
-    environ = dict(os.environ if environ is None else environ)
+    environ = submission_env(environ)  # not the calling job's own SLURM_* (stage-out)
     fields = {"script": args[n], "working_directory": cwd or os.getcwd(),
               "environment": environ}
     if args[n + 1:]:
