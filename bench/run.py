@@ -28,6 +28,7 @@ apt-get (fpart for fpsync) unless --no-install, in which case their rows are lef
 import argparse
 import os
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -138,7 +139,6 @@ def testbed_env(name):
                       stderr=subprocess.DEVNULL).returncode:
         return {}
     out = subprocess.run([script, "env"], capture_output=True, text=True).stdout
-    import shlex
     env = {}
     for line in out.splitlines():
         words = shlex.split(line)
@@ -263,7 +263,8 @@ def ssh_rows(args, env, cleanup):
 
     def cat(d):
         with open(src, "rb") as f:
-            return timed(["ssh", "-F", cfg, host, f"cat > {d}/{name}"], senv, stdin=f)
+            return timed(["ssh", "-F", cfg, host, "cat > " + shlex.quote(f"{d}/{name}")], senv,
+                         stdin=f)
     rows = {
         OURS: lambda d: timed(hpcmove(args, "--backend", "local", src, f"{host}:{d}/"), henv),
         "scp": lambda d: timed(["scp", "-q", "-F", cfg, src, f"{host}:{d}/"], senv),

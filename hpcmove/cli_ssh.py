@@ -2,6 +2,8 @@
 A thin click layer over hpcmove.ssh and hpcmove.jobs, registered by cli.py."""
 import json
 import os
+import shlex
+import socket as socketlib
 import subprocess
 import sys
 import time
@@ -46,7 +48,6 @@ def _here(node):
                              text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return False
-    import socket as socketlib
     names = {socketlib.gethostname(), socketlib.getfqdn(), "localhost", "127.0.0.1"}
     fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
     return fields.get("NodeHostName") in names or fields.get("NodeAddr") in names
@@ -69,9 +70,10 @@ def socket_open(host, node, ttl, ssh_options):
       hpcmove socket open --on dtn1 --ttl 30m alice@archive.example
     """
     if not _here(node):  # start it on that node, over ssh, with a terminal for the prompt
-        argv = ["ssh", "-t", node, "hpcmove", "socket", "open", "--on", node, "--ttl", ttl,
-                *[x for o in ssh_options for x in ("-o", o)], host]
-        sys.exit(subprocess.run(argv).returncode)
+        # ssh hands the remote shell one line: every word quoted
+        words = ["hpcmove", "socket", "open", "--on", node, "--ttl", ttl,
+                 *[x for o in ssh_options for x in ("-o", o)], host]
+        sys.exit(subprocess.run(["ssh", "-t", node, "--", shlex.join(words)]).returncode)
     db.connect()
     extra = [x for o in ssh_options for x in ("-o", o)]
     row = _run(ssh.open_socket, host, ttl=ttl, node=node, extra_options=extra)

@@ -11,6 +11,7 @@ leading '-', non-UTF-8 - reaches the remote shell as one literal word.
 The pure part (parsing, quoting, command and script text) is separate from `Remote`,
 which runs commands.
 """
+import json
 import os
 import re
 import stat
@@ -18,6 +19,7 @@ import subprocess
 from dataclasses import dataclass
 
 from .errors import HpcmoveError, PlanError, TransferError
+from .plan import DIR, FILE, HARDLINK, SYMLINK
 
 SUMS = ("xxh128", "cksum")  # remote checksum programs, fastest first
 DD_BS = b"1M"
@@ -126,7 +128,7 @@ def write_cmd(path, offset, kind, length):
             + read_cmd(path, offset, length) + b" | " + sum_cmd(kind))
 
 
-def digest_cmd(path, offset, length, kind, size=None, mtime=False):
+def digest_cmd(path, offset, length, kind, mtime=False):
     """Digest of a range; with mtime, first a line 'SIZE MTIME' of the file (lstat), so a
     source that changed since planning is caught in the same call."""
     head = b""
@@ -223,7 +225,6 @@ def place_script(files, spools):
     every conflict is looked for (exit 3, nothing moved), then directories, files, links,
     then directory metadata deepest first; the spool directories go last.
     `files` have kind, index, dst, spool, mode, mtime_ns, link_target, link_to."""
-    from .plan import DIR, FILE, HARDLINK, SYMLINK
     out = [b"set -e"]
     for f in files:
         d = q(word(f.dst))
@@ -294,7 +295,6 @@ for f in sorted(dirs, key=lambda f: -h(f["dst"]).count(b"/")):
 
 
 def place_ops(files):
-    import json
     return json.dumps([{"kind": f.kind, "index": f.index, "dst": f.dst.hex(),
                         "spool": f.spool.hex(), "mode": f.mode, "mtime_ns": f.mtime_ns,
                         "link_target": (f.link_target or b"").hex(), "link_to": f.link_to}
@@ -309,7 +309,6 @@ def stat_script(paths):
 
 def remove_script(files):
     """--move on a remote source: files, then directories deepest first (kept if not empty)."""
-    from .plan import DIR
     out = [b"rm -f -- " + q(word(f.src)) for f in files if f.kind != DIR]
     out += [b"rmdir -- " + q(word(f.src)) + b" 2>/dev/null || true"
             for f in sorted((f for f in files if f.kind == DIR), key=lambda d: -d.src.count(b"/"))]
@@ -317,6 +316,13 @@ def remove_script(files):
 
 
 # --- running commands ----------------------------------------------------------------
+
+def master_alive(socket, host):
+    """True when the control master behind `socket` answers (`ssh -O check`)."""
+    done = subprocess.run(["ssh", "-S", os.fsdecode(socket), "-O", "check", host],
+                          capture_output=True)
+    return done.returncode == 0
+
 
 def ssh_argv(socket, host):
     """ssh through an existing control socket only: no prompt, no new master. Should the
@@ -336,11 +342,7 @@ class Remote:
         return ssh_argv(self.socket, self.host) + [os.fsdecode(command)]
 
     def alive(self):
-        if not os.path.exists(self.socket):
-            return False
-        done = subprocess.run(["ssh", "-S", os.fsdecode(self.socket), "-O", "check", self.host],
-                              capture_output=True)
-        return done.returncode == 0
+        return os.path.exists(self.socket) and master_alive(self.socket, self.host)
 
     def check_alive(self):
         if not self.alive():
@@ -438,7 +440,6 @@ class Far:
 
     def source_stats(self, files):
         """{file id: (size, mtime_ns) or None} of the remote sources, in one call."""
-        from .plan import FILE
         regular = [f for f in files if f.kind == FILE]
         if not regular:
             return {}
@@ -482,7 +483,6 @@ class Far:
 
 
 def of_job(job):
-    import json
     options = json.loads(job.options or "{}")
     r = options.get("remote")
     return Far(r["host"], r["socket"], r["side"], r.get("python", False)) if r else None

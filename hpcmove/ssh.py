@@ -21,7 +21,7 @@ import stat
 import subprocess
 import time
 
-from . import db
+from . import db, remote
 from .errors import UsageError
 from .units import parse_duration
 
@@ -95,10 +95,7 @@ def socket_path(host, directory):
     return path
 
 
-def alive(path, host):
-    done = subprocess.run(["ssh", "-S", os.fsdecode(path), "-O", "check", host],
-                          capture_output=True)
-    return done.returncode == 0
+alive = remote.master_alive
 
 
 def this_node():

@@ -4,6 +4,8 @@ Usage (from the rendered transfer script): python -m hpcmove.worker JOBDIR TASK
 Exit status 0 when every slice of the task is Done, 1 otherwise.
 """
 import json
+import queue
+import threading
 import os
 import socket
 import sys
@@ -162,8 +164,6 @@ def _streams(engine, one, units):
         for unit in units:
             yield from one(engine, unit)
         return
-    import queue
-    import threading
     work, results = queue.Queue(), queue.Queue()
     for unit in units:
         work.put(unit)

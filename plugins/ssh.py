@@ -12,6 +12,7 @@ Hashes: xxh3-128 (`xxhsum -H2`) when the remote host has xxhsum, else POSIX `cks
 A task runs `streams` slices at once, each its own session on the control master: a
 stream that finishes early takes the next slice (next-available queueing).
 """
+import io
 import os
 import subprocess
 import tarfile
@@ -348,7 +349,6 @@ class SshEngine(CopyEngine):
         h.update(data)
         info = tarfile.TarInfo(name.decode() if isinstance(name, bytes) else name)
         info.size, info.mode = len(data), 0o600
-        import io
         tar.addfile(info, io.BytesIO(data))
         return h.hexdigest()
 
