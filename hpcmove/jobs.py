@@ -231,7 +231,18 @@ def _endpoints(sources, dest, options, site):
     settings = {"host": host, "socket": socket, "side": side, "node": node,
                 "sum": os.environ.get("HPCMOVE_REMOTE_SUM") or found["sum"],
                 "python": found["python"] and not os.environ.get("HPCMOVE_REMOTE_NO_PYTHON")}
-    options = replace(options, remote=settings, engine="ssh")
+    # Small files go in bundles: tar streams (engine ssh, the default: measured faster
+    # here, see bench/README.md), or rsync --files-from (engine rsync), which needs rsync
+    # on both hosts. Large files move as dd slices either way.
+    if options.engine == "rsync":
+        missing = [where for where, has in (("here", shutil.which("rsync")),
+                                            (f"on {host}", found["rsync"])) if not has]
+        if missing:
+            raise UsageError(f"--engine rsync: rsync is not installed {' or '.join(missing)}"
+                             f"; without it the default engine sends small files as tar "
+                             f"streams")
+    options = replace(options, remote=settings,
+                      engine="rsync" if options.engine == "rsync" else "ssh")
     if side == "src":
         home = os.fsencode(found["home"])
         paths = [e.path if e.path.startswith(b"/") else os.path.join(home, e.path)

@@ -324,11 +324,15 @@ def master_alive(socket, host):
     return done.returncode == 0
 
 
-def ssh_argv(socket, host):
+def ssh_options(socket):
     """ssh through an existing control socket only: no prompt, no new master. Should the
     socket be gone, BatchMode makes the fallback connection fail instead of asking."""
     return ["ssh", "-S", os.fsdecode(socket), "-o", "ControlMaster=no", "-o", "BatchMode=yes",
-            "-o", "ServerAliveInterval=30", "-T", "-x", host, "--"]
+            "-o", "ServerAliveInterval=30", "-T", "-x"]
+
+
+def ssh_argv(socket, host):
+    return ssh_options(socket) + [host, "--"]
 
 
 class Remote:
@@ -365,13 +369,15 @@ class Remote:
 
     def probe(self):
         """What the remote host offers beyond coreutils, in one call: the checksum
-        program ('xxh128' with xxhsum, else 'cksum'), python3 (fast placement) and the
-        home directory (relative remote paths are made absolute against it)."""
+        program ('xxh128' with xxhsum, else 'cksum'), python3 (fast placement), rsync
+        (bundles of small files) and the home directory (relative remote paths are made absolute against it)."""
         _code, out, _err = self.run(b"pwd; command -v xxhsum || echo -; "
-                                    b"command -v python3 || echo -", check=False)
-        lines = out.splitlines() + [b"-"] * 3
+                                    b"command -v python3 || echo -; "
+                                    b"command -v rsync || echo -", check=False)
+        lines = out.splitlines() + [b"-"] * 4
         return {"sum": "xxh128" if lines[1] != b"-" else "cksum",
-                "python": lines[2] != b"-", "home": os.fsdecode(lines[0])}
+                "python": lines[2] != b"-", "rsync": lines[3] != b"-",
+                "home": os.fsdecode(lines[0])}
 
     def is_dir(self, path):
         return self.run(b"test -d " + q(word(path)), check=False)[0] == 0

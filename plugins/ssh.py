@@ -196,16 +196,20 @@ class SshEngine(CopyEngine):
     def _local_digest(self, path, offset, length):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            h, mv, pos, end = new_sum(self.kind), memoryview(self.buf), offset, offset + length
-            while pos < end:
-                n = os.preadv(fd, [mv[:min(len(mv), end - pos)]], pos)
-                if n == 0:
-                    break
-                h.update(mv[:n])
-                pos += n
-            return h.hexdigest()
+            return self._fd_digest(fd, offset, length)
         finally:
             os.close(fd)
+
+    def _fd_digest(self, fd, offset, length):
+        """The remote side's kind of digest (xxh128 or cksum) of a local range."""
+        h, mv, pos, end = new_sum(self.kind), memoryview(self.buf), offset, offset + length
+        while pos < end:
+            n = os.preadv(fd, [mv[:min(len(mv), end - pos)]], pos)
+            if n == 0:
+                break
+            h.update(mv[:n])
+            pos += n
+        return h.hexdigest()
 
     # --- digests of the destination side (finalize's integrity re-check) ------------
 

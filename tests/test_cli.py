@@ -83,7 +83,7 @@ def test_plugins_lists_backends_and_engines(runner):
     result = runner.invoke(cli.cli, ["plugins"])
     assert result.exit_code == 0
     for row in ("backend\tlocal\tok", "backend\tslurm\tok", "engine\tcopy\tok",
-                "engine\tfaultinject\tok"):
+                "engine\tfaultinject\tok", "engine\tssh\tok", "engine\trsync\tok"):
         assert row in result.output
 
 

@@ -217,3 +217,28 @@ def test_digests_script_hashes_ranges_in_parallel_and_in_order(tmp_path, kind, p
         assert digest == remote.parse_digest(want, kind)
     assert got[-1] in ("unreadable", remote.parse_digest(subprocess.run(
         program, input=b"", capture_output=True).stdout, kind))
+
+
+def test_engine_rsync_without_rsync_on_the_remote_host_is_refused(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from hpcmove import cli, remote, ssh
+    monkeypatch.setenv("HPCMOVE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(ssh, "choose", lambda host, explicit: ("/tmp/s.sock", "dtn1"))
+    monkeypatch.setattr(remote.Remote, "probe", lambda self: {
+        "sum": "cksum", "python": False, "rsync": False, "home": "/home/a"})
+    (tmp_path / "f").write_bytes(b"x")
+    result = CliRunner().invoke(cli.cli, ["submit", "--backend", "local", "--engine", "rsync",
+                                          str(tmp_path / "f"), "archive.example:/x/"])
+    assert result.exit_code == 1
+    assert "rsync is not installed on archive.example" in result.output
+    assert not (tmp_path / "home" / "jobs").exists() or not os.listdir(tmp_path / "home" / "jobs")
+
+
+def test_rsync_remote_shell_words_survive_rsyncs_splitting():
+    from hpcmove.errors import TransferError
+    from hpcmove_plugins.rsync import rsh
+    text = rsh(b"/run/user/1001/hpc move/a'b.sock")
+    assert text.startswith("ssh -S \"/run/user/1001/hpc move/a'b.sock\" -o ControlMaster=no")
+    with pytest.raises(TransferError, match="cannot be given"):
+        rsh(b'/tmp/a"b.sock')

@@ -168,7 +168,16 @@ def test_socket_lets_batch_jobs_push_and_pull_without_any_credential(remote_env,
     assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
     assert same_file(big, os.path.join(back, "big.bin"))
     assert tree_of(tree) == tree_of(os.path.join(back, "tree"))
+    # the small files again, in rsync bundles (`--engine rsync`) through the same socket
+    os.mkdir(os.path.join(far, "rs"))
+    os.mkdir(os.path.join(back, "rs"))
+    area.own()
+    for args in ([tree, f"{HOST}:{far}/rs/"], [f"{HOST}:{far}/rs/tree", f"{back}/rs/"]):
+        s = hp.wait(hp.submit("--engine", "rsync", *args))
+        assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    assert tree_of(tree) == tree_of(os.path.join(back, "rs", "tree"))
     assert not [n for n in os.listdir(far) if n.startswith(".hpcmove-")]  # no spool left
+    assert not [n for n in os.listdir(back) if n.startswith(".hpcmove-")]
 
 
 def test_master_killed_mid_transfer_waits_in_auth_required_then_resumes(remote_env, area):
@@ -201,7 +210,7 @@ def test_master_killed_mid_transfer_waits_in_auth_required_then_resumes(remote_e
     assert resent == [len(slices) - len(done_before)]  # only the unfinished slices
 
 
-@pytest.mark.parametrize("tools", ["xxhsum+python3", "coreutils only"])
+@pytest.mark.parametrize("tools", ["xxhsum+python3", "rsync bundles", "coreutils only"])
 @pytest.mark.parametrize("direction", ["push", "pull"])
 def test_hostile_remote_names_arrive_intact_and_nothing_runs(sshd, area, direction, tools):
     sockets = f"/tmp/hm-{uuid.uuid4().hex[:8]}"
@@ -209,6 +218,7 @@ def test_hostile_remote_names_arrive_intact_and_nothing_runs(sshd, area, directi
     subprocess.run(["chown", TEST_USER, sockets], check=True)
     hp = Hpcmove("local", area)
     hp.env["HPCMOVE_SOCKET_DIR"] = sockets
+    engine = ["--engine", "rsync"] if tools == "rsync bundles" else []
     if tools == "coreutils only":  # cksum digests, placement by a generated shell script
         hp.env.update(HPCMOVE_REMOTE_SUM="cksum", HPCMOVE_REMOTE_NO_PYTHON="1")
     agent = Agent(area, sshd)
@@ -229,16 +239,19 @@ def test_hostile_remote_names_arrive_intact_and_nothing_runs(sshd, area, directi
         agent.kill()
         if direction == "push":
             out = os.path.join(os.fsencode(far), b"new\n'dst'")
-            job = hp.submit("--slice-size", "4K", src, os.fsencode(HOST) + b":" + out)
+            job = hp.submit(*engine, "--slice-size", "4K", src, os.fsencode(HOST) + b":" + out)
         else:
             out = os.path.join(os.fsencode(area.dst), b"new\n'dst'")
-            job = hp.submit("--slice-size", "4K", os.fsencode(HOST) + b":" + src, out)
+            job = hp.submit(*engine, "--slice-size", "4K", os.fsencode(HOST) + b":" + src, out)
         s = hp.wait(job)
         assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
         assert tree_of(src) == tree_of(out)
         sums = {f["checksum"].split(":")[0].split("-")[0] for f in s["files"]
                 if f["type"] == "file"}
         assert sums == ({"cksum"} if tools == "coreutils only" else {"xxh3_128"})
+        db = sqlite3.connect(os.path.join(area.home, "hpcmove.db"))
+        (options,), = db.execute("SELECT options FROM job")
+        assert json.loads(options)["engine"] == ("rsync" if engine else "ssh")
         found = subprocess.run(["find", area.root, "/tmp", os.path.expanduser(f"~{TEST_USER}"),
                                 "-name", "PWNED"], capture_output=True).stdout
         assert found == b""

@@ -1,0 +1,176 @@
+"""The rsync engine: the SSH engine, with small files moved in bundles by rsync.
+
+Large files move as slices exactly as in the ssh engine (`dd` at byte offsets over
+several sessions of the control master). Whole small files go in bundles of up to
+2,000 files, each one `rsync -e 'ssh -S SOCKET' --files-from=- --from0` through the
+same control socket, never one connection per file:
+
+- push: rsync cannot choose the names files get on the far side, and the spool wants
+  them named by index. So the bundle is a private local directory of symlinks, one per
+  file, named as its spool file and pointing at the source; `rsync -L` sends what they
+  point at. The files land directly at their spool names, and one remote `xxhsum`
+  (or `cksum`) over the bundle verifies what reached the remote disk.
+- pull: rsync receives the listed remote paths into a staging directory inside the
+  local spool (`--relative`, implied by --files-from), each is renamed to its spool
+  name here (a rename is a system call, not a process), and a second session hashes
+  the sources on the remote host.
+
+Either way the local digest is taken from the bytes on the local disk, and the two
+digests must agree, as for every slice. rsync must be installed on both hosts; without
+it the ssh engine's tar streams carry the bundles (the choice is made at submission).
+Names travel NUL-separated and are never seen by a shell.
+"""
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+from hpcmove.errors import TransferError
+from hpcmove.remote import parse_sums, q, ssh_options, sums_cmd, word
+from hpcmove_plugins.ssh import SshEngine
+
+# rsync splits -e at spaces and honours quotes, but not backslashes
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                  b"-_./=,:@+%")
+
+
+def rsh(socket):
+    """The -e value for rsync: ssh through the control socket only (as every other
+    session of the job). A word outside the safe set is double-quoted; one that would
+    need a double quote cannot be given to rsync."""
+    words = []
+    for w in ssh_options(socket):
+        raw = os.fsencode(w)
+        if all(c in _SAFE for c in raw):
+            words.append(w)
+        elif b'"' in raw:
+            raise TransferError(f"rsync cannot be given the ssh option {w!r}")
+        else:
+            words.append('"' + w + '"')
+    return " ".join(words)
+
+
+def rsync_argv(socket, *args):
+    # -s: the remote path goes to the remote rsync as an argument, not through a shell
+    return ["rsync", "-s", "-e", rsh(socket), "--files-from=-", "--from0",
+            "--chmod=F600,D700", "--whole-file", "--inplace", *args]
+
+
+def _remote(host, path):
+    return os.fsencode(host) + b":" + path
+
+
+class RsyncEngine(SshEngine):
+    name = "rsync"
+
+    def _push_bundle(self, items):
+        spool = os.path.dirname(items[0]["spool"])
+        names = [os.path.basename(i["spool"]) for i in items]
+        ours, problems, sent = {}, {}, []
+        farm = tempfile.mkdtemp(prefix="hpcmove-rsync-")
+        try:
+            for item, name in zip(items, names):
+                try:
+                    ours[item["slice"]] = self._source_digest(item)
+                except TransferError as e:
+                    problems[item["slice"]] = str(e)
+                    continue
+                os.symlink(item["src"], os.path.join(os.fsencode(farm), name))
+                sent.append(name)
+            if sent:
+                self._rsync(["-L", farm + "/", _remote(self.remote.host, word(spool) + b"/")],
+                            b"\0".join(sent) + b"\0", f"writing a bundle into "
+                                                      f"{os.fsdecode(spool)}")
+        finally:
+            shutil.rmtree(farm, ignore_errors=True)
+        theirs = {}
+        if sent:
+            code, out, err = self.remote.run(b"cd " + q(word(spool)) + b" && " +
+                                             sums_cmd(self.kind) + b" -- " +
+                                             b" ".join(q(n) for n in sent), check=False)
+            theirs = parse_sums(out, sent, self.kind)
+        got = {}
+        for item, name in zip(items, names):
+            if item["slice"] in ours:
+                # the source must not have changed while rsync read it
+                src = ours[item["slice"]] if self._unchanged(item) else "source changed"
+                got[item["slice"]] = (src, theirs.get(name, ""), "")
+            else:
+                got[item["slice"]] = ("", "", problems.get(item["slice"], ""))
+        return got
+
+    def _source_digest(self, item):
+        try:
+            fd = os.open(item["src"], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise self._error(e, item["src"]) from e
+        try:
+            st = os.fstat(fd)
+            if st.st_size != item["size"] or st.st_mtime_ns != item["mtime_ns"]:
+                raise TransferError(f"source changed since it was planned: "
+                                    f"{os.fsdecode(item['src'])}")
+            return self._fd_digest(fd, 0, item["size"])
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _unchanged(item):
+        try:
+            st = os.lstat(item["src"])
+        except OSError:
+            return False
+        return st.st_size == item["size"] and st.st_mtime_ns == item["mtime_ns"]
+
+    def _pull_bundle(self, items):
+        srcs = [i["src"] for i in items]  # absolute: made so at submission
+        listing = b"\0".join(s.lstrip(b"/") for s in srcs) + b"\0"
+        sums = subprocess.Popen(self.remote.argv(b"xargs -0 " + sums_cmd(self.kind) + b" --"),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        spool = os.path.dirname(items[0]["spool"])
+        stage = tempfile.mkdtemp(prefix=b".rsync-", dir=spool)
+        try:
+            try:
+                self._rsync([_remote(self.remote.host, b"/"), stage + b"/"], listing,
+                            f"reading a bundle from {self.remote.host}")
+                failure = ""
+            except TransferError as e:  # files that did arrive are still used
+                if getattr(e, "auth", False):
+                    raise
+                failure = str(e)
+            ours = {}
+            for item, src in zip(items, srcs):
+                got = os.path.join(stage, src.lstrip(b"/"))
+                try:
+                    if os.lstat(got).st_size != item["size"]:
+                        continue
+                    os.rename(got, item["spool"])
+                except OSError:
+                    continue
+                ours[item["slice"]] = self._local_digest(item["spool"], 0, item["size"])
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+            theirs_out, _err = sums.communicate(b"\0".join(srcs) + b"\0")
+        if sums.returncode == 255:
+            self.remote.check_alive()
+        theirs = parse_sums(theirs_out, srcs, self.kind)
+        out = {}
+        for item, src in zip(items, srcs):
+            if item["slice"] in ours:
+                out[item["slice"]] = (theirs.get(src, ""), ours[item["slice"]], "")
+            else:
+                out[item["slice"]] = ("", "", failure or f"not received from "
+                                                         f"{self.remote.host}")
+        return out
+
+    def _rsync(self, args, listing, what):
+        start = time.monotonic()
+        done = subprocess.run(rsync_argv(self.remote.socket, *args), input=listing,
+                              capture_output=True)
+        if done.returncode in (0, 23, 24):  # 23/24: some files missing; verified per file
+            return time.monotonic() - start
+        if done.returncode in (12, 255):  # protocol stream or ssh broke: is the socket gone?
+            self.remote.check_alive()
+        message = done.stderr.decode(errors="replace").strip() or f"exit {done.returncode}"
+        raise TransferError(f"on {self.remote.host}: {what}: rsync: {message}", transient=True)
