@@ -15,6 +15,7 @@ import sys
 import xxhash
 
 from . import db, notify, plugins, profiling, recover, remote, states
+from .errors import HpcmoveError
 from .plan import DIR, FILE, HARDLINK, SYMLINK
 
 
@@ -285,7 +286,7 @@ def run(path):
     _remove_spools(far, files)  # before Done: whoever waits on Done finds nothing of ours
     finish(job, files, slices_by_file)
     if job.move:
-        remove_sources(files)
+        _remove_sources(far, job, files)
     notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
     return 0
 
@@ -303,6 +304,21 @@ def _place_here(files, job, slices_by_file):
         bad = next((f for f in files if target in (f.dst, f.src)), files[0])
         return {bad.id: f"{_name(bad.dst)}: cannot place: {e.strerror or e}"}
     return {}
+
+
+def _remove_sources(far, job, files):
+    """--move: the sources go once every copy is verified, placed and on disk; a source
+    that cannot be removed is an event, never a reason to touch the placed data."""
+    try:
+        if far and far.side == "src":
+            far.remove_sources(files)
+            return
+        if far:
+            far.flush(files)
+        remove_sources(files)
+    except (OSError, HpcmoveError) as e:
+        db.event(job.id, "move", f"sources kept: {e}")
+        print(f"hpcmove: --move: sources kept: {e}", file=sys.stderr)
 
 
 def _remove_spools(far, files):

@@ -309,10 +309,11 @@ def stat_script(paths):
 
 def remove_script(files):
     """--move on a remote source: files, then directories deepest first (kept if not empty)."""
-    out = [b"rm -f -- " + q(word(f.src)) for f in files if f.kind != DIR]
+    out = [b"bad=0"] + [b"rm -f -- " + q(word(f.src)) + b" || bad=1"
+                        for f in files if f.kind != DIR]
     out += [b"rmdir -- " + q(word(f.src)) + b" 2>/dev/null || true"
             for f in sorted((f for f in files if f.kind == DIR), key=lambda d: -d.src.count(b"/"))]
-    return b"\n".join(out) + b"\n"
+    return b"\n".join(out + [b"exit $bad"]) + b"\n"
 
 
 # --- running commands ----------------------------------------------------------------
@@ -483,6 +484,24 @@ class Far:
             return False
         remote.run(b"rm -rf -- " + b" ".join(q(word(s)) for s in spools), check=False)
         return True
+
+    def flush(self, files):
+        """--move on a push: what was placed reaches the remote disk (`sync -f` on each
+        destination file system) before any local source goes."""
+        dirs = sorted({os.path.dirname(f.dst) or b"." for f in files})
+        code, _out, err = self.remote.script(b"".join(
+            b"sync -f -- " + q(word(d)) + b" || exit 1\n" for d in dirs), check=False)
+        if code != 0:
+            raise HpcmoveError(f"on {self.remote.host}: cannot flush the placed files to disk: "
+                               f"{err.decode(errors='replace').strip()}")
+
+    def remove_sources(self, files):
+        """--move on a pull: the remote sources go, after every copy is verified and in
+        place (and on disk) here."""
+        code, _out, err = self.remote.script(remove_script(files), check=False)
+        if code != 0:
+            raise HpcmoveError(f"on {self.remote.host}: cannot remove the sources: "
+                               f"{err.decode(errors='replace').strip()}")
 
     def make_spools(self, spools):
         self.remote.run(b"umask 077 && mkdir -- " + b" ".join(q(word(s)) for s in spools))

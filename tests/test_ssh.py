@@ -210,55 +210,98 @@ def test_master_killed_mid_transfer_waits_in_auth_required_then_resumes(remote_e
     assert resent == [len(slices) - len(done_before)]  # only the unfinished slices
 
 
-@pytest.mark.parametrize("tools", ["xxhsum+python3", "rsync bundles", "coreutils only"])
-@pytest.mark.parametrize("direction", ["push", "pull"])
-def test_hostile_remote_names_arrive_intact_and_nothing_runs(sshd, area, direction, tools):
+@pytest.fixture
+def local_remote(sshd, area):
+    """Hpcmove on the local backend with a private socket directory and an agent."""
     sockets = f"/tmp/hm-{uuid.uuid4().hex[:8]}"
     os.mkdir(sockets, 0o700)
     subprocess.run(["chown", TEST_USER, sockets], check=True)
     hp = Hpcmove("local", area)
     hp.env["HPCMOVE_SOCKET_DIR"] = sockets
+    agent = Agent(area, sshd)
+    hp.env["SSH_AUTH_SOCK"] = agent.sock
+    yield hp, agent
+    agent.kill()
+    hp.run("socket", "close", HOST, check=False)
+    subprocess.run(["rm", "-rf", sockets])
+
+
+@pytest.mark.parametrize("tools", ["xxhsum+python3", "rsync bundles", "coreutils only"])
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_hostile_remote_names_arrive_intact_and_nothing_runs(local_remote, area, direction,
+                                                             tools):
+    hp, agent = local_remote
     engine = ["--engine", "rsync"] if tools == "rsync bundles" else []
     if tools == "coreutils only":  # cksum digests, placement by a generated shell script
         hp.env.update(HPCMOVE_REMOTE_SUM="cksum", HPCMOVE_REMOTE_NO_PYTHON="1")
-    agent = Agent(area, sshd)
-    hp.env["SSH_AUTH_SOCK"] = agent.sock
-    try:
-        src = os.path.join(os.fsencode(area.src), b"-$(touch PWNED) dir\n")
-        os.makedirs(os.path.join(src, b"sub `touch PWNED`"))
-        for n in HOSTILE:
-            with open(os.path.join(src, n), "wb") as f:
-                f.write(n * 1000)
-            with open(os.path.join(src, b"sub `touch PWNED`", n), "wb") as f:
-                f.write(os.urandom(5000))
-        os.symlink(b"$(touch PWNED)", os.path.join(src, b"link;ls"))
-        far = os.path.join(area.root, "far")
-        os.mkdir(far)
+    src = os.path.join(os.fsencode(area.src), b"-$(touch PWNED) dir\n")
+    os.makedirs(os.path.join(src, b"sub `touch PWNED`"))
+    for n in HOSTILE:
+        with open(os.path.join(src, n), "wb") as f:
+            f.write(n * 1000)
+        with open(os.path.join(src, b"sub `touch PWNED`", n), "wb") as f:
+            f.write(os.urandom(5000))
+    os.symlink(b"$(touch PWNED)", os.path.join(src, b"link;ls"))
+    far = os.path.join(area.root, "far")
+    os.mkdir(far)
+    area.own()
+    hp.run("socket", "open", "--ttl", "5m", HOST)
+    agent.kill()
+    if direction == "push":
+        out = os.path.join(os.fsencode(far), b"new\n'dst'")
+        job = hp.submit(*engine, "--slice-size", "4K", src, os.fsencode(HOST) + b":" + out)
+    else:
+        out = os.path.join(os.fsencode(area.dst), b"new\n'dst'")
+        job = hp.submit(*engine, "--slice-size", "4K", os.fsencode(HOST) + b":" + src, out)
+    s = hp.wait(job)
+    assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    assert tree_of(src) == tree_of(out)
+    sums = {f["checksum"].split(":")[0].split("-")[0] for f in s["files"]
+            if f["type"] == "file"}
+    assert sums == ({"cksum"} if tools == "coreutils only" else {"xxh3_128"})
+    db = sqlite3.connect(os.path.join(area.home, "hpcmove.db"))
+    (options,), = db.execute("SELECT options FROM job")
+    assert json.loads(options)["engine"] == ("rsync" if engine else "ssh")
+    found = subprocess.run(["find", area.root, "/tmp", os.path.expanduser(f"~{TEST_USER}"),
+                            "-name", "PWNED"], capture_output=True).stdout
+    assert found == b""
+
+
+@pytest.mark.parametrize("conflict", [False, True])
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_move_removes_the_sources_only_once_the_copy_is_placed(local_remote, area, direction,
+                                                               conflict):
+    hp, agent = local_remote
+    far = os.path.join(area.root, "far")
+    os.mkdir(far)
+    src = os.path.join(far if direction == "pull" else area.src, "tree")
+    for i in range(30):
+        os.makedirs(os.path.join(src, f"d{i % 3}"), exist_ok=True)
+        with open(os.path.join(src, f"d{i % 3}", f"-f {i}'"), "wb") as f:
+            f.write(os.urandom(1000 + i * 4000))
+    with open(os.path.join(src, "big"), "wb") as f:
+        f.write(os.urandom(3 << 20))
+    area.own()
+    before = tree_of(src)
+    out = os.path.join(far if direction == "push" else area.dst, "tree")
+    if conflict:  # a directory where a file must go: placement stops before it starts
+        os.makedirs(os.path.join(out, "big", "x"))
         area.own()
-        hp.run("socket", "open", "--ttl", "5m", HOST)
-        agent.kill()
-        if direction == "push":
-            out = os.path.join(os.fsencode(far), b"new\n'dst'")
-            job = hp.submit(*engine, "--slice-size", "4K", src, os.fsencode(HOST) + b":" + out)
-        else:
-            out = os.path.join(os.fsencode(area.dst), b"new\n'dst'")
-            job = hp.submit(*engine, "--slice-size", "4K", os.fsencode(HOST) + b":" + src, out)
-        s = hp.wait(job)
-        assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
-        assert tree_of(src) == tree_of(out)
-        sums = {f["checksum"].split(":")[0].split("-")[0] for f in s["files"]
-                if f["type"] == "file"}
-        assert sums == ({"cksum"} if tools == "coreutils only" else {"xxh3_128"})
-        db = sqlite3.connect(os.path.join(area.home, "hpcmove.db"))
-        (options,), = db.execute("SELECT options FROM job")
-        assert json.loads(options)["engine"] == ("rsync" if engine else "ssh")
-        found = subprocess.run(["find", area.root, "/tmp", os.path.expanduser(f"~{TEST_USER}"),
-                                "-name", "PWNED"], capture_output=True).stdout
-        assert found == b""
-    finally:
-        agent.kill()
-        hp.run("socket", "close", HOST, check=False)
-        subprocess.run(["rm", "-rf", sockets])
+    hp.run("socket", "open", "--ttl", "5m", HOST)
+    agent.kill()
+    if direction == "push":
+        job = hp.submit("--move", "--slice-size", "1M", src, f"{HOST}:{far}/")
+    else:
+        job = hp.submit("--move", "--slice-size", "1M", f"{HOST}:{src}", area.dst + "/")
+    s = hp.wait(job)
+    if conflict:
+        assert s["state"] == "Failed" and "is a directory" in s["reason"], s["reason"]
+        assert tree_of(src) == before  # the source is untouched
+        assert sorted(tree_of(out)) == [b"big", b"big/x"]  # nothing placed
+        return
+    assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    assert tree_of(out) == before
+    assert not os.path.exists(src)  # every file and directory of the source is gone
 
 
 def test_socket_of_another_user_or_open_directory_is_refused(sshd, area, tmp_path):
