@@ -78,7 +78,8 @@ def effective_settings(flags):
 @click.option("--parsable", is_flag=True,
               help="Print only the batch id of the final job, for --dependency=afterok:ID.")
 @click.option("--stripe-width", type=click.IntRange(min=1), default=None,
-              help="Array tasks running at once [default: 4 on Slurm, cores locally].")
+              help="Array tasks running at once [default: 4 on Slurm, fewer if the "
+                   "partition has fewer CPUs; cores locally].")
 @click.option("--slice-size", type=Size(), default=None,
               help="Files larger than this are cut into slices of this size [default: 256M].")
 @click.option("--bwlimit", type=Size(), default=None,

@@ -112,8 +112,13 @@ def check_partition(name, where):
                                  f"{getattr(e, 'stderr', '') or e}".strip()) from None
 
 
-def default_stripe_width(backend):
-    return (os.cpu_count() or 1) if backend == "local" else 4
+def default_stripe_width(backend, partition=""):
+    """The cores here for the local backend; else 4 tasks, or fewer when the partition
+    cannot run 4 at once (a task that waits for another to end doubles the time)."""
+    if backend == "local":
+        return os.cpu_count() or 1
+    cpus = plugins.backend(backend).total_cpus(partition)
+    return min(4, cpus) if cpus else 4
 
 
 def read_copyjob(path):
@@ -171,7 +176,7 @@ def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
     backend = choose_backend(options.backend)
     if options.then and type(plugins.backend(backend)).submit_after is Backend.submit_after:
         plugins.backend(backend).submit_after(options.then, "")  # its refusal, before anything
-    width = options.stripe_width or default_stripe_width(backend)
+    width = options.stripe_width or default_stripe_width(backend, options.partition)
     if options.width_cap:
         width = min(width, options.width_cap)
     if options.bwlimit_per_user:  # one job's tasks share the user's bandwidth

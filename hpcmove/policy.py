@@ -74,7 +74,8 @@ KEYS = {k.name: k for k in [
     Key("account", _str, "", "account for both jobs"),
     Key("qos", _str, "", "QOS for both jobs"),
     Key("time", _str, "", "time limit per task (sbatch -t)"),
-    Key("stripe_width", _int, 0, "array tasks running at once (0 = 4 on Slurm, cores locally)",
+    Key("stripe_width", _int, 0, "array tasks running at once (0 = 4 on Slurm, or the "
+        "partition's CPUs if fewer; cores locally)",
         cap="max_stripe_width,max_running_tasks_per_user"),
     Key("slice_size", _size, 256 << 20, "files larger than this are cut into slices",
         cap="max_slice_size"),

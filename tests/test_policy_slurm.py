@@ -134,3 +134,22 @@ def test_job_with_more_tasks_than_max_array_size_is_fed_in_chunks(backend, area)
         name = f"f{i:03d}"
         assert open(os.path.join(area.src, name), "rb").read() == \
             open(os.path.join(area.dst, "src", name), "rb").read()
+
+
+@pytest.mark.parametrize("backend", ["slurm"], indirect=True)
+@pytest.mark.parametrize("partition, width", [("dtn", "3"), ("compute", "2")])
+def test_default_stripe_width_is_what_the_partition_can_run_at_once(backend, area, partition,
+                                                                    width):
+    """Four tasks by default, but no more than the partition's CPUs (the testbed's dtn has
+    three one-CPU nodes, compute two): a task that waits for another doubles the time.
+    A width the user chose is kept."""
+    hm = Hpcmove(backend, area)
+    with open(os.path.join(area.src, "f"), "wb") as f:
+        f.truncate(64 << 20)
+    area.own()
+    for args, expected in (([], width), (["--stripe-width", "5"], "5")):
+        done = hm.run("submit", "--dry-run", "--backend", "slurm", "-p", partition,
+                      "--slice-size", "4M", *args, os.path.join(area.src, "f"), area.dst)
+        arrays = [line for line in done.stdout.decode().splitlines()
+                  if line.startswith("#SBATCH --array=")]
+        assert arrays == [f"#SBATCH --array=0-{int(expected) - 1}%{expected}"]

@@ -118,6 +118,10 @@ class Backend:
         """The longest a task may run in `partition`, in seconds; None when unlimited."""
         return None
 
+    def total_cpus(self, partition):
+        """How many one-CPU tasks `partition` can run at once; None when not known."""
+        return None
+
     def wait_gone(self, ids, timeout=120.0):
         """Block until none of `ids` can still run (after cancel); True if so in time."""
         deadline, delay = time.monotonic() + timeout, 0.2

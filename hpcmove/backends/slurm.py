@@ -236,14 +236,25 @@ class SlurmBackend(Backend):
         return self.submit_chunk(spec.scripts["transfer.sh"], spec.logs["transfer"], offset,
                                  count, spec.stripe_width)
 
-    def max_time(self, partition):
-        """MaxTime of the partition (its default partition when '') from scontrol."""
+    @staticmethod
+    def _partition(partition):
+        """scontrol's fields of the partition (the default partition when '')."""
         out = run("scontrol", "show", "partition", "--oneliner", *([partition] if partition else []))
         for line in out.splitlines():
             fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
             if partition or fields.get("Default") == "YES":
-                return parse_duration(fields.get("MaxTime", "UNLIMITED"))
-        return None
+                return fields
+        return {}
+
+    def max_time(self, partition):
+        """MaxTime of the partition from scontrol."""
+        fields = self._partition(partition)
+        return parse_duration(fields.get("MaxTime", "UNLIMITED")) if fields else None
+
+    def total_cpus(self, partition):
+        """TotalCPUs of the partition: how many one-CPU tasks it can run at once."""
+        value = self._partition(partition).get("TotalCPUs", "")
+        return int(value) if value.isdigit() else None
 
     def task_states(self, array_id):
         arrays, _feeders = parse_batch_ids(array_id)
