@@ -1,28 +1,34 @@
 #!/usr/bin/env python3
 """hpcmove against its peers, measured in one run: medians of interleaved rounds.
 
-  python bench/run.py [--groups big,small,ssh,million] [--size 2G] [--files 20000]
+  python bench/run.py [--groups floor,big,small,ssh,sshsmall,million] [--size 2G]
+                      [--files 20000]
                       [--entries 1000000] [--rounds 3] [--dir /var/tmp/hpcmove-bench]
                       [--slurm auto|yes|no] [--no-install]
 
 Groups (data sets are made once under --dir and reused):
+  floor    a 1-byte file through hpcmove, locally and through Slurm: the fixed cost
+           of the batch chain before any data moves.
   big      a random file of --size: hpcmove (local backend, verified), cp,
-           rsync --whole-file, rsync then rsync -c (transfer + verify, as ffv does);
+           rsync --whole-file, rsync then rsync -c (transfer + verify, as ffv does),
+           the copy engine alone (two processes, copy + verify, no batch chain);
            with Slurm (the testbed; --slurm auto uses it when slurm/testbed answers)
            the same hpcmove copy through Slurm.
   small    a tree of --files files of 1-64 KiB: hpcmove, cp -a, rsync -a, fpsync -n 2.
   ssh      the --size file to the project's sshd fixture (ssh/testbed, loopback):
            hpcmove (local backend, through a control socket it opens once), scp,
            rsync -e ssh, one `ssh host 'cat > f' < f` stream.
-  sshsmall the small tree to the sshd fixture: hpcmove, rsync -a -e ssh.
+  sshsmall the small tree to the sshd fixture: hpcmove (tar bundles), hpcmove
+           --engine rsync (rsync bundles), rsync -a -e ssh.
   million  --entries empty files planned and recorded (bench/million.py's measure):
            submit time and peak RSS, `status`, `status --summary`.
 
 Every round runs each row of a group once, in turn (A B C A B C ...); round 0 warms
 the page cache and is not counted. Before each row the destination is emptied and
 the file systems are synced, so no row pays for the writeback of the one before.
-Prints one table: medians, and each peer's time divided by hpcmove's (above 1:
-hpcmove is faster), with the issue's targets. Missing tools are installed with
+Prints one table: medians of wall time and of the CPU time the whole machine used
+meanwhile (both ends of the SSH rows run here), and each peer's time divided by
+hpcmove's (above 1: hpcmove is faster), with the issue's targets. Missing tools are installed with
 apt-get (fpart for fpsync) unless --no-install, in which case their rows are left out.
 """
 import argparse
@@ -152,6 +158,28 @@ def hpcmove(args, *more):
     return [sys.executable, "-m", "hpcmove", "submit", "--wait", *more]
 
 
+# The copy engine alone, as the array tasks run it (one process per half of the file,
+# pread -> xxh3 -> pwrite, then the read-back verify), without the batch chain around it:
+# what the data path costs, apart from the processes that plan, record and place.
+ENGINE_ALONE = """
+import os, sys
+from hpcmove_plugins.copy import CopyEngine, SliceWork
+src, dst = sys.argv[1], os.path.join(sys.argv[2], "engine.out")
+st = os.stat(src)
+half = st.st_size // 2
+open(dst, "wb").close()
+kids = []
+for off, length in ((0, half), (half, st.st_size - half)):
+    pid = os.fork()
+    if pid == 0:
+        a, b = CopyEngine().copy_slice(SliceWork(src.encode(), dst.encode(), off, length,
+                                                 st.st_size, st.st_mtime_ns))
+        os._exit(0 if a == b else 1)
+    kids.append(pid)
+sys.exit(max(os.waitstatus_to_exitcode(os.waitpid(k, 0)[1]) for k in kids))
+"""
+
+
 # --- the groups --------------------------------------------------------------------
 
 def big_rows(args, env):
@@ -162,6 +190,7 @@ def big_rows(args, env):
         "rsync --whole-file": lambda d: timed(["rsync", "--whole-file", src, d]),
         "rsync + rsync -c": lambda d: timed(["rsync", "--whole-file", src, d])
         + timed(["rsync", "-c", src, d]),
+        "copy engine alone": lambda d: timed([sys.executable, "-c", ENGINE_ALONE, src, d], env),
     }
     slurm = slurm_env(args)
     if slurm:
@@ -169,6 +198,21 @@ def big_rows(args, env):
         rows[f"{OURS} via Slurm"] = lambda d: timed(
             hpcmove(args, "--backend", "slurm", "-p", "dtn", src, d + "/"), senv)
     return src, parse_size(args.size), rows
+
+
+def floor_rows(args, env):
+    """A 1-byte file: what the batch chain costs before any data moves (submit, plan,
+    record, the runner or scheduler, a task, finalize, each a Python process)."""
+    src = os.path.join(args.dir, "one-byte")
+    with open(src, "wb") as f:
+        f.write(b"x")
+    rows = {OURS: lambda d: timed(hpcmove(args, "--backend", "local", src, d + "/"), env)}
+    slurm = slurm_env(args)
+    if slurm:
+        senv = dict(env, **slurm)
+        rows[f"{OURS} via Slurm"] = lambda d: timed(
+            hpcmove(args, "--backend", "slurm", "-p", "dtn", src, d + "/"), senv)
+    return src, 1, rows
 
 
 def slurm_env(args):
@@ -283,26 +327,43 @@ def sshsmall_rows(args, env, cleanup):
     host, cfg = ssh["HPCMOVE_TEST_SSH_HOST"], ssh["HPCMOVE_TEST_SSH_CONFIG"]
     rows = {
         OURS: lambda d: timed(hpcmove(args, "--backend", "local", src, f"{host}:{d}/"), henv),
+        f"{OURS} --engine rsync": lambda d: timed(hpcmove(args, "--backend", "local",
+                                                          "--engine", "rsync", src,
+                                                          f"{host}:{d}/"), henv),
         "rsync -a -e ssh": lambda d: timed(["rsync", "-a", "-e", f"ssh -F {cfg}", src,
                                             f"{host}:{d}/"], senv),
     }
     return src, tree_bytes(src), rows
 
 
+def cpu_seconds():
+    """CPU time used by the whole machine so far (user + system, every process: the
+    remote end of the SSH rows runs here too)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+
+
 def measure(group, src, rows, args):
-    """{row: [seconds per counted round]}, rows interleaved, round 0 not counted."""
+    """({row: [seconds per counted round]}, {row: [CPU seconds]}), rows interleaved,
+    round 0 not counted."""
     times = {name: [] for name in rows}
+    cpus = {name: [] for name in rows}
     dst = os.path.join(args.dir, "dst")
     for round_ in range(args.rounds + 1):
         for name, run in rows.items():
             fresh(dst)
             warm(src)
+            before = cpu_seconds()
             t = run(dst)
+            used = cpu_seconds() - before
             if round_:
                 times[name].append(t)
-            print(f"{group} round {round_} {name}: {t:.2f} s", file=sys.stderr, flush=True)
+                cpus[name].append(used)
+            print(f"{group} round {round_} {name}: {t:.2f} s, {used:.1f} CPU s",
+                  file=sys.stderr, flush=True)
     shutil.rmtree(dst, ignore_errors=True)
-    return times
+    return times, cpus
 
 
 # --- targets (issue 6), as functions of the medians ----------------------------------
@@ -321,9 +382,9 @@ TARGETS = {
 
 
 def table(results):
-    lines = [f"{'group':8} {'row':24} {'median s':>9} {'MB/s':>7} {'peer/hpcmove':>13}  target",
-             "-" * 80]
-    for group, (size, times) in results.items():
+    lines = [f"{'group':8} {'row':24} {'median s':>9} {'CPU s':>6} {'MB/s':>7} "
+             f"{'peer/hpcmove':>13}  target", "-" * 87]
+    for group, (size, (times, cpus)) in results.items():
         ours = statistics.median(times[OURS]) if OURS in times else None
         for name, ts in times.items():
             m = statistics.median(ts)
@@ -332,7 +393,9 @@ def table(results):
             if ours and (group, name) in TARGETS:
                 text, ok = TARGETS[(group, name)]
                 goal = f"{text}: {'met' if ok(ours, m) else 'NOT met'}"
-            lines.append(f"{group:8} {name:24} {m:9.2f} {size / m / 1e6:7.0f} {ratio}  {goal}")
+            rate = f"{size / m / 1e6:7.0f}" if size > 1 else f"{'':7}"
+            lines.append(f"{group:8} {name:24} {m:9.2f} {statistics.median(cpus[name]):6.1f} "
+                         f"{rate} {ratio}  {goal}")
     return "\n".join(lines)
 
 
@@ -351,12 +414,12 @@ def million_lines(r):
             f"(<= 1 s: {ok[max(r['status_s'], r['summary_s']) <= 1]})"]
 
 
-GROUPS = {"big": big_rows, "small": small_rows}
+GROUPS = {"big": big_rows, "small": small_rows, "floor": floor_rows}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--groups", default="big,small,ssh,sshsmall,million")
+    ap.add_argument("--groups", default="floor,big,small,ssh,sshsmall,million")
     ap.add_argument("--size", default="2G", help="the big file (and the ssh one)")
     ap.add_argument("--files", type=int, default=20_000, help="files in the small tree")
     ap.add_argument("--entries", type=int, default=1_000_000, help="entries for 'million'")

@@ -15,16 +15,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_local_groups_on_tiny_data(tmp_path):
     done = subprocess.run(
         [sys.executable, os.path.join(REPO, "bench", "run.py"), "--dir", str(tmp_path),
-         "--groups", "big,small,ssh,sshsmall,million", "--size", "64K", "--files", "12",
+         "--groups", "floor,big,small,ssh,sshsmall,million", "--size", "64K", "--files", "12",
          "--entries", "30",
          "--rounds", "1", "--slurm", "no", "--no-install"],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    for row in ("hpcmove", "cp", "rsync + rsync -c", "cp -a", "rsync -a", "scp",
-                "rsync -e ssh", "ssh 'cat > f' stream", "rsync -a -e ssh"):
+    for row in ("hpcmove", "cp", "rsync + rsync -c", "copy engine alone", "cp -a", "rsync -a",
+                "scp", "rsync -e ssh", "ssh 'cat > f' stream", "hpcmove --engine rsync",
+                "rsync -a -e ssh"):
         assert f" {row} " in out, out
-    assert "peer/hpcmove" in out
+    assert "peer/hpcmove" in out and "CPU s" in out
+    assert "\nfloor    hpcmove " in out
     assert "million  submit 30 files" in out
     assert "status --summary" in out
     assert not os.path.exists(tmp_path / "dst")  # the bench cleans up its destination
