@@ -284,9 +284,9 @@ def run(path):
         notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
         return 1
     _remove_spools(far, files)  # before Done: whoever waits on Done finds nothing of ours
-    finish(job, files, slices_by_file)
-    if job.move:
+    if job.move:  # before Done too: Done means moved
         _remove_sources(far, job, files)
+    finish(job, files, slices_by_file)
     notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
     return 0
 

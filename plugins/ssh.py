@@ -12,7 +12,6 @@ Hashes: xxh3-128 (`xxhsum -H2`) when the remote host has xxhsum, else POSIX `cks
 A task runs `streams` slices at once, each its own session on the control master: a
 stream that finishes early takes the next slice (next-available queueing).
 """
-import io
 import os
 import subprocess
 import tarfile
@@ -303,20 +302,23 @@ class SshEngine(CopyEngine):
     def _push_bundle(self, items):
         spool = os.path.dirname(items[0]["spool"])
         names = [os.path.basename(i["spool"]) for i in items]
-        cmd = (b"umask 077 && tar -x -f - -C " + q(word(spool)) + b" --no-same-owner "
+        cmd = (b"umask 077 && tar -x -B -f - -C " + q(word(spool)) + b" --no-same-owner "
                b"--no-same-permissions && cd " + q(word(spool)) + b" && " + sums_cmd(self.kind)
                + b" -- " + b" ".join(q(n) for n in names))
         proc = subprocess.Popen(self.remote.argv(cmd), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        ours, problems = {}, {}
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                bufsize=len(self.buf))
+        ours, problems, sent = {}, {}, 0
         try:
-            with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.GNU_FORMAT,
-                              bufsize=len(self.buf), copybufsize=len(self.buf)) as tar:
-                for item, name in zip(items, names):
-                    try:
-                        ours[item["slice"]] = self._add(tar, item, name)
-                    except TransferError as e:
-                        problems[item["slice"]] = str(e)
+            for item, name in zip(items, names):
+                try:
+                    digest, size = self._add(proc.stdin, item, name)
+                except TransferError as e:
+                    problems[item["slice"]] = str(e)
+                    continue
+                ours[item["slice"]] = digest
+                sent += size
+            proc.stdin.write(tar_end(sent))
         except BrokenPipeError:
             pass
         finally:
@@ -335,26 +337,31 @@ class SshEngine(CopyEngine):
                 got[item["slice"]] = ("", "", problems.get(item["slice"], ""))
         return got
 
-    def _add(self, tar, item, name):
-        """One source file into the tar stream under `name`; returns its digest."""
+    def _add(self, out, item, name):
+        """One source file into the tar stream under `name`: (digest, bytes written)."""
         try:
-            f = open(item["src"], "rb", buffering=0, opener=_nofollow)
+            fd = os.open(item["src"], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
             raise self._error(e, item["src"]) from e
-        with f:
-            st = os.fstat(f.fileno())
+        try:
+            st = os.fstat(fd)
             if st.st_size != item["size"] or st.st_mtime_ns != item["mtime_ns"]:
                 raise TransferError(f"source changed since it was planned: "
                                     f"{os.fsdecode(item['src'])}")
-            data = f.read()  # small by construction (BUNDLE_FILE_MAX)
+            data = os.read(fd, item["size"] + 1)  # small by construction (BUNDLE_FILE_MAX)
+        except OSError as e:
+            raise self._error(e, item["src"]) from e
+        finally:
+            os.close(fd)
         if len(data) != item["size"]:
             raise TransferError(f"source changed while read: {os.fsdecode(item['src'])}")
         h = new_sum(self.kind)
         h.update(data)
-        info = tarfile.TarInfo(name.decode() if isinstance(name, bytes) else name)
-        info.size, info.mode = len(data), 0o600
-        tar.addfile(info, io.BytesIO(data))
-        return h.hexdigest()
+        pad = -len(data) % 512
+        out.write(tar_header(name, len(data)))
+        out.write(data)
+        out.write(bytes(pad))
+        return h.hexdigest(), 512 + len(data) + pad
 
     def _pull_bundle(self, items):
         srcs = [i["src"] for i in items]
@@ -411,6 +418,33 @@ class SshEngine(CopyEngine):
         finally:
             os.close(fd)
         return self._local_digest(item["spool"], 0, item["size"])
+
+
+TAR_RECORD = 20 * 512  # a tar archive ends with two zero blocks, padded to a record
+
+
+def tar_header(name, size):
+    """The 512-byte ustar header of a regular file `name` (a spool index: short, ASCII)
+    of `size` bytes, mode 0600, owner 0, mtime 0: the remote tar creates the spool file,
+    finalize sets the real mode and mtime when it places it."""
+    if len(name) >= 100:
+        raise ValueError(f"tar member name too long: {name!r}")
+    h = bytearray(512)
+    h[0:len(name)] = name
+    h[100:108] = b"0000600\0"
+    h[108:116] = h[116:124] = b"0000000\0"
+    h[124:136] = b"%011o\0" % size
+    h[136:148] = b"00000000000\0"
+    h[148:156] = b" " * 8  # the checksum counts its own field as spaces
+    h[156:157] = b"0"
+    h[257:265] = b"ustar\x0000"
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def tar_end(sent):
+    """Two zero blocks end the archive; zeros up to a whole record, as tar writes it."""
+    return bytes(1024 + (-(sent + 1024) % TAR_RECORD))
 
 
 def _member(path):

@@ -242,3 +242,30 @@ def test_rsync_remote_shell_words_survive_rsyncs_splitting():
     assert text.startswith("ssh -S \"/run/user/1001/hpc move/a'b.sock\" -o ControlMaster=no")
     with pytest.raises(TransferError, match="cannot be given"):
         rsh(b'/tmp/a"b.sock')
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [1, 511, 512, 513], [4 << 20, 0, 9000, 1023]])
+def test_bundle_tar_stream_is_read_by_gnu_tar_from_a_pipe(tmp_path, sizes):
+    """The ssh engine writes its own ustar headers (one per small file, named by spool
+    index): GNU tar, reading them from a pipe in odd-sized pieces, makes the same files."""
+    from hpcmove_plugins.ssh import tar_end, tar_header
+    stream, files = b"", {}
+    for i, size in enumerate(sizes):
+        data = os.urandom(size)
+        files[str(i)] = data
+        stream += tar_header(b"%d" % i, size) + data + bytes(-size % 512)
+    stream += tar_end(len(stream))
+    assert len(stream) % (20 * 512) == 0
+    out = tmp_path / "spool"
+    out.mkdir()
+    proc = subprocess.Popen(["tar", "-x", "-B", "-f", "-", "-C", str(out), "--no-same-owner",
+                             "--no-same-permissions"], stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    for at in range(0, len(stream), 7777):  # pieces that never line up with blocks
+        proc.stdin.write(stream[at:at + 7777])
+        proc.stdin.flush()
+    proc.stdin.close()
+    assert proc.wait() == 0, proc.stderr.read()
+    assert proc.stderr.read() == b""
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} <= {"0o600"}
