@@ -14,7 +14,9 @@ Groups (data sets are made once under --dir and reused):
            the copy engine alone (two processes, copy + verify, no batch chain);
            with Slurm (the testbed; --slurm auto uses it when slurm/testbed answers)
            the same hpcmove copy through Slurm.
-  small    a tree of --files files of 1-64 KiB: hpcmove, cp -a, rsync -a, fpsync -n 2.
+  small    a tree of --files files of 1-64 KiB: hpcmove, cp -a, rsync -a, fpsync -n 2,
+           and the floor of any all-or-nothing copy (create, write, rename each file;
+           two processes, no verification).
   ssh      the --size file to the project's sshd fixture (ssh/testbed, loopback):
            hpcmove (local backend, through a control socket it opens once), scp,
            rsync -e ssh, one `ssh host 'cat > f' < f` stream.
@@ -200,6 +202,40 @@ def big_rows(args, env):
     return src, parse_size(args.size), rows
 
 
+# What any copy that puts files in place all or nothing must do per file at least:
+# create and write a temporary file, then rename it (as rsync does; hpcmove's spool and
+# placement do the same). Two processes (one per core, as hpcmove's tasks), data read
+# from the page cache, no verification, no metadata, no record.
+CREATE_RENAME = """
+import os, sys
+src, dst = sys.argv[1], sys.argv[2]
+tmp = os.path.join(dst, ".tmp")
+os.mkdir(tmp)
+todo = []
+for d, dirs, files in os.walk(src):
+    out = os.path.join(dst, os.path.relpath(d, src))
+    os.makedirs(out, exist_ok=True)
+    todo += [(os.path.join(d, name), os.path.join(out, name)) for name in files]
+kids = []
+for k in range(2):
+    pid = os.fork()
+    if pid == 0:
+        for n in range(k, len(todo), 2):
+            with open(todo[n][0], "rb") as f:
+                data = f.read()
+            t = os.path.join(tmp, str(n))
+            fd = os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, data)
+            os.close(fd)
+            os.rename(t, todo[n][1])
+        os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    os.waitpid(pid, 0)
+os.rmdir(tmp)
+"""
+
+
 def floor_rows(args, env):
     """A 1-byte file: what the batch chain costs before any data moves (submit, plan,
     record, the runner or scheduler, a task, finalize, each a Python process)."""
@@ -232,6 +268,7 @@ def small_rows(args, env):
         OURS: lambda d: timed(hpcmove(args, "--backend", "local", src, d + "/"), env),
         "cp -a": lambda d: timed(["cp", "-a", src + ".", d]),
         "rsync -a": lambda d: timed(["rsync", "-a", src, d + "/"]),
+        "create+rename floor": lambda d: timed([sys.executable, "-c", CREATE_RENAME, src, d]),
     }
     if have("fpsync", "fpart", args):
         work = os.path.join(args.dir, "fpsync-work")

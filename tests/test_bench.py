@@ -21,7 +21,7 @@ def test_bench_local_groups_on_tiny_data(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    for row in ("hpcmove", "cp", "rsync + rsync -c", "copy engine alone", "cp -a", "rsync -a",
+    for row in ("hpcmove", "cp", "rsync + rsync -c", "copy engine alone", "cp -a", "rsync -a", "create+rename floor",
                 "scp", "rsync -e ssh", "ssh 'cat > f' stream", "hpcmove --engine rsync",
                 "rsync -a -e ssh"):
         assert f" {row} " in out, out
