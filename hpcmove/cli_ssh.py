@@ -61,7 +61,9 @@ def _here(node):
               help="How long the socket lives (ssh ControlPersist), e.g. 30m, 8h.")
 @click.option("-o", "ssh_options", multiple=True, metavar="OPTION",
               help="Further ssh option for the master, e.g. -o Port=2222.")
-def socket_open(host, node, ttl, ssh_options):
+@click.option("--here", is_flag=True, hidden=True,
+              help="Run on this machine as NODE (set when re-run there over ssh).")
+def socket_open(host, node, ttl, ssh_options, here):
     """Open a control socket for HOST (your agent, or your passphrase).
 
     \b
@@ -69,16 +71,30 @@ def socket_open(host, node, ttl, ssh_options):
       hpcmove socket open archive.example
       hpcmove socket open --on dtn1 --ttl 30m alice@archive.example
     """
-    if not _here(node):  # start it on that node, over ssh, with a terminal for the prompt
-        # ssh hands the remote shell one line: every word quoted
-        words = ["hpcmove", "socket", "open", "--on", node, "--ttl", ttl,
-                 *[x for o in ssh_options for x in ("-o", o)], host]
-        sys.exit(subprocess.run(["ssh", "-t", node, "--", shlex.join(words)]).returncode)
+    if node.startswith("-"):
+        raise click.BadParameter(f"{node!r} is not a node name", param_hint="--on")
+    if not here and not _here(node):
+        sys.exit(_open_on(node, host, ttl, ssh_options))
     db.connect()
     extra = [x for o in ssh_options for x in ("-o", o)]
     row = _run(ssh.open_socket, host, ttl=ttl, node=node, extra_options=extra)
     click.echo(f"socket {row.id} for {host} on {row.node}: {os.fsdecode(row.path)} "
                f"(until {time.strftime('%Y-%m-%d %H:%M', time.localtime(row.expires))})")
+
+
+def _open_on(node, host, ttl, ssh_options):
+    """Run `socket open` on NODE over ssh, with a terminal for a passphrase prompt. The
+    same interpreter (installs are shared between a site's nodes; a non-interactive
+    shell there may not have hpcmove on its PATH) and the same database and socket
+    directory settings, so the socket is recorded where `submit` looks; `--here` stops
+    the far side from hopping again when its name for itself differs."""
+    carried = [f"{k}={os.environ[k]}" for k in ("HPCMOVE_DB", "HPCMOVE_HOME",
+                                                "HPCMOVE_SOCKET_DIR") if os.environ.get(k)]
+    words = ["env", *carried, sys.executable, "-m", "hpcmove", "socket", "open", "--here",
+             "--on", node, "--ttl", ttl, *[x for o in ssh_options for x in ("-o", o)], host]
+    tty = ["-t"] if sys.stdin.isatty() else []
+    # ssh hands the remote shell one line: every word quoted
+    return subprocess.run(["ssh", *tty, node, "--", shlex.join(words)]).returncode
 
 
 @socket_.command("list")

@@ -361,3 +361,31 @@ def test_cancel_of_an_auth_required_job_removes_the_remote_spool(remote_env, are
     hp.run("cancel", job)
     assert os.listdir(far) == []
     assert not os.path.exists(os.path.join(far, "big.bin"))
+
+
+def test_socket_open_on_another_node_starts_the_master_there(local_remote, area):
+    """`--on NODE` for a node that is not this machine runs `socket open` there over ssh
+    (the testbed's `hpcmove-dtn`: the same sshd, agent forwarded as a user's DTN config
+    would): the master lives in that ssh session, is recorded for NODE in the same
+    database, and carries a transfer once the agent is gone."""
+    hp, agent = local_remote
+    hp.run("socket", "open", "--on", "hpcmove-dtn", "--ttl", "5m", HOST)
+    rows = json.loads(hp.run("socket", "list", "--json").stdout)
+    assert [(r["node"], r["state"]) for r in rows] == [("hpcmove-dtn", "live")]
+    pid = re.search(rb"pid=(\d+)", subprocess.run(
+        ["ssh", "-S", rows[0]["path"], "-O", "check", HOST], capture_output=True).stderr).group(1)
+    with open(f"/proc/{int(pid)}/environ", "rb") as f:
+        env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    assert env[b"SSH_CONNECTION"].startswith(b"127.0.0.1 ")  # started inside the hop
+    agent.kill()
+    src = os.path.join(area.src, "f")
+    with open(src, "wb") as f:
+        f.write(os.urandom(3 << 20))
+    far = os.path.join(area.root, "far")
+    os.mkdir(far)
+    area.own()
+    s = hp.wait(hp.submit(src, f"{HOST}:{far}/"))
+    assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    assert same_file(src, os.path.join(far, "f"))
+    bad = hp.run("socket", "open", "--on", "-oProxyCommand=touch PWNED", HOST, check=False)
+    assert bad.returncode == 2 and b"is not a node name" in bad.stderr
