@@ -2,7 +2,9 @@
 
 1. Integrity: every Done slice is read back from the spool and its digest compared with
    the source digest the worker recorded; a slice whose data changed since (a flipped
-   bit, a stray writer) goes back to Wait.
+   bit, a stray writer) goes back to Wait. For slices pushed to a remote host this is
+   their verification on that host (the task does not read them back: once is enough,
+   and a range read there costs a pipe), so a mismatch there is sent again too.
 2. Retries: slices left Wait (transient errors, mismatches), or still Pending/Active
    because their array task died (killed, node lost, time limit), are copied again here,
    with backoff, until their attempts reach the policy's count.
@@ -53,10 +55,16 @@ def check_integrity(engine, files, slices_by_file):
             raise
         return  # the remote spool cannot be read without its socket: checked after `auth`
     for (f, s), digest in zip(done, now):
-        if digest != s.src_digest:
-            _set(s, states.WAIT, reason=f"destination slice at offset {s.offset} changed after "
-                                        "it was verified", dst_digest=digest[:64], skipped=False)
-            db.event(f.job_id, "integrity", f"{os.fsdecode(f.dst)}: slice {s.index} re-sent")
+        first = not s.dst_digest  # its task left the verification to this check
+        if digest == s.src_digest:
+            if first:
+                db.Slice.update(dst_digest=digest[:64]).where(db.Slice.id == s.id).execute()
+                s.dst_digest = digest[:64]
+            continue
+        what = "differs from the source" if first else "changed after it was verified"
+        _set(s, states.WAIT, reason=f"destination slice at offset {s.offset} {what}",
+             dst_digest=digest[:64], skipped=False)
+        db.event(f.job_id, "integrity", f"{os.fsdecode(f.dst)}: slice {s.index} re-sent")
 
 
 def retry(engine, f, s, retries, backoff, why_left):

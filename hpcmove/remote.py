@@ -120,12 +120,14 @@ def read_cmd(path, offset, length):
             b"iflag=skip_bytes,count_bytes status=none" % (offset, length))
 
 
-def write_cmd(path, offset, kind, length):
-    """Write stdin at `offset` of `path` (created 0600), then print the digest of what is
-    now on the remote disk for that range: the remote side's verification."""
-    return (b"umask 077 && dd of=" + q(path) + b" bs=" + DD_BS + b" seek=%d "
-            b"oflag=seek_bytes conv=notrunc status=none && " % offset
-            + read_cmd(path, offset, length) + b" | " + sum_cmd(kind))
+def write_cmd(path, offset, kind, length, verify=True):
+    """Write stdin at `offset` of `path` (created 0600), then (verify) print the digest of
+    what is now on the remote disk for that range: the remote side's verification."""
+    write = (b"umask 077 && dd of=" + q(path) + b" bs=" + DD_BS + b" seek=%d "
+             b"oflag=seek_bytes conv=notrunc status=none" % offset)
+    if not verify:
+        return write
+    return write + b" && " + read_cmd(path, offset, length) + b" | " + sum_cmd(kind)
 
 
 def digest_cmd(path, offset, length, kind, mtime=False):

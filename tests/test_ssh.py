@@ -389,3 +389,34 @@ def test_socket_open_on_another_node_starts_the_master_there(local_remote, area)
     assert same_file(src, os.path.join(far, "f"))
     bad = hp.run("socket", "open", "--on", "-oProxyCommand=touch PWNED", HOST, check=False)
     assert bad.returncode == 2 and b"is not a node name" in bad.stderr
+
+
+def test_pushed_slice_corrupted_on_the_remote_host_before_finalize_is_sent_again(remote_env,
+                                                                                 area):
+    """Pushed slices are verified on the remote host once, by finalize's at-rest check
+    before anything is placed: a byte flipped in the remote spool after the task wrote
+    it is found there and only that slice is sent again."""
+    hp, agent, far = remote_env
+    slurm_env()
+    src = os.path.join(area.src, "big")
+    with open(src, "wb") as f:
+        f.write(os.urandom(32 << 20))
+    area.own()
+    open_socket(hp)
+    agent.kill()
+    job = hp.submit("--slice-size", "8M", "--stripe-width", "2", src, f"{HOST}:{far}/")
+    env = {"PATH": "/usr/bin:/bin", "SLURM_CONF": os.environ["SLURM_CONF"]}
+    assert run_as_user(["scontrol", "hold", job], env).returncode == 0  # finalize waits
+    hp.wait_for(job, lambda s: all(x["state"] == "Done" for x in s["files"][0]["slices"]))
+    (spool,) = [n for n in os.listdir(far) if n.startswith(".hpcmove-")]
+    (data,) = os.listdir(os.path.join(far, spool))
+    with open(os.path.join(far, spool, data), "r+b") as f:
+        f.seek(20 << 20)
+        byte = f.read(1)
+        f.seek(20 << 20)
+        f.write(bytes([byte[0] ^ 0x01]))
+    assert run_as_user(["scontrol", "release", job], env).returncode == 0
+    s = hp.wait(job)
+    assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    assert same_file(src, os.path.join(far, "big"))
+    assert [x["offset"] for x in s["files"][0]["slices"] if x["attempts"] > 1] == [16 << 20]
