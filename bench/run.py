@@ -11,7 +11,8 @@ Groups (data sets are made once under --dir and reused):
            of the batch chain before any data moves.
   big      a random file of --size: hpcmove (local backend, verified), cp,
            rsync --whole-file, rsync then rsync -c (transfer + verify, as ffv does),
-           the copy engine alone (two processes, copy + verify, no batch chain);
+           the copy engine alone (two processes taking 256 MiB slices in turn, copy +
+           verify, no batch chain);
            with Slurm (the testbed; --slurm auto uses it when slurm/testbed answers)
            the same hpcmove copy through Slurm.
   small    a tree of --files files of 1-64 KiB: hpcmove, cp -a, rsync -a, fpsync -n 2,
@@ -160,23 +161,28 @@ def hpcmove(args, *more):
     return [sys.executable, "-m", "hpcmove", "submit", "--wait", *more]
 
 
-# The copy engine alone, as the array tasks run it (one process per half of the file,
-# pread -> xxh3 -> pwrite, then the read-back verify), without the batch chain around it:
-# what the data path costs, apart from the processes that plan, record and place.
+# The copy engine alone, as two array tasks run it (256 MiB slices, the default, taken
+# in turn by two processes: mmap/pread -> xxh3 -> pwrite, then the read-back verify),
+# without the batch chain around it: what the data path costs, apart from the
+# processes that plan, record and place.
 ENGINE_ALONE = """
 import os, sys
 from hpcmove_plugins.copy import CopyEngine, SliceWork
 src, dst = sys.argv[1], os.path.join(sys.argv[2], "engine.out")
 st = os.stat(src)
-half = st.st_size // 2
-open(dst, "wb").close()
+size = 256 << 20
+slices = [(off, min(size, st.st_size - off)) for off in range(0, st.st_size, size)]
 kids = []
-for off, length in ((0, half), (half, st.st_size - half)):
+for k in range(2):
     pid = os.fork()
     if pid == 0:
-        a, b = CopyEngine().copy_slice(SliceWork(src.encode(), dst.encode(), off, length,
-                                                 st.st_size, st.st_mtime_ns))
-        os._exit(0 if a == b else 1)
+        engine = CopyEngine()
+        for off, length in slices[k::2]:
+            a, b = engine.copy_slice(SliceWork(src.encode(), dst.encode(), off, length,
+                                               st.st_size, st.st_mtime_ns))
+            if a != b:
+                os._exit(1)
+        os._exit(0)
     kids.append(pid)
 sys.exit(max(os.waitstatus_to_exitcode(os.waitpid(k, 0)[1]) for k in kids))
 """
