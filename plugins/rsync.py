@@ -101,16 +101,11 @@ class RsyncEngine(SshEngine):
         return got
 
     def _source_digest(self, item):
+        fd = self.open_item(item)
         try:
-            fd = os.open(item["src"], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return self._fd_digest(fd, 0, item["size"])
         except OSError as e:
             raise self._error(e, item["src"]) from e
-        try:
-            st = os.fstat(fd)
-            if st.st_size != item["size"] or st.st_mtime_ns != item["mtime_ns"]:
-                raise TransferError(f"source changed since it was planned: "
-                                    f"{os.fsdecode(item['src'])}")
-            return self._fd_digest(fd, 0, item["size"])
         finally:
             os.close(fd)
 

@@ -26,7 +26,7 @@ from hpcmove import states
 from hpcmove.errors import TransferError
 from hpcmove.remote import AuthRequired, Remote, digest_cmd, digests_script, mtime_ns, \
     parse_digest, parse_digests, parse_sums, q, read_cmd, sums_cmd, word, write_cmd
-from hpcmove_plugins.copy import BUFFER, CopyEngine
+from hpcmove_plugins.copy import BUFFER, CopyEngine, SliceWork
 
 # Whole files up to this size travel in bundles: one tar stream and one session for many
 # files, never one connection per file.
@@ -351,17 +351,17 @@ class SshEngine(CopyEngine):
                 got[item["slice"]] = ("", "", problems.get(item["slice"], ""))
         return got
 
+    def open_item(self, item):
+        """The source of a whole small file in a bundle, opened as open_source opens a
+        slice's (no symlink followed, still as planned): its fd."""
+        fd, _st = self.open_source(SliceWork(item["src"], item["spool"], 0, item["size"],
+                                             item["size"], item["mtime_ns"]))
+        return fd
+
     def _add(self, out, item, name):
         """One source file into the tar stream under `name`: (digest, bytes written)."""
+        fd = self.open_item(item)
         try:
-            fd = os.open(item["src"], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            raise self._error(e, item["src"]) from e
-        try:
-            st = os.fstat(fd)
-            if st.st_size != item["size"] or st.st_mtime_ns != item["mtime_ns"]:
-                raise TransferError(f"source changed since it was planned: "
-                                    f"{os.fsdecode(item['src'])}")
             data = os.read(fd, item["size"] + 1)  # small by construction (BUNDLE_FILE_MAX)
         except OSError as e:
             raise self._error(e, item["src"]) from e
