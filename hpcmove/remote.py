@@ -373,7 +373,8 @@ class Remote:
     def probe(self):
         """What the remote host offers beyond coreutils, in one call: the checksum
         program ('xxh128' with xxhsum, else 'cksum'), python3 (fast placement), rsync
-        (bundles of small files) and the home directory (relative remote paths are made absolute against it)."""
+        (bundles of small files) and the home directory (relative remote paths are made
+        absolute against it)."""
         _code, out, _err = self.run(b"pwd; command -v xxhsum || echo -; "
                                     b"command -v python3 || echo -; "
                                     b"command -v rsync || echo -", check=False)

@@ -4,9 +4,10 @@ Push: the local slice is read once, hashed and written to `ssh HOST 'dd of=SPOOL
 what landed on the remote disk is read back there and hashed, and the two digests must
 agree: in finalize's at-rest check for slices sent by array tasks (once per slice, not
 twice: a range read on the remote host goes through a pipe, about 1 CPU s per GiB), at
-once for slices finalize itself sends again. Pull: `dd if=SRC skip=..` streams the slice here, it is written to the local spool
-and read back for its digest, while a second session hashes the source range on the
-remote host (and reports the file's size and mtime, so a changed source is caught).
+once for slices finalize itself sends again. Pull: `dd if=SRC skip=..` streams the slice
+here, it is written to the local spool and read back for its digest, while a second
+session hashes the source range on the remote host (and reports the file's size and
+mtime, so a changed source is caught).
 
 Hashes: xxh3-128 (`xxhsum -H2`) when the remote host has xxhsum, else POSIX `cksum`
 (coreutils), computed here with zlib's CRC-32 over bit-reversed bytes.
@@ -383,7 +384,8 @@ class SshEngine(CopyEngine):
         sums = subprocess.Popen(self.remote.argv(b"xargs -0 " + sums_cmd(self.kind) + b" --"),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
-        proc = subprocess.Popen(self.remote.argv(b"tar -c -f - --null --verbatim-files-from -T - --no-recursion"),
+        proc = subprocess.Popen(self.remote.argv(b"tar -c -f - --null --verbatim-files-from "
+                                                 b"-T - --no-recursion"),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         try:
