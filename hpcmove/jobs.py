@@ -231,7 +231,10 @@ def _endpoints(sources, dest, options, site):
     socket, node = ssh.choose(host, options.socket)
     far = remote.Remote(host, os.fsencode(socket))
     side = "dst" if dst.remote else "src"
-    found = far.probe()
+    # the destination and its parent are looked at in the same session as the probe
+    bare = dst.path.rstrip(b"/") or b"/"
+    found = far.probe(list(dict.fromkeys([dst.path, bare, os.path.dirname(bare) or b"."]))
+                      if dst.remote else [])
     settings = {"host": host, "socket": socket, "side": side, "node": node,
                 "sum": os.environ.get("HPCMOVE_REMOTE_SUM") or found["sum"],
                 "python": found["python"] and not os.environ.get("HPCMOVE_REMOTE_NO_PYTHON")}
@@ -258,7 +261,7 @@ def _endpoints(sources, dest, options, site):
             local += b"/"
         return resolve_pairs([e.path for e in srcs], local, src_isdir=tree.isdir), tree, \
             None, options
-    known = {}
+    known = dict(found["dirs"])
 
     def is_dir(path):
         if path not in known:

@@ -370,18 +370,22 @@ class Remote:
         """Run a generated script with `sh -s`, the script on stdin."""
         return self.run(b"sh -s", input=text, check=check)
 
-    def probe(self):
+    def probe(self, dirs=()):
         """What the remote host offers beyond coreutils, in one call: the checksum
         program ('xxh128' with xxhsum, else 'cksum'), python3 (fast placement), rsync
-        (bundles of small files) and the home directory (relative remote paths are made
-        absolute against it)."""
+        (bundles of small files), the home directory (relative remote paths are made
+        absolute against it) and which of `dirs` are directories there."""
         _code, out, _err = self.run(b"pwd; command -v xxhsum || echo -; "
                                     b"command -v python3 || echo -; "
-                                    b"command -v rsync || echo -", check=False)
-        lines = out.splitlines() + [b"-"] * 4
+                                    b"command -v rsync || echo -"
+                                    + b"".join(b"; test -d " + q(word(d)) + b" && echo d || echo -"
+                                               for d in dirs), check=False)
+        lines = out.splitlines()
+        lines += [b"-"] * (4 + len(dirs) - len(lines))
         return {"sum": "xxh128" if lines[1] != b"-" else "cksum",
                 "python": lines[2] != b"-", "rsync": lines[3] != b"-",
-                "home": os.fsdecode(lines[0])}
+                "home": os.fsdecode(lines[0]),
+                "dirs": {d: line == b"d" for d, line in zip(dirs, lines[4:])}}
 
     def is_dir(self, path):
         return self.run(b"test -d " + q(word(path)), check=False)[0] == 0

@@ -2,9 +2,9 @@
 
 Push: the local slice is read once, hashed and written to `ssh HOST 'dd of=SPOOL seek=..'`;
 what landed on the remote disk is read back there and hashed, and the two digests must
-agree: in finalize's at-rest check for slices sent by array tasks (once per slice, not
-twice: a range read on the remote host goes through a pipe, about 1 CPU s per GiB), at
-once for slices finalize itself sends again. Pull: `dd if=SRC skip=..` streams the slice
+agree: in finalize's at-rest check for slices and bundled files sent by array tasks (once,
+not twice: a range read on the remote host goes through a pipe, about 1 CPU s per GiB),
+at once for slices finalize itself sends again. Pull: `dd if=SRC skip=..` streams the slice
 here, it is written to the local spool and read back for its digest, while a second
 session hashes the source range on the remote host (and reports the file's size and
 mtime, so a changed source is caught).
@@ -15,6 +15,7 @@ Hashes: xxh3-128 (`xxhsum -H2`) when the remote host has xxhsum, else POSIX `cks
 A task runs `streams` slices at once, each its own session on the control master: a
 stream that finishes early takes the next slice (next-available queueing).
 """
+import math
 import os
 import subprocess
 import tarfile
@@ -33,6 +34,7 @@ from hpcmove_plugins.copy import BUFFER, CopyEngine, SliceWork
 # files, never one connection per file.
 BUNDLE_FILE_MAX = 4 << 20
 BUNDLE_FILES, BUNDLE_BYTES = 2000, 128 << 20
+BUNDLE_MIN_FILES = 200  # fewer per stream: one bundle, not a session per handful
 _REV = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
@@ -275,21 +277,18 @@ class SshEngine(CopyEngine):
 
     def units(self, items):
         """Units of work for the task's streams: each large slice alone; small whole
-        files in bundles (by spool directory, up to BUNDLE_FILES / BUNDLE_BYTES)."""
-        single, bundles, current = [], {}, {}
+        files in bundles by spool directory, at most BUNDLE_FILES / BUNDLE_BYTES each and,
+        when there are enough files, as many as keeps every stream busy to the end (10,000
+        files on 3 streams: 6 bundles in two full waves, not 5 with a wave of 2)."""
+        single, small = [], {}
         for item in items:
             whole = item["offset"] == 0 and item["length"] == item["size"]
             if not whole or item["size"] > BUNDLE_FILE_MAX:
                 single.append([item])
-                continue
-            key = os.path.dirname(item["spool"])
-            unit, size = current.get(key, (None, 0))
-            if unit is None or len(unit) >= BUNDLE_FILES or size + item["size"] > BUNDLE_BYTES:
-                unit, size = [], 0
-                bundles.setdefault(key, []).append(unit)
-            unit.append(item)
-            current[key] = (unit, size + item["size"])
-        return single + [u for units in bundles.values() for u in units]
+            else:
+                small.setdefault(os.path.dirname(item["spool"]), []).append(item)
+        return single + [u for group in small.values()
+                         for u in bundles(group, self.streams)]
 
     def copy_bundle(self, items):
         """[(item, result)] for whole small files moved as one tar stream."""
@@ -308,7 +307,10 @@ class SshEngine(CopyEngine):
         out = []
         for item in items:
             src, dst, reason = got.get(item["slice"], ("", "", "not in the bundle's output"))
-            state = states.DONE if src and src == dst else states.WAIT
+            if dst is None:  # written; finalize's at-rest check verifies it (defer_verify)
+                state, dst = (states.DONE if src else states.WAIT), ""
+            else:
+                state = states.DONE if src and src == dst else states.WAIT
             out.append((item, dict(_result(item, state, "" if state == states.DONE else
                                            reason or "verification failed", 0.0),
                                    src=src, dst=dst, seconds=seconds)))
@@ -318,8 +320,10 @@ class SshEngine(CopyEngine):
         spool = os.path.dirname(items[0]["spool"])
         names = [os.path.basename(i["spool"]) for i in items]
         cmd = (b"umask 077 && tar -x -B -f - -C " + q(word(spool)) + b" --no-same-owner "
-               b"--no-same-permissions && cd " + q(word(spool)) + b" && " + sums_cmd(self.kind)
-               + b" -- " + b" ".join(q(n) for n in names))
+               b"--no-same-permissions")
+        if not self.defer_verify:  # else finalize's at-rest check hashes them there, once
+            cmd += (b" && cd " + q(word(spool)) + b" && " + sums_cmd(self.kind) + b" -- "
+                    + b" ".join(q(n) for n in names))
         proc = subprocess.Popen(self.remote.argv(cmd), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 bufsize=len(self.buf))
@@ -342,12 +346,13 @@ class SshEngine(CopyEngine):
         out, err = proc.communicate()
         if proc.returncode != 0:
             raise self._failed(proc.returncode, err, f"writing a bundle into {os.fsdecode(spool)}")
-        theirs = parse_sums(out, [n for i, n in zip(items, names) if i["slice"] in ours],
-                            self.kind)
+        theirs = {} if self.defer_verify else \
+            parse_sums(out, [n for i, n in zip(items, names) if i["slice"] in ours], self.kind)
         got = {}
         for item, name in zip(items, names):
             if item["slice"] in ours:
-                got[item["slice"]] = (ours[item["slice"]], theirs.get(name, ""), "")
+                got[item["slice"]] = (ours[item["slice"]], None if self.defer_verify
+                                      else theirs.get(name, ""), "")
             else:
                 got[item["slice"]] = ("", "", problems.get(item["slice"], ""))
         return got
@@ -434,6 +439,27 @@ class SshEngine(CopyEngine):
         finally:
             os.close(fd)
         return self._local_digest(item["spool"], 0, item["size"])
+
+
+def bundles(items, streams, min_files=BUNDLE_MIN_FILES):
+    """`items` (whole small files, in order) cut into bundles of about equal weight (bytes
+    plus a tar header each): enough to respect BUNDLE_FILES and BUNDLE_BYTES, and a
+    multiple of `streams` when there is more than one bundle's worth or `min_files` per
+    stream, so that the streams finish together."""
+    weight = [i["size"] + 512 for i in items]
+    total = sum(weight)
+    n = max(1, math.ceil(len(items) / BUNDLE_FILES), math.ceil(total / BUNDLE_BYTES))
+    if n > 1 or len(items) >= min_files * streams:
+        n = math.ceil(max(n, streams) / streams) * streams
+    out, cur, acc = [], [], 0
+    for item, w in zip(items, weight):
+        # a file goes to the next bundle when its middle lies past this bundle's share
+        if cur and (len(cur) >= BUNDLE_FILES or acc + w / 2 > (len(out) + 1) * total / n):
+            out.append(cur)
+            cur = []
+        cur.append(item)
+        acc += w
+    return out + [cur] if cur else out
 
 
 TAR_RECORD = 20 * 512  # a tar archive ends with two zero blocks, padded to a record

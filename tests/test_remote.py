@@ -1,6 +1,7 @@
 """The pure side of remote endpoints: parsing, quoting, the generated shell text (run
 here by a real sh, on local directories), find output, and the cksum digest."""
 import os
+import random
 import subprocess
 
 import pytest
@@ -225,8 +226,9 @@ def test_engine_rsync_without_rsync_on_the_remote_host_is_refused(tmp_path, monk
     from hpcmove import cli, remote, ssh
     monkeypatch.setenv("HPCMOVE_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(ssh, "choose", lambda host, explicit: ("/tmp/s.sock", "dtn1"))
-    monkeypatch.setattr(remote.Remote, "probe", lambda self: {
-        "sum": "cksum", "python": False, "rsync": False, "home": "/home/a"})
+    monkeypatch.setattr(remote.Remote, "probe", lambda self, dirs=(): {
+        "sum": "cksum", "python": False, "rsync": False, "home": "/home/a",
+        "dirs": {d: True for d in dirs}})
     (tmp_path / "f").write_bytes(b"x")
     result = CliRunner().invoke(cli.cli, ["submit", "--backend", "local", "--engine", "rsync",
                                           str(tmp_path / "f"), "archive.example:/x/"])
@@ -269,3 +271,27 @@ def test_bundle_tar_stream_is_read_by_gnu_tar_from_a_pipe(tmp_path, sizes):
     assert proc.stderr.read() == b""
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
     assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} <= {"0o600"}
+
+
+@pytest.mark.parametrize("count, size, streams, expect", [
+    (10_000, (1 << 10, 64 << 10), 3, 6),  # 5 bundles' worth -> 6: two full waves of 3
+    (500, 10 << 10, 3, 1),       # fewer than 200 per stream: one bundle, one session
+    (600, 10 << 10, 3, 3),       # enough for every stream
+    (5_000, 0, 3, 3),            # empty files weigh their tar header
+    (2, 1, 3, 1),
+    (300, 4 << 20, 2, 10),       # 1.2 GB: the byte cap (128 MiB) makes 10, even for 2
+])
+def test_small_files_are_cut_into_even_bundles_that_keep_every_stream_busy(
+        count, size, streams, expect):
+    from hpcmove_plugins.ssh import BUNDLE_BYTES, BUNDLE_FILES, bundles
+    rng = random.Random(count)
+    items = [{"n": i, "size": rng.randint(*size) if isinstance(size, tuple) else size}
+             for i in range(count)]
+    out = bundles(items, streams)
+    assert len(out) == expect
+    assert [i["n"] for b in out for i in b] == list(range(count))  # all, once, in order
+    assert all(len(b) <= BUNDLE_FILES and sum(i["size"] for i in b) <= BUNDLE_BYTES
+               for b in out)
+    weights = [sum(i["size"] + 512 for i in b) for b in out]
+    biggest = max(size) if isinstance(size, tuple) else size
+    assert max(weights) - min(weights) <= 2 * (biggest + 512)  # even, to a file or two

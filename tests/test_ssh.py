@@ -420,3 +420,40 @@ def test_pushed_slice_corrupted_on_the_remote_host_before_finalize_is_sent_again
     assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
     assert same_file(src, os.path.join(far, "big"))
     assert [x["offset"] for x in s["files"][0]["slices"] if x["attempts"] > 1] == [16 << 20]
+
+
+def test_bundled_file_corrupted_on_the_remote_host_before_finalize_is_sent_again(remote_env,
+                                                                                  area):
+    """Small files pushed in a tar bundle are hashed on the remote host once, at rest, by
+    finalize: a byte flipped in one of them in the remote spool is found there and only
+    that file is sent again; the others are placed as the task left them."""
+    hp, agent, far = remote_env
+    slurm_env()
+    tree = os.path.join(area.src, "small")
+    os.mkdir(tree)
+    for i in range(40):
+        with open(os.path.join(tree, f"f{i:02d}"), "wb") as f:
+            f.write(os.urandom(1000 + 37 * i))  # sizes differ: the spool file is found by size
+    area.own()
+    open_socket(hp)
+    agent.kill()
+    job = hp.submit("--stripe-width", "1", tree, f"{HOST}:{far}/")
+    env = {"PATH": "/usr/bin:/bin", "SLURM_CONF": os.environ["SLURM_CONF"]}
+    assert run_as_user(["scontrol", "hold", job], env).returncode == 0  # finalize waits
+    hp.wait_for(job, lambda s: all(x["state"] == "Done" for f in s["files"]
+                                   for x in f.get("slices", [])))
+    (spool,) = [n for n in os.listdir(far) if n.startswith(".hpcmove-")]
+    victim = [n for n in os.listdir(os.path.join(far, spool))
+              if os.path.getsize(os.path.join(far, spool, n)) == 1000 + 37 * 7]
+    assert len(victim) == 1
+    with open(os.path.join(far, spool, victim[0]), "r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0x01]))
+    assert run_as_user(["scontrol", "release", job], env).returncode == 0
+    s = hp.wait(job)
+    assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    assert tree_of(tree) == tree_of(os.path.join(far, "small"))
+    resent = [os.path.basename(f["dst"]) for f in s["files"]
+              if any(x["attempts"] > 1 for x in f.get("slices", []))]
+    assert resent == ["f07"]
