@@ -4,7 +4,7 @@
   python bench/run.py [--groups floor,big,small,ssh,sshsmall,million] [--size 2G]
                       [--files 20000]
                       [--entries 1000000] [--rounds 3] [--dir /var/tmp/hpcmove-bench]
-                      [--slurm auto|yes|no] [--no-install]
+                      [--slurm auto|yes|no] [--no-install] [--fresh-fs SIZE]
 
 Groups (data sets are made once under --dir and reused):
   floor    a 1-byte file through hpcmove, locally and through Slurm: the fixed cost
@@ -25,6 +25,8 @@ Groups (data sets are made once under --dir and reused):
            --engine rsync (rsync bundles), rsync -a -e ssh.
   million  --entries empty files planned and recorded (bench/million.py's measure):
            submit time and peak RSS, `status`, `status --summary`.
+
+--fresh-fs 40G makes --dir a journaled ext4 file system of its own (root; see fresh_fs).
 
 Every round runs each row of a group once, in turn (A B C A B C ...); round 0 warms
 the page cache and is not counted. Before each row the destination is emptied and
@@ -460,6 +462,23 @@ def million_lines(r):
 GROUPS = {"big": big_rows, "small": small_rows, "floor": floor_rows}
 
 
+def fresh_fs(path, size):
+    """Mount a new journaled ext4 file system (an image beside `path`) at `path`, unless
+    one made so is mounted there. Without a journal (as some VM images' root file system),
+    ext4 skips inodes freed in the last minutes when it allocates, probing each of them
+    (`recently_deleted`): a row that creates 20,000 files right after the previous row
+    deleted 20,000 pays seconds of kernel time for it, more or less depending on where
+    its directory lands."""
+    image = path.rstrip("/") + ".ext4"
+    if subprocess.run(["mountpoint", "-q", path]).returncode == 0:
+        return
+    if not os.path.exists(image):
+        with open(image, "wb") as f:
+            f.truncate(parse_size(size))
+        subprocess.run(["mkfs.ext4", "-q", "-F", image], check=True)
+    subprocess.run(["mount", "-o", "loop", image, path], check=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", default="floor,big,small,ssh,sshsmall,million")
@@ -470,9 +489,14 @@ def main():
     ap.add_argument("--dir", default="/var/tmp/hpcmove-bench")
     ap.add_argument("--slurm", choices=("auto", "yes", "no"), default="auto")
     ap.add_argument("--no-install", action="store_true", help="never apt-get install")
+    ap.add_argument("--fresh-fs", metavar="SIZE",
+                    help="run on a journaled ext4 file system of SIZE made for the bench "
+                         "(a loop-mounted image at --dir; root only): see README.md")
     args = ap.parse_args()
     args.dir = os.path.abspath(args.dir)
     os.makedirs(args.dir, exist_ok=True)
+    if args.fresh_fs:
+        fresh_fs(args.dir, args.fresh_fs)
     os.chdir(args.dir)  # `python -m hpcmove` must find the installed package, not ./hpcmove
     env = dict(os.environ, HPCMOVE_HOME=os.path.join(args.dir, "home"))
     groups = args.groups.split(",")

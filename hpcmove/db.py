@@ -7,6 +7,7 @@ under a long busy timeout so concurrent writers queue instead of failing.
 """
 import os
 import time
+from types import SimpleNamespace
 from urllib.parse import urlparse
 
 import peewee as pw
@@ -317,6 +318,20 @@ def bulk_insert(model, fields, rows):
     cursor = database.cursor()
     for batch in pw.chunked(rows, 10_000):
         cursor.executemany(sql, batch)
+
+
+def plain(query):
+    """The rows of a select as plain objects with the models' attribute names (a foreign
+    key also as <name>_id): for reading many rows, as finalize reads a job's files and
+    slices. A model instance costs about 25 us to build, a second for 40,000 rows."""
+    fks = [f.name for f in query.model._meta.sorted_fields if isinstance(f, pw.ForeignKeyField)]
+    out = []
+    for row in query.dicts():
+        for name in fks:
+            if name in row:
+                row[name + "_id"] = row[name]
+        out.append(SimpleNamespace(**row))
+    return out
 
 
 def bulk_update(model, fields, rows):

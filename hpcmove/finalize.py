@@ -16,7 +16,7 @@ import xxhash
 
 from . import db, notify, plugins, profiling, recover, remote, states
 from .errors import HpcmoveError
-from .plan import DIR, FILE, HARDLINK, SYMLINK
+from .plan import DIR, FILE, HARDLINK, SYMLINK, hardlink_tmp, spool_path
 
 
 def file_checksum(slices):
@@ -135,7 +135,7 @@ def fill_skipped(files, slices_by_file):
         if len(skipped) == len(slices):
             in_place.add(f.id)
             continue
-        with open(f.dst, "rb") as old, open(os.path.join(f.spool, b"%d" % f.index), "r+b") as new:
+        with open(f.dst, "rb") as old, open(spool_path(f.spool, f.dst), "r+b") as new:
             for s in skipped:
                 copied = 0
                 while copied < s.length:
@@ -148,30 +148,56 @@ def fill_skipped(files, slices_by_file):
 
 
 def place(files, move, in_place=frozenset()):
-    """Create directories, rename spool files into place, make links; then directory
-    metadata deepest first (their mtimes change while entries are placed)."""
+    """Move the spool's tree into place: first each file's mode and mtime (and symlinks)
+    in the spool; then, parents first, a directory not yet at the destination goes with
+    everything in it in one rename, anything else one rename each; hard links once their
+    targets are in place; directory metadata last, deepest first (placing entries
+    changes a directory's mtime)."""
     by_index = {f.index: f for f in files}
-    dirs = [f for f in files if f.kind == DIR]
-    for d in dirs:
-        os.makedirs(d.dst, mode=0o700, exist_ok=True)
     for f in files:
-        tmp = os.path.join(f.spool, b"%d" % f.index)
-        if f.id in in_place:  # --skip-existing found it whole: only the metadata
-            _set_meta(f.dst, f)
-        elif f.kind == FILE:
+        if f.id in in_place:
+            continue
+        if f.kind == FILE:
+            tmp = spool_path(f.spool, f.dst)
             _set_meta(tmp, f)
             if move:
                 _fsync(tmp)
-            os.rename(tmp, f.dst)
         elif f.kind == SYMLINK:
+            tmp = spool_path(f.spool, f.dst)
             os.symlink(f.link_target, tmp)
             _set_meta(tmp, f, symlink=True)
-            os.rename(tmp, f.dst)
-        elif f.kind == HARDLINK:
+    moved = set()  # directories renamed whole: what is below them is in place
+    for f in files:
+        if f.kind == HARDLINK or _below(f.dst, moved):
+            continue
+        if f.id in in_place:  # --skip-existing found it whole: only the metadata
+            _set_meta(f.dst, f)
+        elif f.kind == DIR:
+            if not os.path.lexists(f.dst):
+                os.rename(spool_path(f.spool, f.dst), f.dst)
+                moved.add(f.dst.rstrip(b"/"))
+        else:
+            os.rename(spool_path(f.spool, f.dst), f.dst)
+    for f in files:
+        if f.kind == HARDLINK:
+            tmp = hardlink_tmp(f.spool, f.index)
             os.link(by_index[f.link_to].dst, tmp)
             os.rename(tmp, f.dst)
-    for d in sorted(dirs, key=lambda d: -d.dst.count(b"/")):
+    for d in sorted((f for f in files if f.kind == DIR), key=lambda d: -d.dst.count(b"/")):
         _set_meta(d.dst, d)
+
+
+def _below(path, dirs):
+    """Is `path` inside one of `dirs`?"""
+    if not dirs:
+        return False
+    parent = os.path.dirname(path.rstrip(b"/"))
+    while parent not in dirs:
+        up = os.path.dirname(parent)
+        if up == parent:
+            return False
+        parent = up
+    return True
 
 
 def _fsync(path):
@@ -249,13 +275,13 @@ def finish(job, files, slices_by_file):
 def run(path):
     db.connect()
     job = db.Job.get(db.Job.jobdir == path)
-    files = list(job.files.order_by(db.File.index))
+    files = db.plain(job.files.order_by(db.File.index))
     far = remote.of_job(job)  # the remote side of a push or pull, or None
     if job.state in (states.CANCELLING, states.CANCELLED):
         _remove_spools(far, files)
         return 1
     slices_by_file = {}
-    for s in db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.index):
+    for s in db.plain(db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.index)):
         slices_by_file.setdefault(s.file_id, []).append(s)
     tasks = {}
     if any(s.state != states.DONE for ss in slices_by_file.values() for s in ss):

@@ -17,7 +17,7 @@ from . import db, jobdir, plugins, policy, remote, render, ssh, states
 from .backends import ACTIVE, Backend, SubmitSpec, parse_batch_ids
 from .backends import slurm as slurm_backend
 from .errors import HpcmoveError, JobNotFound, PlanError, UsageError
-from .plan import FILE, Options, pack, plan_pairs, resolve_pairs
+from .plan import FILE, Options, pack, plan_pairs, resolve_pairs, spool_path
 from .units import parse_duration
 
 # A task is planned to finish within this share of its time limit at the assumed rate.
@@ -195,7 +195,7 @@ def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
     far = remote.Far(**{k: options.remote[k] for k in ("host", "socket", "side")}) \
         if options.remote else None
     if far and far.side == "dst":
-        far.make_spools(the_plan.spools)
+        far.make_spools(the_plan.spool_dirs)
     else:
         _make_spools(the_plan)
     try:
@@ -279,16 +279,18 @@ def _endpoints(sources, dest, options, site):
 
 
 def _make_spools(the_plan):
-    for spool in the_plan.spools:
+    """Each spool (new: never one left by someone else) and the directories in it."""
+    roots, made = set(the_plan.spools), []
+    for path in the_plan.spool_dirs:
         try:
-            os.mkdir(spool, 0o700)
+            os.mkdir(path, 0o700)
         except OSError as e:
-            for made in the_plan.spools:
-                if made == spool:
-                    break
-                shutil.rmtree(made, ignore_errors=True)
-            raise PlanError(f"cannot create spool directory {os.fsdecode(spool)}: "
+            for spool in made:
+                shutil.rmtree(spool, ignore_errors=True)
+            raise PlanError(f"cannot create spool directory {os.fsdecode(path)}: "
                             f"{e.strerror}") from e
+        if path in roots:
+            made.append(path)
 
 
 def _script_settings(options, label, path, url):
@@ -390,7 +392,7 @@ def retry(job):
                 db.Slice.id == s.id).execute()
             f = s.file
             by_task.setdefault(s.task, []).append(jobdir.manifest_item(
-                s.id, f.id, f.src, os.path.join(f.spool, b"%d" % f.index), s.offset,
+                s.id, f.id, f.src, spool_path(f.spool, f.dst), s.offset,
                 s.length, f.size, f.mtime_ns))
         db.bulk_state(db.Slice, "slice", db.Slice.id.in_([s.id for s in todo]), states.PENDING)
         db.bulk_state(db.File, "file", db.File.job == job.id, states.PENDING, reason="")
@@ -474,7 +476,7 @@ def _catch_up(job, backend):
             db.Slice.update(task=s.task).where(db.Slice.id == s.id).execute()
             f = s.file
             by_task.setdefault(s.task, []).append(jobdir.manifest_item(
-                s.id, f.id, f.src, os.path.join(f.spool, b"%d" % f.index), s.offset,
+                s.id, f.id, f.src, spool_path(f.spool, f.dst), s.offset,
                 s.length, f.size, f.mtime_ns))
     jobdir.add_tasks(job.jobdir, by_task)
     spec = SubmitSpec(job.jobdir, {"transfer.sh": os.path.join(job.jobdir, b"transfer.sh")},

@@ -31,7 +31,7 @@ class Entry:
 
     @property
     def spool_path(self):
-        return os.path.join(self.spool, b"%d" % self.index)
+        return spool_path(self.spool, self.dst)
 
 
 @dataclass(slots=True)
@@ -77,12 +77,72 @@ class Plan:
     def spools(self):
         return sorted({e.spool for e in self.entries})
 
+    @property
+    def spool_dirs(self):
+        """Every directory the spools need before data arrives, parents first: each spool,
+        its tree, and the place of every directory entry in it."""
+        out = {}
+        for spool in self.spools:
+            out[spool] = out[os.path.join(spool, SPOOL_TREE)] = None
+        for e in self.entries:
+            if e.kind == DIR:
+                out[e.spool_path] = None
+        return list(out)
+
     def task_slices(self, task):
         return [s for s in self.slices if s.task == task]
 
 
 def spool_dir(parent, token):
     return os.path.join(parent, b".hpcmove-" + token.encode() + b".spool")
+
+
+SPOOL_TREE = b"t"  # <spool>/t: the tree (spool_path's fast path spells it out)
+
+
+def spool_path(spool, dst):
+    """Where an entry waits until it is placed: `dst`'s place in the destination's own
+    layout under <spool>/t (the spool sits in the directory its destinations are named
+    from). A directory that does not exist at the destination is then placed with all
+    it holds by one rename, not one rename per file."""
+    base, path = os.path.dirname(spool), dst
+    prefix = base.rstrip(b"/") + b"/"
+    if path.startswith(prefix) and b"/." not in path and b"//" not in path:
+        rel = path[len(prefix):].rstrip(b"/")  # already in normal form: most entries
+        return spool + b"/t/" + rel if rel else spool + b"/t"
+    if path.startswith(b"/") != base.startswith(b"/"):
+        # a relative destination whose spool was made absolute: both are read, like the
+        # destination itself, from the directory hpcmove was called in
+        base, path = os.path.abspath(base), os.path.abspath(path)
+    base, path = _norm(base), _norm(path)
+    if path == base:
+        rel = b""
+    elif base == b".":
+        rel = path
+    else:
+        prefix = base.rstrip(b"/") + b"/"
+        if not path.startswith(prefix):
+            raise ValueError(f"{os.fsdecode(dst)} is not below the spool's directory "
+                             f"{os.fsdecode(base)}")
+        rel = path[len(prefix):]
+    return os.path.join(spool, SPOOL_TREE, rel) if rel else os.path.join(spool, SPOOL_TREE)
+
+
+def _norm(path):
+    path = os.path.normpath(path)
+    return b"/" + path.lstrip(b"/") if path.startswith(b"//") else path
+
+
+def spool_root(path, token):
+    """The spool directory a spool path (spool_path's) lies in."""
+    marker = b"/.hpcmove-" + token.encode() + b".spool/"
+    return path[:path.index(marker) + len(marker) - 1]
+
+
+def hardlink_tmp(spool, index):
+    """A hard link is made beside its destination's spool, by index, once its target is
+    in place."""
+    return os.path.join(spool, b"%d" % index)
 
 
 def resolve_pairs(sources, dst, dst_isdir=os.path.isdir, src_isdir=os.path.isdir):

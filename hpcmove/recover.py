@@ -23,13 +23,14 @@ import socket
 
 from . import db, plugins, states, worker
 from .errors import TransferError
+from .plan import spool_path
 
 LEFT_OVER = (states.SUBMITTED, states.PENDING, states.ACTIVE, states.WAIT)
 
 
 def _item(f, s):
     return {"slice": s.id, "file": f.id, "src": f.src,
-            "spool": os.path.join(f.spool, b"%d" % f.index), "offset": s.offset,
+            "spool": spool_path(f.spool, f.dst), "offset": s.offset,
             "length": s.length, "size": f.size, "mtime_ns": f.mtime_ns}
 
 
@@ -48,7 +49,7 @@ def check_integrity(engine, files, slices_by_file):
     done = [(f, s) for f in files for s in slices_by_file.get(f.id, [])
             if s.state == states.DONE]
     try:
-        now = engine.digests([(f.dst if s.skipped else os.path.join(f.spool, b"%d" % f.index),
+        now = engine.digests([(f.dst if s.skipped else spool_path(f.spool, f.dst),
                                s.offset, s.length, f.size) for f, s in done])
     except TransferError as e:
         if not getattr(e, "auth", False):

@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 
 from .errors import HpcmoveError, PlanError, TransferError
-from .plan import DIR, FILE, HARDLINK, SYMLINK
+from .plan import DIR, FILE, HARDLINK, SYMLINK, hardlink_tmp, spool_path
 
 SUMS = ("xxh128", "cksum")  # remote checksum programs, fastest first
 DD_BS = b"1M"
@@ -223,9 +223,12 @@ def _touch(path, ns, link=False):
 
 
 def place_script(files, spools):
-    """All-or-nothing placement on the remote host, as finalize does it locally: first
-    every conflict is looked for (exit 3, nothing moved), then directories, files, links,
-    then directory metadata deepest first; the spool directories go last.
+    """All-or-nothing placement on the remote host, as finalize.place does it locally:
+    first every conflict is looked for (exit 3, nothing moved); modes, mtimes and symlinks
+    in the spool's tree; then parents first, a directory not yet at the destination moves
+    in one rename with all it holds (its entries are then gone from the spool and left
+    alone), anything else one rename each; hard links; directory metadata deepest first;
+    the spool directories go last.
     `files` have kind, index, dst, spool, mode, mtime_ns, link_target, link_to."""
     out = [b"set -e"]
     for f in files:
@@ -238,20 +241,25 @@ def place_script(files, spools):
                        + d + b" is a directory; exit 3; fi")
     by_index = {f.index: f for f in files}
     dirs = [f for f in files if f.kind == DIR]
-    for f in dirs:
-        out.append(b"mkdir -p -m 0700 -- " + q(word(f.dst)))
-    for f in files:
-        tmp = os.path.join(f.spool, b"%d" % f.index)
+    for f in files:  # in the spool: modes, mtimes, symlinks
+        tmp = q(word(spool_path(f.spool, f.dst)))
         if f.kind == FILE:
-            out += [b"chmod %o -- " % f.mode + q(tmp), _touch(tmp, f.mtime_ns)]
+            out += [b"chmod %o -- " % f.mode + tmp, _touch(spool_path(f.spool, f.dst), f.mtime_ns)]
         elif f.kind == SYMLINK:
-            out += [b"ln -s -- " + q(f.link_target) + b" " + q(tmp),
-                    _touch(tmp, f.mtime_ns, link=True)]
-        elif f.kind == HARDLINK:
-            out.append(b"ln -- " + q(word(by_index[f.link_to].dst)) + b" " + q(tmp))
-        else:
-            continue
-        out.append(b"mv -f -T -- " + q(tmp) + b" " + q(word(f.dst)))
+            out += [b"ln -s -- " + q(f.link_target) + b" " + tmp,
+                    _touch(spool_path(f.spool, f.dst), f.mtime_ns, link=True)]
+    for f in files:  # parents first; what went with a directory is no longer in the spool
+        tmp, d = q(word(spool_path(f.spool, f.dst))), q(word(f.dst))
+        if f.kind == DIR:
+            out.append(b"[ -e " + d + b" ] || [ -L " + d + b" ] || mv -T -- " + tmp + b" " + d)
+        elif f.kind != HARDLINK:
+            out.append(b"if [ -e " + tmp + b" ] || [ -L " + tmp + b" ]; then mv -f -T -- "
+                       + tmp + b" " + d + b"; fi")
+    for f in files:
+        if f.kind == HARDLINK:
+            tmp = q(word(hardlink_tmp(f.spool, f.index)))
+            out += [b"ln -- " + q(word(by_index[f.link_to].dst)) + b" " + tmp,
+                    b"mv -f -T -- " + tmp + b" " + q(word(f.dst))]
     for f in sorted(dirs, key=lambda d: -d.dst.count(b"/")):
         out += [b"chmod %o -- " % f.mode + q(word(f.dst)), _touch(f.dst, f.mtime_ns)]
     out += [b"rm -rf -- " + q(word(s)) for s in spools]
@@ -274,23 +282,37 @@ for f in fs:
               if f["kind"] == "dir" else "a directory")
         sys.exit(3)
 by = {f["index"]: f for f in fs}
-dirs = [f for f in fs if f["kind"] == "dir"]
-for f in dirs:
-    os.makedirs(h(f["dst"]), 0o700, exist_ok=True)
 for f in fs:
-    tmp, dst, t = os.path.join(h(f["spool"]), b"%d" % f["index"]), h(f["dst"]), f["mtime_ns"]
+    tmp, t = h(f["tmp"]), f["mtime_ns"]
     if f["kind"] == "file":
         os.chmod(tmp, f["mode"])
         os.utime(tmp, ns=(t, t))
     elif f["kind"] == "symlink":
         os.symlink(h(f["link_target"]), tmp)
         os.utime(tmp, ns=(t, t), follow_symlinks=False)
-    elif f["kind"] == "hardlink":
-        os.link(h(by[f["link_to"]]["dst"]), tmp)
-    else:
+moved = set()
+def below(path):
+    parent = os.path.dirname(path.rstrip(b"/"))
+    while moved and parent not in moved:
+        up = os.path.dirname(parent)
+        if up == parent:
+            return False
+        parent = up
+    return bool(moved)
+for f in fs:
+    dst = h(f["dst"])
+    if f["kind"] == "hardlink" or below(dst):
         continue
-    os.rename(tmp, dst)
-for f in sorted(dirs, key=lambda f: -h(f["dst"]).count(b"/")):
+    if f["kind"] != "dir":
+        os.rename(h(f["tmp"]), dst)
+    elif not os.path.lexists(dst):
+        os.rename(h(f["tmp"]), dst)
+        moved.add(dst.rstrip(b"/"))
+for f in fs:
+    if f["kind"] == "hardlink":
+        os.link(h(by[f["link_to"]]["dst"]), h(f["tmp"]))
+        os.rename(h(f["tmp"]), h(f["dst"]))
+for f in sorted((f for f in fs if f["kind"] == "dir"), key=lambda f: -h(f["dst"]).count(b"/")):
     os.chmod(h(f["dst"]), f["mode"])
     os.utime(h(f["dst"]), ns=(f["mtime_ns"], f["mtime_ns"]))
 """
@@ -298,7 +320,9 @@ for f in sorted(dirs, key=lambda f: -h(f["dst"]).count(b"/")):
 
 def place_ops(files):
     return json.dumps([{"kind": f.kind, "index": f.index, "dst": f.dst.hex(),
-                        "spool": f.spool.hex(), "mode": f.mode, "mtime_ns": f.mtime_ns,
+                        "tmp": (hardlink_tmp(f.spool, f.index) if f.kind == HARDLINK
+                                else spool_path(f.spool, f.dst)).hex(),
+                        "mode": f.mode, "mtime_ns": f.mtime_ns,
                         "link_target": (f.link_target or b"").hex(), "link_to": f.link_to}
                        for f in files]).encode()
 
@@ -510,8 +534,11 @@ class Far:
             raise HpcmoveError(f"on {self.remote.host}: cannot remove the sources: "
                                f"{err.decode(errors='replace').strip()}")
 
-    def make_spools(self, spools):
-        self.remote.run(b"umask 077 && mkdir -- " + b" ".join(q(word(s)) for s in spools))
+    def make_spools(self, dirs):
+        """The spools and the directories in them, parents first (names on stdin: any
+        number, never seen by the shell); mkdir fails on a spool that exists."""
+        self.remote.run(b"umask 077 && xargs -0 mkdir --",
+                        input=b"".join(word(d) + b"\0" for d in dirs))
 
 
 def of_job(job):

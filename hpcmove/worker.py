@@ -13,6 +13,7 @@ import time
 
 from . import db, jobdir, notify, plugins, profiling, states
 from .errors import TransferError
+from .plan import spool_root
 
 RETRIES = 3  # transient I/O errors retried in the task
 FLUSH_SECONDS = 1.0  # results are written in batches, not one transaction per slice
@@ -145,6 +146,8 @@ def run(path, task):
         return [(item, result or copy_one(eng, item, retries, backoff))]
 
     todo = [i for i in items if i["slice"] not in done]
+    for item in todo:  # bundles are made per spool and name files by their path in it
+        item["root"] = spool_root(item["spool"], job.token)
     units = engine.units(todo) if hasattr(engine, "units") else [[i] for i in todo]
     failed, handed = 0, []
     for item, result in _streams(engine, one, units):

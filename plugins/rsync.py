@@ -5,14 +5,14 @@ several sessions of the control master). Whole small files go in bundles of up t
 2,000 files, each one `rsync -e 'ssh -S SOCKET' --files-from=- --from0` through the
 same control socket, never one connection per file:
 
-- push: rsync cannot choose the names files get on the far side, and the spool wants
-  them named by index. So the bundle is a private local directory of symlinks, one per
-  file, named as its spool file and pointing at the source; `rsync -L` sends what they
-  point at. The files land directly at their spool names, and one remote `xxhsum`
+- push: rsync names a file on the far side as it is named here, and the spool wants it
+  at its own path. So the bundle is a private local directory of symlinks, one per file,
+  at its path in the spool and pointing at the source; `rsync -L` sends what they point
+  at. The files land directly at their spool paths, and one remote `xxhsum`
   (or `cksum`) over the bundle verifies what reached the remote disk.
 - pull: rsync receives the listed remote paths into a staging directory inside the
   local spool (`--relative`, implied by --files-from), each is renamed to its spool
-  name here (a rename is a system call, not a process), and a second session hashes
+  path here (a rename is a system call, not a process), and a second session hashes
   the sources on the remote host.
 
 Either way the local digest is taken from the bytes on the local disk, and the two
@@ -28,7 +28,7 @@ import time
 
 from hpcmove.errors import TransferError
 from hpcmove.remote import parse_sums, q, ssh_options, sums_cmd, word
-from hpcmove_plugins.ssh import SshEngine
+from hpcmove_plugins.ssh import SshEngine, in_spool
 
 # rsync splits -e at spaces and honours quotes, but not backslashes
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
@@ -65,8 +65,8 @@ class RsyncEngine(SshEngine):
     name = "rsync"
 
     def _push_bundle(self, items):
-        spool = os.path.dirname(items[0]["spool"])
-        names = [os.path.basename(i["spool"]) for i in items]
+        spool = items[0]["root"]
+        names = [in_spool(i) for i in items]
         ours, problems, sent = {}, {}, []
         farm = tempfile.mkdtemp(prefix="hpcmove-rsync-")
         try:
@@ -76,7 +76,9 @@ class RsyncEngine(SshEngine):
                 except TransferError as e:
                     problems[item["slice"]] = str(e)
                     continue
-                os.symlink(item["src"], os.path.join(os.fsencode(farm), name))
+                link = os.path.join(os.fsencode(farm), name)
+                os.makedirs(os.path.dirname(link), exist_ok=True)
+                os.symlink(item["src"], link)
                 sent.append(name)
             if sent:
                 self._rsync(["-L", farm + "/", _remote(self.remote.host, word(spool) + b"/")],
@@ -123,8 +125,7 @@ class RsyncEngine(SshEngine):
         sums = subprocess.Popen(self.remote.argv(b"xargs -0 " + sums_cmd(self.kind) + b" --"),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
-        spool = os.path.dirname(items[0]["spool"])
-        stage = tempfile.mkdtemp(prefix=b".rsync-", dir=spool)
+        stage = tempfile.mkdtemp(prefix=b".rsync-", dir=items[0]["root"])  # not in the tree
         try:
             try:
                 self._rsync([_remote(self.remote.host, b"/"), stage + b"/"], listing,

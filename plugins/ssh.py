@@ -239,8 +239,8 @@ class SshEngine(CopyEngine):
 
     def digests(self, ranges):
         """Digest of each (path, offset, length[, file size]) on the destination side;
-        for a push, in one remote call: whole files named at once per directory
-        (xxhsum/cksum over many files), slices of larger files with dd."""
+        for a push, in one remote call: whole files 2,000 to an xxhsum/cksum (matched by
+        their whole path: the spool's tree repeats names), slices of larger files with dd."""
         if self.side == "src":
             return super().digests(ranges)
         if not ranges:
@@ -253,21 +253,14 @@ class SshEngine(CopyEngine):
                                                                  self.kind), check=False)
             for r, digest in zip(parts, parse_digests(out, len(parts), self.kind)):
                 found[r[:3]] = digest
-        by_dir = {}
-        for r in whole:
-            by_dir.setdefault(os.path.dirname(r[0]), []).append(r)
-        names, script = [], []
-        for d, rs in by_dir.items():
-            for chunk in (rs[i:i + 2000] for i in range(0, len(rs), 2000)):
-                base = [os.path.basename(r[0]) for r in chunk]
-                names += [(d, b) for b in base]
-                script.append(b"(cd " + q(word(d)) + b" && " + sums_cmd(self.kind) + b" -- "
-                              + b" ".join(q(word(b)) for b in base) + b") 2>/dev/null")
+        paths = list(dict.fromkeys(word(r[0]) for r in whole))  # as named to xxhsum/cksum
+        script = [sums_cmd(self.kind) + b" -- " + b" ".join(q(p) for p in chunk)
+                  + b" 2>/dev/null" for chunk in _arg_chunks(paths)]
         if script:
             _code, out, _err = self.remote.script(b"\n".join(script) + b"\n", check=False)
-            sums = parse_sums(out, [word(b) for _d, b in names], self.kind)
+            sums = parse_sums(out, paths, self.kind)
             for r in whole:
-                found[r[:3]] = sums.get(word(os.path.basename(r[0])), "unreadable")
+                found[r[:3]] = sums.get(word(r[0]), "unreadable")
         return [found.get(r[:3], "unreadable") for r in ranges]
 
     def already_there(self, work, dst):
@@ -286,7 +279,7 @@ class SshEngine(CopyEngine):
             if not whole or item["size"] > BUNDLE_FILE_MAX:
                 single.append([item])
             else:
-                small.setdefault(os.path.dirname(item["spool"]), []).append(item)
+                small.setdefault(item["root"], []).append(item)
         return single + [u for group in small.values()
                          for u in bundles(group, self.streams)]
 
@@ -317,8 +310,8 @@ class SshEngine(CopyEngine):
         return out
 
     def _push_bundle(self, items):
-        spool = os.path.dirname(items[0]["spool"])
-        names = [os.path.basename(i["spool"]) for i in items]
+        spool = items[0]["root"]
+        names = [in_spool(i) for i in items]
         cmd = (b"umask 077 && tar -x -B -f - -C " + q(word(spool)) + b" --no-same-owner "
                b"--no-same-permissions")
         if not self.defer_verify:  # else finalize's at-rest check hashes them there, once
@@ -378,10 +371,11 @@ class SshEngine(CopyEngine):
         h = new_sum(self.kind)
         h.update(data)
         pad = -len(data) % 512
-        out.write(tar_header(name, len(data)))
+        header = tar_header(name, len(data))
+        out.write(header)
         out.write(data)
         out.write(bytes(pad))
-        return h.hexdigest(), 512 + len(data) + pad
+        return h.hexdigest(), len(header) + len(data) + pad
 
     def _pull_bundle(self, items):
         srcs = [i["src"] for i in items]
@@ -465,12 +459,25 @@ def bundles(items, streams, min_files=BUNDLE_MIN_FILES):
 TAR_RECORD = 20 * 512  # a tar archive ends with two zero blocks, padded to a record
 
 
-def tar_header(name, size):
-    """The 512-byte ustar header of a regular file `name` (a spool index: short, ASCII)
-    of `size` bytes, mode 0600, owner 0, mtime 0: the remote tar creates the spool file,
-    finalize sets the real mode and mtime when it places it."""
-    if len(name) >= 100:
-        raise ValueError(f"tar member name too long: {name!r}")
+def _arg_chunks(paths, count=2000, size=256 << 10):
+    """`paths` in runs short enough for one command line (ARG_MAX: paths may be long)."""
+    chunk, total = [], 0
+    for p in paths:
+        if chunk and (len(chunk) >= count or total + len(p) > size):
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(p)
+        total += len(p) + 3
+    if chunk:
+        yield chunk
+
+
+def in_spool(item):
+    """A bundled file's path inside its spool (the worker's item["root"])."""
+    return item["spool"][len(item["root"]) + 1:]
+
+
+def _ustar(name, size, kind=b"0", prefix=b""):
     h = bytearray(512)
     h[0:len(name)] = name
     h[100:108] = b"0000600\0"
@@ -478,10 +485,27 @@ def tar_header(name, size):
     h[124:136] = b"%011o\0" % size
     h[136:148] = b"00000000000\0"
     h[148:156] = b" " * 8  # the checksum counts its own field as spaces
-    h[156:157] = b"0"
+    h[156:157] = kind
     h[257:265] = b"ustar\x0000"
+    h[345:345 + len(prefix)] = prefix
     h[148:156] = b"%06o\0 " % sum(h)
     return bytes(h)
+
+
+def tar_header(name, size):
+    """The header blocks of a regular file `name` (its path in the spool: any bytes but
+    NUL) of `size` bytes, mode 0600, owner 0, mtime 0: the remote tar creates the spool
+    file, finalize sets the real mode and mtime before it places it. A name longer than
+    ustar's 100 bytes goes in ustar's 155-byte prefix when it splits at a '/' so, else
+    in a GNU long-name record before the header (GNU tar reads both)."""
+    if len(name) <= 100:
+        return _ustar(name, size)
+    cut = name.rfind(b"/", 0, 156)
+    if 0 < cut and len(name) - cut - 1 <= 100 and cut < len(name) - 1:
+        return _ustar(name[cut + 1:], size, prefix=name[:cut])
+    data = name + b"\0"
+    return (_ustar(b"././@LongLink", len(data), kind=b"L") + data + bytes(-len(data) % 512)
+            + _ustar(name[:100], size))
 
 
 def tar_end(sent):

@@ -143,8 +143,7 @@ def test_flipped_byte_before_finalize_is_detected_and_resent(hpcmove, area):
     scontrol(area, "hold", job)  # keep the final job from starting
     s = hpcmove.wait_for(job, lambda s: all(x["state"] == "Done" for x in s["files"][0]["slices"]))
     (spool,) = [n for n in os.listdir(area.dst) if n.startswith(".hpcmove-")]
-    (data,) = os.listdir(os.path.join(area.dst, spool))
-    path = os.path.join(area.dst, spool, data)
+    path = os.path.join(area.dst, spool, "t", "big")  # the destination's layout
     with open(path, "r+b") as f:
         f.seek(20 << 20)
         byte = f.read(1)

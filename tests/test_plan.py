@@ -272,7 +272,38 @@ def test_plan_tree(tree, tmp_path):
     spool = b(tmp_path / ".hpcmove-tok123.spool")
     assert p.spools == [spool]
     assert all(e.spool == spool for e in p.entries)
-    assert a.spool_path == spool + b"/%d" % a.index
+    # where each entry waits: the destination's layout under <spool>/t
+    assert a.spool_path == spool + b"/t/out/a.txt"
+    assert p.spool_dirs[:3] == [spool, spool + b"/t", spool + b"/t/out"]
+    assert set(p.spool_dirs) == {spool, spool + b"/t"} | {
+        e.spool_path for e in p.entries if e.kind == P.DIR}
+
+
+@pytest.mark.parametrize("spool, dst, expect", [
+    (b"/a/.hpcmove-x.spool", b"/a/d", b"/a/.hpcmove-x.spool/t/d"),
+    (b"/a/.hpcmove-x.spool", b"/a/d/e/f", b"/a/.hpcmove-x.spool/t/d/e/f"),
+    (b"/a/d/.hpcmove-x.spool", b"/a/d/", b"/a/d/.hpcmove-x.spool/t"),  # into an existing dir
+    (b"/.hpcmove-x.spool", b"/d", b"/.hpcmove-x.spool/t/d"),
+    (b"./.hpcmove-x.spool", b"d/e", b"./.hpcmove-x.spool/t/d/e"),  # relative (remote home)
+    (b"store/.hpcmove-x.spool", b"store/-f\n$(x)", b"store/.hpcmove-x.spool/t/-f\n$(x)"),
+])
+def test_spool_path_keeps_the_destination_layout(spool, dst, expect):
+    assert P.spool_path(spool, dst) == expect
+    assert P.spool_root(expect + b"/more", "x") == spool
+
+
+def test_spool_path_of_a_relative_destination_with_an_absolute_spool(tmp_path, monkeypatch):
+    """A local copy to a relative new name: the spool is made beside it from the absolute
+    parent, the destination stays relative (read from where hpcmove was called)."""
+    monkeypatch.chdir(tmp_path)
+    spool = P.spool_dir(bytes(tmp_path / "out"), TOKEN)
+    assert P.spool_path(spool, b"out/new") == spool + b"/t/new"
+    assert P.spool_path(spool, b"./out//new/x") == spool + b"/t/new/x"
+
+
+def test_spool_path_refuses_a_destination_outside_its_spool():
+    with pytest.raises(ValueError):
+        P.spool_path(b"/a/.hpcmove-x.spool", b"/ab/c")
 
 
 def test_plan_reads_only(tree, tmp_path):

@@ -80,51 +80,77 @@ def test_plan_from_a_remote_listing_matches_the_local_plan(tmp_path):
         [(s.entry, s.offset, s.length) for s in local.slices]
 
 
-def test_place_script_places_every_name_and_metadata(tmp_path):
-    """The remote placement script, run by sh here: all names arrive, modes and mtimes
-    follow, links are links, and the spool is gone."""
+def _placer(kind, files, spool, cwd):
+    """Run the remote placement as the remote host would: the generated shell script, or
+    the python3 program with its JSON; then the spool goes (Far.remove_spools)."""
+    if kind == "sh":
+        return subprocess.run(["sh", "-s"], input=remote.place_script(files, [spool]),
+                              capture_output=True, cwd=cwd)
+    done = subprocess.run(["python3", "-c", remote.PLACE_PY], input=remote.place_ops(files),
+                          capture_output=True, cwd=cwd)
+    if done.returncode == 0:
+        subprocess.run(["rm", "-rf", "--", spool], check=True)
+    return done
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-dir", "existing-dir"])
+@pytest.mark.parametrize("placer", ["sh", "python3"])
+def test_remote_placement_places_every_name_and_metadata(tmp_path, placer, existing):
+    """The remote placement, run here: all names arrive, modes and mtimes follow, links
+    are links, and the spool is gone; into a new directory (moved in one rename) and into
+    one that exists (what it held stays)."""
     spool = bytes(tmp_path / ".hpcmove-t.spool")
-    os.mkdir(spool)
     dst = bytes(tmp_path / "out")
-    files = [_F(0, plan.DIR, dst, spool, mode=0o750, mtime_ns=1_600_000_000_123_456_789)]
-    for i, n in enumerate(HOSTILE, 1):
-        with open(os.path.join(spool, b"%d" % i), "wb") as f:
+    if existing:
+        os.mkdir(dst)
+        open(os.path.join(dst, b"keep"), "wb").close()
+    files = [_F(0, plan.DIR, dst, spool, mode=0o750, mtime_ns=1_600_000_000_123_456_789),
+             _F(1, plan.DIR, os.path.join(dst, b"sub"), spool, mode=0o705)]
+    for path in (spool, os.path.join(spool, plan.SPOOL_TREE), *(plan.spool_path(spool, f.dst)
+                                                         for f in files)):
+        os.makedirs(path, exist_ok=True)
+    for i, n in enumerate(HOSTILE, 2):
+        where = os.path.join(dst, b"sub" if i % 2 else b"", n)
+        with open(plan.spool_path(spool, where), "wb") as f:
             f.write(n)
-        files.append(_F(i, plan.FILE, os.path.join(dst, n), spool, mode=0o640,
+        files.append(_F(i, plan.FILE, where, spool, mode=0o640,
                         mtime_ns=1_500_000_000_000_000_001 + i))
     k = len(files)
     files.append(_F(k, plan.SYMLINK, os.path.join(dst, b"ln"), spool, link_target=b"$(x)",
                     mtime_ns=1_400_000_000_000_000_000))
-    files.append(_F(k + 1, plan.HARDLINK, os.path.join(dst, b"hl"), spool, link_to=1))
-    script = remote.place_script(files, [spool])
-    done = subprocess.run(["sh", "-s"], input=script, capture_output=True, cwd=tmp_path)
+    files.append(_F(k + 1, plan.HARDLINK, os.path.join(dst, b"hl"), spool, link_to=2))
+    done = _placer(placer, files, spool, tmp_path)
     assert done.returncode == 0, done.stderr
-    for i, n in enumerate(HOSTILE, 1):
-        p = os.path.join(dst, n)
-        assert open(p, "rb").read() == n
-        st = os.stat(p)
-        assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o640, 1_500_000_000_000_000_001 + i)
+    for f in files[2:k]:
+        assert open(f.dst, "rb").read() == os.path.basename(f.dst)
+        st = os.stat(f.dst)
+        assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o640, f.mtime_ns)
     assert os.readlink(os.path.join(dst, b"ln")) == b"$(x)"
     assert os.lstat(os.path.join(dst, b"ln")).st_mtime_ns == 1_400_000_000_000_000_000
-    assert os.stat(os.path.join(dst, b"hl")).st_ino == os.stat(os.path.join(dst, HOSTILE[0])).st_ino
+    assert os.stat(os.path.join(dst, b"hl")).st_ino == os.stat(files[2].dst).st_ino
     assert os.stat(dst).st_mode & 0o777 == 0o750
+    assert os.stat(os.path.join(dst, b"sub")).st_mode & 0o777 == 0o705
     assert os.stat(dst).st_mtime_ns == 1_600_000_000_123_456_789
+    assert os.path.exists(os.path.join(dst, b"keep")) == existing
+    top = {os.path.basename(f.dst) for f in files if os.path.dirname(f.dst) == dst}
+    assert set(os.listdir(dst)) == top | ({b"keep"} if existing else set())  # nothing else
     assert not os.path.exists(spool)
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_place_script_moves_nothing_on_a_conflict(tmp_path):
-    spool = bytes(tmp_path / "spool")
-    os.mkdir(spool)
-    open(os.path.join(spool, b"0"), "wb").close()
-    open(os.path.join(spool, b"1"), "wb").close()
-    os.mkdir(tmp_path / "b")  # a directory where a file must go
+@pytest.mark.parametrize("placer", ["sh", "python3"])
+def test_remote_placement_moves_nothing_on_a_conflict(tmp_path, placer):
+    spool = bytes(tmp_path / ".hpcmove-t.spool")
     files = [_F(0, plan.FILE, bytes(tmp_path / "a"), spool), _F(1, plan.FILE,
                                                                 bytes(tmp_path / "b"), spool)]
-    done = subprocess.run(["sh", "-s"], input=remote.place_script(files, []), capture_output=True)
+    os.makedirs(os.path.join(spool, plan.SPOOL_TREE))
+    for f in files:
+        open(plan.spool_path(spool, f.dst), "wb").close()
+    os.mkdir(tmp_path / "b")  # a directory where a file must go
+    done = _placer(placer, files, spool, tmp_path)
     assert done.returncode == 3 and b"CONFLICT" in done.stdout
     assert not (tmp_path / "a").exists()
-    assert sorted(os.listdir(spool)) == [b"0", b"1"]
+    assert sorted(os.listdir(os.path.join(spool, plan.SPOOL_TREE))) == [b"a", b"b"]
 
 
 @pytest.mark.parametrize("size", [0, 1, 3, 255, 256, 65536, 3 << 20])
@@ -248,14 +274,20 @@ def test_rsync_remote_shell_words_survive_rsyncs_splitting():
 
 @pytest.mark.parametrize("sizes", [[], [0], [1, 511, 512, 513], [4 << 20, 0, 9000, 1023]])
 def test_bundle_tar_stream_is_read_by_gnu_tar_from_a_pipe(tmp_path, sizes):
-    """The ssh engine writes its own ustar headers (one per small file, named by spool
-    index): GNU tar, reading them from a pipe in odd-sized pieces, makes the same files."""
+    """The ssh engine writes its own ustar headers (one per small file, named by its path
+    in the spool: any bytes, any length): GNU tar, reading them from a pipe in odd-sized
+    pieces, makes the same files."""
     from hpcmove_plugins.ssh import tar_end, tar_header
     stream, files = b"", {}
+    names = [b"t/d/" + n for n in HOSTILE] + [
+        b"t/" + b"d" * 60 + b"/" + b"e" * 60 + b"/f",  # > 100: ustar's prefix field
+        b"t/" + b"x" * 120,                             # no '/' to split at: GNU long name
+        b"t/" + b"/".join([b"\xe9\n" * 30] * 6)]       # > 255 bytes
     for i, size in enumerate(sizes):
-        data = os.urandom(size)
-        files[str(i)] = data
-        stream += tar_header(b"%d" % i, size) + data + bytes(-size % 512)
+        for n in (b"%d/" % i + n for n in names):
+            data = os.urandom(size)
+            files[n] = data
+            stream += tar_header(n, size) + data + bytes(-size % 512)
     stream += tar_end(len(stream))
     assert len(stream) % (20 * 512) == 0
     out = tmp_path / "spool"
@@ -269,8 +301,11 @@ def test_bundle_tar_stream_is_read_by_gnu_tar_from_a_pipe(tmp_path, sizes):
     proc.stdin.close()
     assert proc.wait() == 0, proc.stderr.read()
     assert proc.stderr.read() == b""
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
-    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} <= {"0o600"}
+    found = {os.path.relpath(os.path.join(d, f), bytes(out)): open(os.path.join(d, f), "rb").read()
+             for d, _, fs in os.walk(bytes(out)) for f in fs}
+    assert found == files
+    assert {oct(os.stat(os.path.join(bytes(out), n)).st_mode & 0o777) for n in files} <= {"0o600"}
+    assert not (tmp_path / "PWNED").exists()
 
 
 @pytest.mark.parametrize("count, size, streams, expect", [

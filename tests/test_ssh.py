@@ -409,8 +409,7 @@ def test_pushed_slice_corrupted_on_the_remote_host_before_finalize_is_sent_again
     assert run_as_user(["scontrol", "hold", job], env).returncode == 0  # finalize waits
     hp.wait_for(job, lambda s: all(x["state"] == "Done" for x in s["files"][0]["slices"]))
     (spool,) = [n for n in os.listdir(far) if n.startswith(".hpcmove-")]
-    (data,) = os.listdir(os.path.join(far, spool))
-    with open(os.path.join(far, spool, data), "r+b") as f:
+    with open(os.path.join(far, spool, "t", "big"), "r+b") as f:  # the destination's layout
         f.seek(20 << 20)
         byte = f.read(1)
         f.seek(20 << 20)
@@ -433,7 +432,7 @@ def test_bundled_file_corrupted_on_the_remote_host_before_finalize_is_sent_again
     os.mkdir(tree)
     for i in range(40):
         with open(os.path.join(tree, f"f{i:02d}"), "wb") as f:
-            f.write(os.urandom(1000 + 37 * i))  # sizes differ: the spool file is found by size
+            f.write(os.urandom(1000 + 37 * i))
     area.own()
     open_socket(hp)
     agent.kill()
@@ -443,10 +442,7 @@ def test_bundled_file_corrupted_on_the_remote_host_before_finalize_is_sent_again
     hp.wait_for(job, lambda s: all(x["state"] == "Done" for f in s["files"]
                                    for x in f.get("slices", [])))
     (spool,) = [n for n in os.listdir(far) if n.startswith(".hpcmove-")]
-    victim = [n for n in os.listdir(os.path.join(far, spool))
-              if os.path.getsize(os.path.join(far, spool, n)) == 1000 + 37 * 7]
-    assert len(victim) == 1
-    with open(os.path.join(far, spool, victim[0]), "r+b") as f:
+    with open(os.path.join(far, spool, "t", "small", "f07"), "r+b") as f:  # as it will be
         byte = f.read(1)
         f.seek(0)
         f.write(bytes([byte[0] ^ 0x01]))
