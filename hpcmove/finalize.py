@@ -309,7 +309,8 @@ def run(path):
         fail(job, files, problems)
         notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
         return 1
-    _remove_spools(far, files)  # before Done: whoever waits on Done finds nothing of ours
+    if not far or far.side == "src":  # a remote placement removed its spools itself
+        _remove_spools(far, files)  # before Done: whoever waits on Done finds nothing of ours
     if job.move:  # before Done too: Done means moved
         _remove_sources(far, job, files)
     finish(job, files, slices_by_file)

@@ -262,7 +262,7 @@ def place_script(files, spools):
                     b"mv -f -T -- " + tmp + b" " + q(word(f.dst))]
     for f in sorted(dirs, key=lambda d: -d.dst.count(b"/")):
         out += [b"chmod %o -- " % f.mode + q(word(f.dst)), _touch(f.dst, f.mtime_ns)]
-    out += [b"rm -rf -- " + q(word(s)) for s in spools]
+    out += [b"rm -rf -- " + q(word(s)) + b" || true" for s in spools]  # placed: done
     return b"\n".join(out) + b"\nexit 0\n"
 
 
@@ -492,12 +492,16 @@ class Far:
 
     def place(self, files, python=False):
         """Place on the remote host (python3 there does it in one process, else a shell
-        script); {file id: reason} when it could not (nothing placed then)."""
+        script), then remove the spools in the same session (each session pays for the
+        remote shell's start: a user's rc files); {file id: reason} when it could not
+        (nothing placed then, the spools left for remove_spools)."""
+        spools = sorted({f.spool for f in files})
         if python:
-            code, out, err = self.remote.run(b"python3 -c " + q(PLACE_PY),
-                                             input=place_ops(files), check=False)
+            code, out, err = self.remote.run(b"python3 -c " + q(PLACE_PY) + b" || exit; rm -rf -- "
+                                             + b" ".join(q(word(s)) for s in spools)
+                                             + b"; exit 0", input=place_ops(files), check=False)
         else:
-            code, out, err = self.remote.script(place_script(files, []), check=False)
+            code, out, err = self.remote.script(place_script(files, spools), check=False)
         if code == 0:
             return {}
         text = (out + err).decode(errors="replace").strip().splitlines()
