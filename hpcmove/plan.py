@@ -97,7 +97,7 @@ def spool_dir(parent, token):
     return os.path.join(parent, b".hpcmove-" + token.encode() + b".spool")
 
 
-SPOOL_TREE = b"t"  # <spool>/t: the tree (spool_path's fast path spells it out)
+SPOOL_TREE = b"t"  # <spool>/t: the destination's layout
 
 
 def spool_path(spool, dst):
@@ -105,11 +105,12 @@ def spool_path(spool, dst):
     layout under <spool>/t (the spool sits in the directory its destinations are named
     from). A directory that does not exist at the destination is then placed with all
     it holds by one rename, not one rename per file."""
+    tree = spool + b"/" + SPOOL_TREE
     base, path = os.path.dirname(spool), dst
     prefix = base.rstrip(b"/") + b"/"
     if path.startswith(prefix) and b"/." not in path and b"//" not in path:
         rel = path[len(prefix):].rstrip(b"/")  # already in normal form: most entries
-        return spool + b"/t/" + rel if rel else spool + b"/t"
+        return tree + b"/" + rel if rel else tree
     if path.startswith(b"/") != base.startswith(b"/"):
         # a relative destination whose spool was made absolute: both are read, like the
         # destination itself, from the directory hpcmove was called in
@@ -125,7 +126,7 @@ def spool_path(spool, dst):
             raise ValueError(f"{os.fsdecode(dst)} is not below the spool's directory "
                              f"{os.fsdecode(base)}")
         rel = path[len(prefix):]
-    return os.path.join(spool, SPOOL_TREE, rel) if rel else os.path.join(spool, SPOOL_TREE)
+    return tree + b"/" + rel if rel else tree
 
 
 def _norm(path):

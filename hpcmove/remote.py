@@ -242,12 +242,12 @@ def place_script(files, spools):
     by_index = {f.index: f for f in files}
     dirs = [f for f in files if f.kind == DIR]
     for f in files:  # in the spool: modes, mtimes, symlinks
-        tmp = q(word(spool_path(f.spool, f.dst)))
+        tmp = spool_path(f.spool, f.dst)
         if f.kind == FILE:
-            out += [b"chmod %o -- " % f.mode + tmp, _touch(spool_path(f.spool, f.dst), f.mtime_ns)]
+            out += [b"chmod %o -- " % f.mode + q(word(tmp)), _touch(tmp, f.mtime_ns)]
         elif f.kind == SYMLINK:
-            out += [b"ln -s -- " + q(f.link_target) + b" " + tmp,
-                    _touch(spool_path(f.spool, f.dst), f.mtime_ns, link=True)]
+            out += [b"ln -s -- " + q(f.link_target) + b" " + q(word(tmp)),
+                    _touch(tmp, f.mtime_ns, link=True)]
     for f in files:  # parents first; what went with a directory is no longer in the spool
         tmp, d = q(word(spool_path(f.spool, f.dst))), q(word(f.dst))
         if f.kind == DIR:
