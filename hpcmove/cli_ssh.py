@@ -3,7 +3,6 @@ A thin click layer over hpcmove.ssh and hpcmove.jobs, registered by cli.py."""
 import json
 import os
 import shlex
-import socket as socketlib
 import subprocess
 import sys
 import time
@@ -39,20 +38,6 @@ def socket_():
     """
 
 
-def _here(node):
-    """True when NODE is this machine (so the master can start here)."""
-    if not node or node == ssh.this_node():
-        return True
-    try:
-        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True,
-                             text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    names = {socketlib.gethostname(), socketlib.getfqdn(), "localhost", "127.0.0.1"}
-    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
-    return fields.get("NodeHostName") in names or fields.get("NodeAddr") in names
-
-
 @socket_.command("open")
 @click.argument("host", metavar="[USER@]HOST")
 @click.option("--on", "node", default="", metavar="NODE",
@@ -73,7 +58,7 @@ def socket_open(host, node, ttl, ssh_options, here):
     """
     if node.startswith("-"):
         raise click.BadParameter(f"{node!r} is not a node name", param_hint="--on")
-    if not here and not _here(node):
+    if not here and not ssh.is_here(node):
         sys.exit(_open_on(node, host, ttl, ssh_options))
     db.connect()
     extra = [x for o in ssh_options for x in ("-o", o)]
@@ -94,7 +79,7 @@ def _open_on(node, host, ttl, ssh_options):
              "--on", node, "--ttl", ttl, *[x for o in ssh_options for x in ("-o", o)], host]
     tty = ["-t"] if sys.stdin.isatty() else []
     # ssh hands the remote shell one line: every word quoted
-    return subprocess.run(["ssh", *tty, node, "--", shlex.join(words)]).returncode
+    return subprocess.run(["ssh", *tty, ssh.hop(node), "--", shlex.join(words)]).returncode
 
 
 @socket_.command("list")
@@ -171,13 +156,16 @@ def auth(job_id, ttl):
     if not far:
         raise click.ClickException(f"{job.label} has no remote host")
     host, node = far["host"], far.get("node", "")
-    if not _here(node):
-        raise click.ClickException(f"run this on {node}, where the job's socket must live")
     try:
         path, node = ssh.choose(host)
     except ssh.SocketError:
-        row = _run(ssh.open_socket, host, ttl=ttl, node=node)
-        path, node = os.fsdecode(row.path), row.node
+        if ssh.is_here(node):
+            row = _run(ssh.open_socket, host, ttl=ttl, node=node)
+            path, node = os.fsdecode(row.path), row.node
+        else:  # the tasks run there: the socket must live there too
+            if _open_on(node, host, ttl, ()):
+                raise click.ClickException(f"could not open a socket for {host} on {node}")
+            path, node = _run(ssh.choose, host)
     job = _run(jobs.auth, job, path, node)
     new = job[0] if isinstance(job, tuple) else job
     click.echo(f"{new.label}: resumed with socket {path}; final {new.final_id}")

@@ -174,6 +174,11 @@ def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
     check_paths(site, pairs, local_src=not options.remote or options.remote["side"] == "dst",
                 local_dst=not options.remote or options.remote["side"] == "src")
     backend = choose_backend(options.backend)
+    if options.remote and backend == "local" and ssh.hop(options.remote["node"]):
+        raise UsageError(f"the control socket for {options.remote['host']} is on "
+                         f"{options.remote['node']}, and the local backend runs the transfer "
+                         f"on this machine: open one here (`hpcmove socket open "
+                         f"{options.remote['host']}`) or submit to the batch system")
     if options.then and type(plugins.backend(backend)).submit_after is Backend.submit_after:
         plugins.backend(backend).submit_after(options.then, "")  # its refusal, before anything
     width = options.stripe_width or default_stripe_width(backend, options.partition)
@@ -192,8 +197,8 @@ def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
         settings = _script_settings(options, "hm-DRYRUN", b"JOBDIR", db.default_url())
         return Submission(None, the_plan, render.render(settings, the_plan.n_tasks, width,
                                                         options.template_dirs))
-    far = remote.Far(**{k: options.remote[k] for k in ("host", "socket", "side")}) \
-        if options.remote else None
+    far = remote.Far(**{k: options.remote[k] for k in ("host", "socket", "side")},
+                     via=ssh.hop(options.remote["node"])) if options.remote else None
     if far and far.side == "dst":
         far.make_spools(the_plan.spool_dirs)
     else:
@@ -229,7 +234,7 @@ def _endpoints(sources, dest, options, site):
         raise UsageError("--skip-existing is not available with a remote host yet")
     db.connect()
     socket, node = ssh.choose(host, options.socket)
-    far = remote.Remote(host, os.fsencode(socket))
+    far = remote.Remote(host, os.fsencode(socket), via=ssh.hop(node))
     side = "dst" if dst.remote else "src"
     # the destination and its parent are looked at in the same session as the probe
     bare = dst.path.rstrip(b"/") or b"/"
@@ -622,10 +627,12 @@ def _cancel_again(job):
 
 
 def _live_socket(host):
+    """A Remote through the live socket for host (on its node), or None."""
     try:
-        return ssh.choose(host)[0]
+        path, node = ssh.choose(host)
     except ssh.SocketError:
         return None
+    return remote.Remote(host, os.fsencode(path), via=ssh.hop(node))
 
 
 def wait(job, timeout=None, poll_max=5.0, scheduler_every=2.0):

@@ -14,6 +14,7 @@ which runs commands.
 import json
 import os
 import re
+import shlex
 import stat
 import subprocess
 from dataclasses import dataclass
@@ -344,11 +345,21 @@ def remove_script(files):
 
 # --- running commands ----------------------------------------------------------------
 
-def master_alive(socket, host):
-    """True when the control master behind `socket` answers (`ssh -O check`)."""
-    done = subprocess.run(["ssh", "-S", os.fsdecode(socket), "-O", "check", host],
+def master_alive(socket, host, via=""):
+    """True when the control master behind `socket` answers (`ssh -O check`), asked on
+    the machine `via` when the socket is kept there."""
+    done = subprocess.run(through(via, ["ssh", "-S", os.fsdecode(socket), "-O", "check", host]),
                           capture_output=True)
     return done.returncode == 0
+
+
+def through(via, argv):
+    """`argv` run on the machine `via` over ssh ('' runs it here): the login node's way
+    to a socket kept on a data-transfer node. ssh hands the far shell one line, so every
+    word is quoted (names with any bytes pass as they are)."""
+    if not via:
+        return argv
+    return ["ssh", "-o", "BatchMode=yes", "-T", "-x", via, "--", shlex.join(argv)]
 
 
 def ssh_options(socket):
@@ -365,14 +376,16 @@ def ssh_argv(socket, host):
 class Remote:
     """Commands on one remote host through a control socket."""
 
-    def __init__(self, host, socket):
-        self.host, self.socket = host, socket
+    def __init__(self, host, socket, via=""):
+        self.host, self.socket, self.via = host, socket, via
 
     def argv(self, command):
         # ssh joins its arguments with spaces for the remote shell: pass one word of text
-        return ssh_argv(self.socket, self.host) + [os.fsdecode(command)]
+        return through(self.via, ssh_argv(self.socket, self.host) + [os.fsdecode(command)])
 
     def alive(self):
+        if self.via:
+            return master_alive(self.socket, self.host, self.via)
         return os.path.exists(self.socket) and master_alive(self.socket, self.host)
 
     def check_alive(self):
@@ -473,8 +486,9 @@ class Far:
     """The remote end of a job (from its recorded options): what finalize and cancel do
     there. `side` is 'dst' for a push, 'src' for a pull."""
 
-    def __init__(self, host, socket, side, python=False):
-        self.remote, self.side, self.python = Remote(host, os.fsencode(socket)), side, python
+    def __init__(self, host, socket, side, python=False, via=""):
+        self.remote = Remote(host, os.fsencode(socket), via)
+        self.side, self.python = side, python
 
     def source_stats(self, files):
         """{file id: (size, mtime_ns) or None} of the remote sources, in one call."""
@@ -508,13 +522,13 @@ class Far:
         reason = text[-1] if text else f"exit {code}"
         return {files[0].id: f"on {self.remote.host}: cannot place: {reason}"}
 
-    def remove_spools(self, files, socket=None):
+    def remove_spools(self, files, other=None):
         """Remove the remote spool directories; False when no socket reaches the host
-        (the job's own, or `socket` - a live one opened since)."""
+        (the job's own, or `other` - a Remote through a live one opened since)."""
         spools = sorted({f.spool for f in files})
         if not spools:
             return True
-        remote = Remote(self.remote.host, os.fsencode(socket)) if socket else self.remote
+        remote = other or self.remote
         if not remote.alive():
             return False
         remote.run(b"rm -rf -- " + b" ".join(q(word(s)) for s in spools), check=False)
@@ -546,6 +560,12 @@ class Far:
 
 
 def of_job(job):
+    """The job's Far, reached through the socket's node when that is not this machine
+    (cancel on a login node; finalize runs on the node itself)."""
     options = json.loads(job.options or "{}")
     r = options.get("remote")
-    return Far(r["host"], r["socket"], r["side"], r.get("python", False)) if r else None
+    if not r:
+        return None
+    from .ssh import hop  # ssh builds on this module
+    return Far(r["host"], r["socket"], r["side"], r.get("python", False),
+               via=hop(r.get("node", "")))

@@ -13,6 +13,7 @@ only you can enter (0700, on the node's local /run or /tmp, never a shared file
 system), each socket is 0600, the default lifetime is short, and `hpcmove socket close`
 ends it at once.
 """
+import functools
 import getpass
 import hashlib
 import os
@@ -102,6 +103,36 @@ def this_node():
     return os.environ.get("SLURMD_NODENAME") or socketlib.gethostname()
 
 
+@functools.lru_cache(maxsize=None)
+def _slurm_host(node):
+    """Slurm's NodeHostName for NODE ('' when Slurm does not know it): the machine."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    return fields.get("NodeHostName", "")
+
+
+def is_here(node):
+    """True when NODE (a Slurm node name or a host name) is this machine."""
+    if not node or node == this_node():
+        return True
+    names = {socketlib.gethostname(), socketlib.gethostname().split(".")[0],
+             socketlib.getfqdn(), "localhost"}
+    return (_slurm_host(node) or node) in names
+
+
+def hop(node):
+    """The machine to reach over ssh for a socket kept on NODE ('' when that is this
+    one). Sockets are node-local: a login node talks through the node's own ssh, as
+    `socket open --on` does, by Slurm's host name for the node when Slurm has one."""
+    if is_here(node):
+        return ""
+    return _slurm_host(node) or node
+
+
 def parse_ttl(text):
     """'90s', '30m', '8h', '1d' (as ssh's ControlPersist), or Slurm's time syntax."""
     t = str(text).strip().lower()
@@ -159,8 +190,7 @@ def sockets(include_closed=False):
 def describe(row, check=True):
     """A dict for `socket list` (--json fields are these)."""
     now = time.time()
-    live = bool(check and not row.closed and row.expires > now and os.path.exists(row.path)
-                and alive(row.path, row.host))
+    live = bool(check and not row.closed and row.expires > now and answers(row))
     return {"id": row.id, "host": row.host, "node": row.node, "path": os.fsdecode(row.path),
             "opened": row.opened, "expires": row.expires,
             "seconds_left": max(0, int(row.expires - now)),
@@ -175,10 +205,20 @@ def find(ident):
     return rows[-1]
 
 
+def answers(row):
+    """The recorded socket's master answers (asked on its node when that is another
+    machine: a login node cannot see a DTN's sockets)."""
+    via = hop(row.node)
+    if via:
+        return alive(row.path, row.host, via)
+    return os.path.exists(row.path) and alive(row.path, row.host)
+
+
 def close_socket(row):
-    path = os.fsdecode(row.path)
-    if os.path.exists(path):
-        subprocess.run(["ssh", "-S", path, "-O", "exit", row.host], capture_output=True)
+    path, via = os.fsdecode(row.path), hop(row.node)
+    if via or os.path.exists(path):
+        subprocess.run(remote.through(via, ["ssh", "-S", path, "-O", "exit", row.host]),
+                       capture_output=True)
     db.ControlSocket.update(closed=True).where(db.ControlSocket.id == row.id).execute()
 
 
@@ -193,8 +233,8 @@ def choose(host, explicit=""):
                                            db.ControlSocket.closed == False)  # noqa: E712
         return path, (row.node if row else "")
     for row in reversed(sockets()):
-        if row.host == host and row.expires > time.time() and os.path.exists(row.path) \
-                and alive(row.path, host):
-            return check_socket(row.path), row.node
+        if row.host == host and row.expires > time.time() and answers(row):
+            # one kept on another node was checked there, by `socket open`
+            return (os.fsdecode(row.path) if hop(row.node) else check_socket(row.path)), row.node
     raise SocketError(f"no live control socket for {host}: run `hpcmove socket open {host}` "
                       "(on the data-transfer node, with --on NODE) first, then submit")

@@ -42,6 +42,24 @@ def test_quoted_word_reaches_the_shell_as_itself(tmp_path, name):
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.parametrize("name", HOSTILE)
+def test_command_through_the_sockets_node_reaches_the_far_shell_as_itself(tmp_path, name):
+    """A login node's command for a socket kept on a DTN goes `ssh NODE -- 'ssh -S ..
+    HOST -- CMD'`: two shells, each given one line. Here each ssh is a stand-in that runs
+    its last argument with sh, as sshd's shell would (the real hop: test_ssh.py)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ssh").write_text('#!/bin/sh\nfor a; do last=$a; done\nexec sh -c "$last"\n')
+    (bindir / "ssh").chmod(0o755)
+    far = remote.Remote("alice@archive", b"/run/user/1/hpcmove/s", via="dtn3")
+    argv = far.argv(b"printf %s " + remote.q(name))
+    assert argv[:6] == ["ssh", "-o", "BatchMode=yes", "-T", "-x", "dtn3"]
+    out = subprocess.run(argv, capture_output=True, cwd=tmp_path, check=True,
+                         env={"PATH": f"{bindir}:/usr/bin:/bin"}).stdout
+    assert out == name
+    assert not (tmp_path / "PWNED").exists()
+
+
 def test_find_listing_of_hostile_names(tmp_path):
     root = tmp_path / "t"
     root.mkdir()

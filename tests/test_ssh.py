@@ -8,6 +8,7 @@ import re
 import signal
 import sqlite3
 import subprocess
+import sys
 import uuid
 
 import pytest
@@ -366,8 +367,9 @@ def test_cancel_of_an_auth_required_job_removes_the_remote_spool(remote_env, are
 def test_socket_open_on_another_node_starts_the_master_there(local_remote, area):
     """`--on NODE` for a node that is not this machine runs `socket open` there over ssh
     (the testbed's `hpcmove-dtn`: the same sshd, agent forwarded as a user's DTN config
-    would): the master lives in that ssh session, is recorded for NODE in the same
-    database, and carries a transfer once the agent is gone."""
+    would): the master lives in that ssh session and is recorded for NODE in the same
+    database. `socket list` asks there whether it answers; the local backend, which
+    would run the transfer here, refuses it and says why; `socket close` ends it there."""
     hp, agent = local_remote
     hp.run("socket", "open", "--on", "hpcmove-dtn", "--ttl", "5m", HOST)
     rows = json.loads(hp.run("socket", "list", "--json").stdout)
@@ -377,18 +379,109 @@ def test_socket_open_on_another_node_starts_the_master_there(local_remote, area)
     with open(f"/proc/{int(pid)}/environ", "rb") as f:
         env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
     assert env[b"SSH_CONNECTION"].startswith(b"127.0.0.1 ")  # started inside the hop
-    agent.kill()
     src = os.path.join(area.src, "f")
     with open(src, "wb") as f:
-        f.write(os.urandom(3 << 20))
+        f.write(os.urandom(1 << 20))
     far = os.path.join(area.root, "far")
     os.mkdir(far)
     area.own()
-    s = hp.wait(hp.submit(src, f"{HOST}:{far}/"))
-    assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
-    assert same_file(src, os.path.join(far, "f"))
+    refused = hp.run("submit", *hp.backend_args, src, f"{HOST}:{far}/", check=False)
+    assert refused.returncode != 0
+    assert b"is on hpcmove-dtn, and the local backend runs the transfer on this machine" \
+        in refused.stderr, refused.stderr
+    assert os.listdir(far) == []
+    hp.run("socket", "close", HOST)
+    assert subprocess.run(["ssh", "-S", rows[0]["path"], "-O", "check", HOST],
+                          capture_output=True).returncode != 0  # the master is gone
     bad = hp.run("socket", "open", "--on", "-oProxyCommand=touch PWNED", HOST, check=False)
     assert bad.returncode == 2 and b"is not a node name" in bad.stderr
+
+
+def on_login_node(hp, sockets, *args):
+    """hpcmove as the test user where the DTN's socket directory cannot be seen, as on a
+    login node: an empty tmpfs over it, in a mount namespace of the command's own."""
+    uid = _uid()
+    inner = ["runuser", "-u", TEST_USER, "--", "env", "-i",
+             *[f"{k}={v}" for k, v in hp.env.items()], sys.executable, "-m", "hpcmove", *args]
+    done = subprocess.run(["unshare", "-m", "--", "sh", "-c",
+                           'mount -t tmpfs -o "mode=0700,uid=$1" tmpfs "$0" && '
+                           'test -z "$(ls -A "$0")" && shift && exec "$@"',
+                           sockets, str(uid), *inner], cwd=hp.area.root, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    return done.stdout.decode().strip()
+
+
+def _uid():
+    import pwd
+    return pwd.getpwnam(TEST_USER).pw_uid
+
+
+def test_submit_on_a_login_node_goes_through_the_dtn_that_keeps_the_socket(remote_env, area):
+    """Sockets are node-local. dtn3 is, to Slurm, another machine (NodeHostName
+    hpcmove-dtn: the ssh testbed's alias for this one). `socket open --on dtn3` starts the
+    master there; a submit that cannot see the socket directory (the login node) checks
+    the socket, probes the remote host and makes the remote spool through
+    `ssh hpcmove-dtn`, pins the tasks to dtn3, and returns; then the agent goes, and the
+    tasks and finalize on dtn3 push and pull through the socket alone: identical data,
+    hostile names included. `cancel` from the login node removes a push's remote spool
+    the same way."""
+    hp, agent, far = remote_env
+    slurm_env()
+    sockets = hp.env["HPCMOVE_SOCKET_DIR"]
+    hp.run("socket", "open", "--on", "dtn3", "--ttl", "10m", HOST)
+    rows = json.loads(hp.run("socket", "list", "--json").stdout)
+    assert [(r["node"], r["state"]) for r in rows] == [("dtn3", "live")]
+    assert on_login_node(hp, sockets, "socket", "check", HOST).startswith(f"{HOST}: live")
+    big = os.path.join(area.src, "big.bin")
+    with open(big, "wb") as f:
+        f.write(os.urandom(24 << 20))
+    tree = os.path.join(area.src, "tree")
+    os.mkdir(tree)
+    sub = os.path.join(os.fsencode(tree), b"d $(touch PWNED)\n-x")  # made remotely via the hop
+    os.mkdir(sub)
+    for i, name in enumerate(HOSTILE):
+        for d in (os.fsencode(tree), sub):
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(os.urandom(1000 + i))
+    os.mkdir(os.path.join(far, "in"))
+    back = os.path.join(area.dst, "back")
+    os.mkdir(back)
+    with open(os.path.join(far, "pulled.bin"), "wb") as f:
+        f.write(os.urandom(20 << 20))
+    area.own()
+    push = on_login_node(hp, sockets, "submit", "--parsable", *hp.backend_args,
+                         "--slice-size", "8M", big, tree, f"{HOST}:{far}/in/")
+    pull = on_login_node(hp, sockets, "submit", "--parsable", *hp.backend_args,
+                         "--slice-size", "8M", f"{HOST}:{far}/pulled.bin", f"{back}/")
+    agent.kill()  # the batch side never needs a credential
+    for job in (push, pull):
+        s = hp.wait(job)
+        assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+        assert {x["host"] for f in s["files"] for x in f["slices"]} == {"dtn3"}
+    assert same_file(big, os.path.join(far, "in", "big.bin"))
+    assert tree_of(tree) == tree_of(os.path.join(far, "in", "tree"))
+    assert same_file(os.path.join(far, "pulled.bin"), os.path.join(back, "pulled.bin"))
+    assert subprocess.run(["find", area.root, "/tmp", os.path.expanduser(f"~{TEST_USER}"),
+                           "-name", "PWNED"], capture_output=True).stdout == b""
+    # a push waiting for dtn3 (drained), cancelled on the login node: the remote spool
+    # is removed through the hop too
+    agent2 = Agent(area, os.environ["HPCMOVE_TEST_SSH_KEYS"])  # the login node's own ssh
+    hp.env["SSH_AUTH_SOCK"] = agent2.sock
+    subprocess.run(["scontrol", "update", "NodeName=dtn3", "State=DRAIN",
+                    "Reason=hpcmove test: held"], check=True)
+    try:
+        os.mkdir(os.path.join(far, "held"))
+        area.own()
+        job = on_login_node(hp, sockets, "submit", "--parsable", *hp.backend_args,
+                            big, f"{HOST}:{far}/held/")
+        assert [n for n in os.listdir(os.path.join(far, "held")) if n.startswith(".hpcmove-")]
+        on_login_node(hp, sockets, "cancel", job)
+        assert os.listdir(os.path.join(far, "held")) == []
+        on_login_node(hp, sockets, "socket", "close", HOST)
+        assert json.loads(hp.run("socket", "list", "--json").stdout) == []
+    finally:
+        subprocess.run(["scontrol", "update", "NodeName=dtn3", "State=RESUME"])
+        agent2.kill()
 
 
 def test_pushed_slice_corrupted_on_the_remote_host_before_finalize_is_sent_again(remote_env,
