@@ -53,6 +53,52 @@ def test_bulk_state_skips_rows_that_may_not_move(url, tmp_path):
     assert db.Slice.get_by_id(first.id).state == states.DONE
 
 
+def plain_matches_models(job):
+    """db.plain's rows carry what peewee's model instances carry (bytes paths, bools)."""
+    for query in (job.files.order_by(db.File.index),
+                  db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.id)):
+        rows, models = db.plain(query), list(query.clone())
+        assert len(rows) == len(models) > 0
+        for row, model in zip(rows, models):
+            want = {f.name: getattr(model, f.name) if not isinstance(
+                f, db.pw.ForeignKeyField) else getattr(model, f.name + "_id")
+                for f in query.model._meta.sorted_fields}
+            got = {name: getattr(row, name) for name in want}
+            assert got == want and all(type(got[k]) is type(want[k]) for k in want)
+            if hasattr(row, "file_id"):
+                assert row.file_id == model.file_id and row.job_id == model.job_id
+
+
+def test_plain_rows_are_the_models_values(url, tmp_path):
+    job, _ = make_job(tmp_path, 5)
+    db.File.update(src=b"/caf\xe9 \n$(x)").where(db.File.index == 1).execute()
+    db.Slice.update(skipped=True).where(db.Slice.index == 0).execute()
+    plain_matches_models(job)
+
+
+def test_a_task_starts_its_own_slices_by_number(url, tmp_path):
+    """start_task marks Active exactly the slices (and their files) numbered for the task,
+    and returns those of its slices already Done (a requeued task skips them)."""
+    job, _ = make_job(tmp_path, 8)
+    by_task = {}
+    for s in db.Slice.select():
+        by_task.setdefault(s.task, []).append(s)
+    assert len(by_task) >= 2
+    task, mine = sorted(by_task.items())[0]
+    db.Slice.update(state=states.DONE).where(db.Slice.id == mine[0].id).execute()
+    db.bulk_state(db.Slice, "slice", db.Slice.state != states.DONE, states.PENDING)
+    db.bulk_state(db.File, "file", db.File.job == job.id, states.PENDING)
+    db.set_job_state(job, states.PENDING)
+    done = worker.start_task(job.id, task, "dtn9")
+    assert done == {mine[0].id}
+    active = {s.id for s in db.Slice.select().where(db.Slice.state == states.ACTIVE,
+                                                    db.Slice.host == "dtn9")}
+    assert active == {s.id for s in mine[1:]}
+    files = {f.id for f in db.File.select().where(db.File.state == states.ACTIVE)}
+    assert files == {s.file_id for s in mine}
+    assert db.Job.get_by_id(job.id).state == states.ACTIVE
+
+
 def test_database_file_is_private(tmp_path):
     path = tmp_path / "sub" / "jobs.db"
     db.connect(f"sqlite:///{path}")

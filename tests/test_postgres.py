@@ -11,7 +11,7 @@ import pytest
 
 from conftest import Hpcmove, run_as_user
 from hpcmove import db, states
-from test_db import make_job, _record_task
+from test_db import make_job, plain_matches_models, _record_task
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +76,19 @@ def test_user_b_cannot_see_change_or_cancel_user_a_jobs(backend, area, pg_url):
     assert s["state"] == "Done", s["reason"]
     assert open(os.path.join(area.dst, "a.dat"), "rb").read() == \
         open(os.path.join(area.src, "a.dat"), "rb").read()
+
+
+def test_plain_rows_are_the_models_values_in_postgres(pg_url, tmp_path):
+    """psycopg2 hands paths back as memoryview: plain rows still carry bytes."""
+    db.connect(pg_url)
+    try:
+        job, _ = make_job(tmp_path, 5)
+        db.File.update(src=b"/caf\xe9 \n$(x)").where(db.File.job == job.id,
+                                                       db.File.index == 1).execute()
+        db.Slice.update(skipped=True).where(db.Slice.job == job.id, db.Slice.index == 0).execute()
+        plain_matches_models(job)
+    finally:
+        db.close()
 
 
 def test_64_tasks_record_at_the_same_moment_in_postgres(pg_url, tmp_path):
