@@ -126,24 +126,16 @@ def fill_skipped(files, slices_by_file):
     """--skip-existing: the ids of files wholly at the destination already (left where
     they are); for files partly there, copy those ranges from the destination into the
     spool file so it is whole before it replaces the destination."""
-    in_place = set()
-    for f in files:
-        slices = slices_by_file.get(f.id, [])
-        skipped = [s for s in slices if s.skipped]
-        if not skipped:
-            continue
-        if len(skipped) == len(slices):
-            in_place.add(f.id)
-            continue
-        with open(f.dst, "rb") as old, open(spool_path(f.spool, f.dst), "r+b") as new:
-            for s in skipped:
-                copied = 0
-                while copied < s.length:
-                    n = os.copy_file_range(old.fileno(), new.fileno(), s.length - copied,
-                                           s.offset + copied, s.offset + copied)
-                    if n == 0:
-                        raise OSError(f"{_name(f.dst)} shrank while being completed")
-                    copied += n
+    in_place, fill = remote.skipped_ranges(files, slices_by_file)
+    for dst, tmp, offset, length in fill:
+        with open(dst, "rb") as old, open(tmp, "r+b") as new:
+            copied = 0
+            while copied < length:
+                n = os.copy_file_range(old.fileno(), new.fileno(), length - copied,
+                                       offset + copied, offset + copied)
+                if n == 0:
+                    raise OSError(f"{_name(dst)} shrank while being completed")
+                copied += n
     return in_place
 
 
@@ -291,7 +283,8 @@ def run(path):
         remote_stats = far.source_stats(files) if far and far.side == "src" else None
         problems, held, auth = check(files, slices_by_file, remote_stats)
         if not problems and not auth and not held and far and far.side == "dst":
-            problems = far.place(files, far.python)  # all or nothing, on the remote host
+            # all or nothing, on the remote host
+            problems = far.place(files, far.python, slices_by_file)
     except remote.AuthRequired as e:  # the socket went away while finalize needed it
         problems, held = {}, {}
         auth = {f.id: f"{_name(f.src)}: {e}" for f in files if f.kind == FILE}

@@ -230,8 +230,6 @@ def _endpoints(sources, dest, options, site):
         raise UsageError("sources must all be local, or all on one remote host")
     host = dst.host or hosts[0]
     policy.check_host(site, host.rpartition("@")[2])  # the site's patterns name hosts
-    if options.skip_existing:
-        raise UsageError("--skip-existing is not available with a remote host yet")
     db.connect()
     socket, node = ssh.choose(host, options.socket)
     far = remote.Remote(host, os.fsencode(socket), via=ssh.hop(node))

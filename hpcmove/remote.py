@@ -319,6 +319,20 @@ for f in sorted((f for f in fs if f["kind"] == "dir"), key=lambda f: -h(f["dst"]
 """
 
 
+def skipped_ranges(files, slices_by_file):
+    """--skip-existing: (ids of files whose every slice was already at the destination,
+    [(destination, spool file, offset, length)] of the skipped ranges of the others)."""
+    in_place, fill = set(), []
+    for f in files:
+        slices = slices_by_file.get(f.id, [])
+        skipped = [s for s in slices if s.skipped]
+        if skipped and len(skipped) == len(slices):
+            in_place.add(f.id)
+        else:
+            fill += [(f.dst, spool_path(f.spool, f.dst), s.offset, s.length) for s in skipped]
+    return in_place, fill
+
+
 def place_ops(files):
     return json.dumps([{"kind": f.kind, "index": f.index, "dst": f.dst.hex(),
                         "tmp": (hardlink_tmp(f.spool, f.index) if f.kind == HARDLINK
@@ -504,12 +518,25 @@ class Far:
             stats[f.id] = None if len(fields) != 2 else (int(fields[0]), mtime_ns(fields[1]))
         return stats
 
-    def place(self, files, python=False):
+    def place(self, files, python=False, slices_by_file=None):
         """Place on the remote host (python3 there does it in one process, else a shell
         script), then remove the spools in the same session (each session pays for the
         remote shell's start: a user's rc files); {file id: reason} when it could not
-        (nothing placed then, the spools left for remove_spools)."""
+        (nothing placed then, the spools left for remove_spools). With --skip-existing
+        (`slices_by_file`), files wholly at the destination already stay where they are,
+        and the ranges a file already had there are first copied into its spool file."""
         spools = sorted({f.spool for f in files})
+        in_place, fill = skipped_ranges(files, slices_by_file or {})
+        if fill:
+            code, out, err = self.remote.script(b"".join(
+                b"dd if=" + q(word(dst)) + b" of=" + q(word(tmp)) + b" bs=" + DD_BS
+                + b" skip=%d seek=%d count=%d iflag=skip_bytes,count_bytes oflag=seek_bytes "
+                b"conv=notrunc status=none || exit 1\n" % (offset, offset, length)
+                for dst, tmp, offset, length in fill), check=False)
+            if code != 0:
+                return {files[0].id: f"on {self.remote.host}: cannot take what was already at "
+                                     f"the destination: {err.decode(errors='replace').strip()}"}
+        files = [f for f in files if f.id not in in_place]
         if python:
             code, out, err = self.remote.run(b"python3 -c " + q(PLACE_PY) + b" || exit; rm -rf -- "
                                              + b" ".join(q(word(s)) for s in spools)

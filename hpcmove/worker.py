@@ -77,14 +77,34 @@ def copy_one(engine, item, retries=RETRIES, backoff=0.5):
 def skip_one(engine, item):
     """--skip-existing: a Done result, marked skipped, when the destination already holds
     this slice; None when it must be copied."""
+    found = skip_many(engine, [item])
+    return found[0][1] if found else None
+
+
+def skip_many(engine, items):
+    """--skip-existing: [(item, Done result marked skipped)] for the items whose final
+    path already holds their bytes; an engine that can asks once for all of them (over
+    SSH: one remote session for a bundle's files). A check that cannot be made leaves the
+    item to be copied, which then reports what is wrong."""
     start = time.monotonic()
-    work = plugins.SliceWork(item["src"], item["spool"], item["offset"], item["length"],
-                             item["size"], item["mtime_ns"])
-    digest, same = engine.already_there(work, item["dst"])
-    if not same:
-        return None
-    return {"slice": item["slice"], "state": states.DONE, "seconds": time.monotonic() - start,
-            "attempts": 1, "src": digest, "dst": digest, "reason": "", "skipped": True}
+    try:
+        if hasattr(engine, "existing"):
+            found = engine.existing(items)
+        else:
+            found = {}
+            for item in items:
+                work = plugins.SliceWork(item["src"], item["spool"], item["offset"],
+                                         item["length"], item["size"], item["mtime_ns"])
+                digest, same = engine.already_there(work, item["dst"])
+                if same:
+                    found[item["slice"]] = digest
+    except TransferError:
+        return []
+    seconds = (time.monotonic() - start) / max(1, len(items))
+    return [(item, {"slice": item["slice"], "state": states.DONE, "seconds": seconds,
+                    "attempts": 1, "src": found[item["slice"]], "dst": found[item["slice"]],
+                    "reason": "", "skipped": True})
+            for item in items if item["slice"] in found]
 
 
 def start_task(job_id, task, host):
@@ -138,10 +158,15 @@ def run(path, task):
         if jobdir.paused(path):  # finish the current slices, hand the rest back, stop
             return [(item, None) for item in unit]
         if len(unit) > 1:  # a bundle of small files: one transfer for all of them
-            out = eng.copy_bundle(unit)
+            skipped = skip_many(eng, unit) if skip_existing else []
+            there = {item["slice"] for item, _r in skipped}
+            rest = [item for item in unit if item["slice"] not in there]
+            if len(rest) <= 1:
+                return skipped + [(item, copy_one(eng, item, retries, backoff)) for item in rest]
+            out = eng.copy_bundle(rest)
             # what the bundle did not finish is copied again one by one
-            return [(item, r if r["state"] in (states.DONE, states.AUTH) else
-                     copy_one(eng, item, retries, backoff)) for item, r in out]
+            return skipped + [(item, r if r["state"] in (states.DONE, states.AUTH) else
+                               copy_one(eng, item, retries, backoff)) for item, r in out]
         item = unit[0]
         result = skip_one(eng, item) if skip_existing else None
         return [(item, result or copy_one(eng, item, retries, backoff))]

@@ -253,18 +253,63 @@ class SshEngine(CopyEngine):
                                                                  self.kind), check=False)
             for r, digest in zip(parts, parse_digests(out, len(parts), self.kind)):
                 found[r[:3]] = digest
-        paths = list(dict.fromkeys(word(r[0]) for r in whole))  # as named to xxhsum/cksum
-        script = [sums_cmd(self.kind) + b" -- " + b" ".join(q(p) for p in chunk)
-                  + b" 2>/dev/null" for chunk in _arg_chunks(paths)]
-        if script:
-            _code, out, _err = self.remote.script(b"\n".join(script) + b"\n", check=False)
-            sums = parse_sums(out, paths, self.kind)
-            for r in whole:
-                found[r[:3]] = sums.get(word(r[0]), "unreadable")
+        sums = self._remote_sums([r[0] for r in whole])
+        for r in whole:
+            found[r[:3]] = sums.get(word(r[0]), "unreadable")
         return [found.get(r[:3], "unreadable") for r in ranges]
 
+    def _remote_sums(self, paths):
+        """{path as named: digest} of whole remote files, one session, 2,000 a command;
+        a file that cannot be read has no entry."""
+        paths = list(dict.fromkeys(word(p) for p in paths))  # as named to xxhsum/cksum
+        script = [sums_cmd(self.kind) + b" -- " + b" ".join(q(p) for p in chunk)
+                  + b" 2>/dev/null" for chunk in _arg_chunks(paths)]
+        if not script:
+            return {}
+        _code, out, _err = self.remote.script(b"\n".join(script) + b"\n", check=False)
+        return parse_sums(out, paths, self.kind)
+
+    # --- --skip-existing ----------------------------------------------------------------
+
     def already_there(self, work, dst):
-        return None, False  # --skip-existing is refused for remote endpoints
+        """(digest, True) when `dst`, the final path, already holds this slice's bytes,
+        else (None, False)."""
+        item = {"slice": 0, "src": work.src, "dst": dst, "offset": work.offset,
+                "length": work.length, "size": work.size}
+        found = self.existing([item])
+        return (found[0], True) if 0 in found else (None, False)
+
+    def existing(self, items):
+        """{slice id: digest} of the items whose final path already holds their bytes
+        (the same size, the same digest of the range), for --skip-existing: the remote end
+        hashed on its host (whole files in one session for all of them), the local end
+        here."""
+        remote_end = "dst" if self.side == "dst" else "src"
+        local_end = "src" if self.side == "dst" else "dst"
+        whole = [i for i in items if i["offset"] == 0 and i["length"] == i["size"]]
+        sums = self._remote_sums([i[remote_end] for i in whole])
+        theirs = {i["slice"]: sums.get(word(i[remote_end])) for i in whole}
+        for i in items:
+            if i["slice"] in theirs:
+                continue
+            code, out, _err = self.remote.run(digest_cmd(
+                i[remote_end], i["offset"], i["length"], self.kind, mtime=True), check=False)
+            first, _, rest = out.partition(b"\n")
+            if code == 0 and first.split()[:1] == [b"%d" % i["size"]]:
+                theirs[i["slice"]] = parse_digest(rest, self.kind)
+        found = {}
+        for i in items:
+            if not theirs.get(i["slice"]):
+                continue
+            try:
+                if os.stat(i[local_end]).st_size != i["size"]:
+                    continue
+                ours = self._local_digest(i[local_end], i["offset"], i["length"])
+            except OSError:
+                continue
+            if ours == theirs[i["slice"]]:
+                found[i["slice"]] = ours
+        return found
 
     # --- bundles of small files ------------------------------------------------------
 

@@ -32,6 +32,19 @@ def run_as_user(argv, env, cwd=None, timeout=900, check=False, input=None, user=
                           timeout=timeout, check=check, input=input)
 
 
+def already_there(kind, data):
+    """What --skip-existing tests put at the destination for a source file `data`:
+    None (missing), zeros of the same size (differs), the first MiB right and zeros after
+    (partly), else the same bytes."""
+    if kind == "missing":
+        return None
+    if kind == "differs":
+        return bytes(len(data))
+    if kind == "partly":
+        return data[: 1 << 20] + bytes(len(data) - (1 << 20))
+    return data
+
+
 def chown_tree(path):
     if TEST_USER:
         shutil.chown(path, TEST_USER, TEST_USER)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import chown_tree, ge, ge_accounting, ge_state, qsub_after, run_as_user, \
+from conftest import already_there, chown_tree, ge, ge_accounting, ge_state, qsub_after, run_as_user, \
     unreadable_set
 
 HOSTILE = [b"a b", b"single'quote", b'double"quote', b"new\nline", b"$(touch pwned)",
@@ -206,14 +206,10 @@ def test_skip_existing_leaves_what_is_already_there(hpcmove, area):
     out = os.path.join(area.dst, "set")
     os.makedirs(out)
     for n, d in data.items():
-        if n == "missing":
-            continue
-        if n == "differs":
-            d = bytes(len(d))  # same size, other bytes
-        if n == "partly":
-            d = d[: 1 << 20] + bytes(len(d) - (1 << 20))  # first slice right, rest wrong
-        with open(os.path.join(out, n), "wb") as f:
-            f.write(d)
+        d = already_there(n, d)
+        if d is not None:
+            with open(os.path.join(out, n), "wb") as f:
+                f.write(d)
     area.own()
     inode = os.stat(os.path.join(out, "same")).st_ino
     job = hpcmove.submit("--skip-existing", "--slice-size", "1M", src, area.dst)

@@ -5,6 +5,7 @@ the name tests). The "remote" host is this machine, so both ends are checked her
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -13,7 +14,7 @@ import uuid
 
 import pytest
 
-from conftest import TEST_USER, Hpcmove, run_as_user, slurm_env
+from conftest import TEST_USER, Hpcmove, already_there, run_as_user, slurm_env
 
 HOST = os.environ.get("HPCMOVE_TEST_SSH_HOST", "hpcmove-remote")
 HOSTILE = [b"sp ace", b"qu'ote\"s", b"new\nline", b"$(touch PWNED)", b"`touch PWNED`",
@@ -482,6 +483,73 @@ def test_submit_on_a_login_node_goes_through_the_dtn_that_keeps_the_socket(remot
     finally:
         subprocess.run(["scontrol", "update", "NodeName=dtn3", "State=RESUME"])
         agent2.kill()
+
+
+def _skip_set(src_root, dst_root):
+    """Data for --skip-existing: at src_root whole files (3 MiB, 1 MiB slices) and small
+    ones (bundled), at dst_root some of them already, some differing; returns
+    ({relative name: bytes}, {name: expected skipped flags})."""
+    data = {b"same": os.urandom(3 << 20), b"differs": os.urandom(3 << 20),
+            b"missing": os.urandom(3 << 20), b"partly": os.urandom(3 << 20)}
+    for i, name in enumerate(HOSTILE + [b"s%d" % n for n in range(12)]):
+        data[b"small/" + name] = os.urandom(500 + 37 * i)
+    want = {b"same": [True] * 3, b"differs": [False] * 3, b"missing": [False] * 3,
+            b"partly": [True, False, False]}
+    os.makedirs(os.path.join(src_root, b"small"))
+    os.makedirs(os.path.join(dst_root, b"small"))
+    for i, (name, d) in enumerate(sorted(data.items())):
+        with open(os.path.join(src_root, name), "wb") as f:
+            f.write(d)
+        if name.startswith(b"small/"):
+            kind = ("same", "differs", "missing")[i % 3]
+            want[name] = [kind == "same"]
+        else:
+            kind = name.decode()
+        d = already_there(kind, d)
+        if d is not None:
+            with open(os.path.join(dst_root, name), "wb") as f:
+                f.write(d)
+    return data, want
+
+
+def _check_skipped(hp, job, root, data, want):
+    s = hp.wait(job)
+    assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    for name, d in data.items():
+        with open(os.path.join(root, name), "rb") as f:
+            assert f.read() == d, name
+    got = {os.path.relpath(os.fsencode(f["src"]), os.fsencode(f["src"]).split(b"/set/")[0]
+                           + b"/set"): [x["skipped"] for x in f["slices"]]
+           for f in s["files"] if f["type"] == "file"}
+    assert got == want
+    assert not [n for n in os.listdir(os.path.dirname(root)) if n.startswith(b".hpcmove-")]
+
+
+def test_skip_existing_with_a_remote_side_leaves_what_is_already_there(remote_env, area):
+    """--skip-existing on a push and on a pull: a file (or slice, or bundled small file)
+    already at the destination with the same bytes is not sent (hashed on the remote host
+    and here), files wholly there keep their inode, a file partly there is completed
+    from what it had; hostile names included."""
+    hp, agent, far = remote_env
+    slurm_env()
+    open_socket(hp)
+    src = os.path.join(os.fsencode(area.src), b"set")
+    there = os.path.join(os.fsencode(far), b"set")
+    data, want = _skip_set(src, there)
+    area.own()
+    inode = os.stat(os.path.join(there, b"same")).st_ino
+    job = hp.submit("--skip-existing", "--slice-size", "1M", src, f"{HOST}:{far}/")
+    _check_skipped(hp, job, there, data, want)
+    assert os.stat(os.path.join(there, b"same")).st_ino == inode  # left where it was
+    # and back: the remote copy is the source, a partial local copy the destination
+    back = os.path.join(os.fsencode(area.dst), b"set")
+    shutil.rmtree(there)
+    data, want = _skip_set(there, back)
+    area.own()
+    inode = os.stat(os.path.join(back, b"same")).st_ino
+    job = hp.submit("--skip-existing", "--slice-size", "1M", f"{HOST}:{far}/set", area.dst)
+    _check_skipped(hp, job, back, data, want)
+    assert os.stat(os.path.join(back, b"same")).st_ino == inode
 
 
 def test_pushed_slice_corrupted_on_the_remote_host_before_finalize_is_sent_again(remote_env,
