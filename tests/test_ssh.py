@@ -485,6 +485,56 @@ def test_submit_on_a_login_node_goes_through_the_dtn_that_keeps_the_socket(remot
         agent2.kill()
 
 
+def test_auth_on_a_login_node_reopens_the_socket_on_the_dtn(remote_env, area):
+    """The socket on dtn3 (another machine) dies mid-push: the job waits in AuthRequired;
+    `hpcmove auth` on the login node opens a new master on dtn3 (over ssh, the agent
+    forwarded) and resumes only the slices not done."""
+    hp, agent, far = remote_env
+    slurm_env()
+    sockets = hp.env["HPCMOVE_SOCKET_DIR"]
+    src = os.path.join(area.src, "big.bin")
+    with open(src, "wb") as f:
+        f.write(os.urandom(64 << 20))
+    area.own()
+    hp.run("socket", "open", "--on", "dtn3", "--ttl", "10m", HOST)
+    path = json.loads(hp.run("socket", "list", "--json").stdout)[0]["path"]
+    job = on_login_node(hp, sockets, "submit", "--parsable", *hp.backend_args, "--slice-size",
+                        "4M", "--bwlimit", "8M", "--stripe-width", "1", src, f"{HOST}:{far}/")
+    agent.kill()
+    hp.wait_for(job, lambda s: sum(x["state"] == "Done" for x in s["files"][0]["slices"]) >= 2)
+    pid = re.search(rb"pid=(\d+)", subprocess.run(
+        ["ssh", "-S", path, "-O", "check", HOST], capture_output=True).stderr).group(1)
+    os.kill(int(pid), signal.SIGTERM)
+    s = hp.wait(job)
+    assert s["state"] == "AuthRequired", (s["reason"], log(hp, job))
+    slices = s["files"][0]["slices"]
+    done_before = sum(x["state"] == "Done" for x in slices)
+    assert 2 <= done_before < len(slices)
+    agent2 = Agent(area, os.environ["HPCMOVE_TEST_SSH_KEYS"])  # the user is back
+    hp.env["SSH_AUTH_SOCK"] = agent2.sock
+    try:
+        on_login_node(hp, sockets, "auth", job)
+        rows = json.loads(on_login_node(hp, sockets, "socket", "list", "--json"))
+    finally:
+        agent2.kill()
+    assert [(r["node"], r["state"]) for r in rows] == [("dtn3", "live")]
+    masters = _master_pids(rows[0]["path"])
+    assert masters and int(pid) not in masters  # a new master answers
+    s = hp.wait(job)
+    assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    assert {x["host"] for x in s["files"][0]["slices"]} == {"dtn3"}
+    assert same_file(src, os.path.join(far, "big.bin"))
+    db = sqlite3.connect(os.path.join(area.home, "hpcmove.db"))
+    resent = [int(m.split()[0]) for (m,) in db.execute(
+        "SELECT message FROM event WHERE kind = 'retry'")]
+    assert resent == [len(slices) - done_before]
+
+
+def _master_pids(path):
+    out = subprocess.run(["ssh", "-S", path, "-O", "check", HOST], capture_output=True).stderr
+    return {int(p) for p in re.findall(rb"pid=(\d+)", out)}
+
+
 def _skip_set(src_root, dst_root):
     """Data for --skip-existing: at src_root whole files (3 MiB, 1 MiB slices) and small
     ones (bundled), at dst_root some of them already, some differing; returns
