@@ -199,15 +199,18 @@ def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
                                                         options.template_dirs))
     far = remote.Far(**{k: options.remote[k] for k in ("host", "socket", "side")},
                      via=ssh.hop(options.remote["node"])) if options.remote else None
-    if far and far.side == "dst":
-        far.make_spools(the_plan.spool_dirs)
-    else:
+    made = far.make_spools(the_plan.spool_dirs) if far and far.side == "dst" else None
+    if not made:
         _make_spools(the_plan)
     try:
         db.connect()
-        return _record_and_submit(the_plan, options, backend, width)
+        return _record_and_submit(the_plan, options, backend, width, made)
     except BaseException:
-        if far and far.side == "dst":
+        if made:
+            try:
+                made()  # never remove a spool while it is being made
+            except HpcmoveError:
+                pass
             far.remove_spools(the_plan.entries)
         else:
             for spool in the_plan.spools:
@@ -313,7 +316,9 @@ def _mail_types(text):
     return tuple(sorted(parse_mail_types(text)))
 
 
-def _record_and_submit(the_plan, options, backend, width):
+def _record_and_submit(the_plan, options, backend, width, made=None):
+    """Record the job, write its manifest and submit it; `made` (the remote spools being
+    made meanwhile) is waited for before anything runs."""
     path = jobdir.create(the_plan.token)
     job = db.Job.create(token=the_plan.token, owner=getpass.getuser(), backend=backend,
                         jobdir=path, move=options.move, stripe_width=width,
@@ -322,6 +327,8 @@ def _record_and_submit(the_plan, options, backend, width):
     try:
         file_ids, slice_ids = db.insert_plan(job, the_plan)
         jobdir.write_manifest(path, the_plan, file_ids, slice_ids)
+        if made:
+            made()
         _to_pending(job)
     except HpcmoveError as e:
         db.set_job_state(job, states.FAILED, reason=f"submission failed: {e}")

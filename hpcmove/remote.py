@@ -17,6 +17,7 @@ import re
 import shlex
 import stat
 import subprocess
+import threading
 from dataclasses import dataclass
 
 from .errors import HpcmoveError, PlanError, TransferError
@@ -580,10 +581,28 @@ class Far:
                                f"{err.decode(errors='replace').strip()}")
 
     def make_spools(self, dirs):
-        """The spools and the directories in them, parents first (names on stdin: any
-        number, never seen by the shell); mkdir fails on a spool that exists."""
-        self.remote.run(b"umask 077 && xargs -0 mkdir --",
-                        input=b"".join(word(d) + b"\0" for d in dirs))
+        """Start making the spools and the directories in them, parents first (names on
+        stdin: any number, never seen by the shell; mkdir fails on a spool that exists),
+        and return a function that waits for it and raises when it failed. Submit records
+        the job meanwhile: the session's start (the remote shell's rc files) and the
+        database's inserts overlap."""
+        proc = subprocess.Popen(self.remote.argv(b"umask 077 && xargs -0 mkdir --"),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        said = []
+        talk = threading.Thread(target=lambda: said.extend(proc.communicate(
+            b"".join(word(d) + b"\0" for d in dirs))), daemon=True)
+        talk.start()
+
+        def made():
+            talk.join()
+            if proc.returncode == 255:
+                self.remote.check_alive()
+            if proc.returncode != 0:
+                err = said[1].decode(errors="replace").strip() if len(said) > 1 else ""
+                raise HpcmoveError(f"on {self.remote.host}: cannot make the spool "
+                                   f"directories (exit {proc.returncode}): {err}")
+        return made
 
 
 def of_job(job):

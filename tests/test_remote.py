@@ -8,7 +8,7 @@ import pytest
 
 from hpcmove import plan, remote
 from hpcmove.errors import PlanError
-from hpcmove_plugins.ssh import Cksum
+from hpcmove_plugins.ssh import Cksum, parallel_script
 
 HOSTILE = [b"sp ace", b"qu'ote\"s", b"new\nline", b"$(touch PWNED)", b"`touch PWNED`",
            b"-rf", b"--help", b"caf\xe9", b"semi;colon&"]
@@ -262,6 +262,19 @@ def test_digests_script_hashes_ranges_in_parallel_and_in_order(tmp_path, kind, p
         assert digest == remote.parse_digest(want, kind)
     assert got[-1] in ("unreadable", remote.parse_digest(subprocess.run(
         program, input=b"", capture_output=True).stdout, kind))
+
+
+def test_parallel_script_prints_each_commands_output_whole_and_in_order(tmp_path):
+    """The at-rest check's xxhsum runs go 4 at a time; their outputs (one with a name
+    holding a newline) come back in command order, and the temporary directory goes."""
+    commands = [b"sleep 0.%d; printf 'line %d\\n'; printf 'two\\nlines %d\\n'" % (9 - n, n, n)
+                for n in range(9)]
+    out = subprocess.run(["sh", "-s"], input=parallel_script(commands), capture_output=True,
+                         env={"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)},
+                         check=True).stdout
+    assert out == b"".join(b"line %d\ntwo\nlines %d\n" % (n, n) for n in range(9))
+    assert list(tmp_path.iterdir()) == []
+    assert parallel_script([b"true"]) == b"true\n"
 
 
 def test_engine_rsync_without_rsync_on_the_remote_host_is_refused(tmp_path, monkeypatch):

@@ -228,6 +228,30 @@ def local_remote(sshd, area):
     subprocess.run(["rm", "-rf", sockets])
 
 
+def test_push_into_a_remote_directory_we_cannot_write_is_a_clear_error(local_remote, area):
+    """The spool cannot be made on the remote host: submit says so (the remote mkdir's
+    own words), records the job Failed with that reason, starts nothing and leaves
+    nothing there."""
+    hp, _agent = local_remote
+    hp.run("socket", "open", "--ttl", "5m", HOST)
+    src = os.path.join(area.src, "t")
+    os.makedirs(os.path.join(src, "d"))
+    for n in range(3):
+        with open(os.path.join(src, "d", f"f{n}"), "wb") as f:
+            f.write(os.urandom(1000))
+    area.own()
+    closed = os.path.join(area.root, "closed")
+    os.mkdir(closed, 0o755)  # root's: the test user cannot write here
+    done = hp.run("submit", *hp.backend_args, src, f"{HOST}:{closed}/", check=False)
+    assert done.returncode != 0
+    assert b"cannot make the spool directories" in done.stderr, done.stderr
+    assert b"Permission denied" in done.stderr, done.stderr
+    assert os.listdir(closed) == []
+    jobs = json.loads(hp.run("list", "--json").stdout)
+    assert [(j["state"], "cannot make the spool" in j["reason"]) for j in jobs] == \
+        [("Failed", True)]
+
+
 @pytest.mark.parametrize("tools", ["xxhsum+python3", "rsync bundles", "coreutils only"])
 @pytest.mark.parametrize("direction", ["push", "pull"])
 def test_hostile_remote_names_arrive_intact_and_nothing_runs(local_remote, area, direction,
