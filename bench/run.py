@@ -498,7 +498,11 @@ def main():
     if args.fresh_fs:
         fresh_fs(args.dir, args.fresh_fs)
     os.chdir(args.dir)  # `python -m hpcmove` must find the installed package, not ./hpcmove
-    env = dict(os.environ, HPCMOVE_HOME=os.path.join(args.dir, "home"))
+    # every run starts from an empty job database, so runs compare (it grows by the
+    # rows of every job of the run, as a user's does)
+    home = os.path.join(args.dir, "home")
+    shutil.rmtree(home, ignore_errors=True)
+    env = dict(os.environ, HPCMOVE_HOME=home)
     groups = args.groups.split(",")
     load = os.getloadavg()
     results, cleanup, extra = {}, [], []
