@@ -360,12 +360,31 @@ def remove_script(files):
 
 # --- running commands ----------------------------------------------------------------
 
+class Unreachable(HpcmoveError):
+    """The node that keeps a socket cannot be reached over ssh without a prompt."""
+
+
+# asked on the socket's node: the marker line tells "the master did not answer" from
+# "ssh to the node failed" (both are exit 255)
+_CHECK_THERE = 'ssh -S "$0" -O check "$1" 2>/dev/null; echo "hpcmove-check $?"'
+
+
 def master_alive(socket, host, via=""):
     """True when the control master behind `socket` answers (`ssh -O check`), asked on
-    the machine `via` when the socket is kept there."""
-    done = subprocess.run(through(via, ["ssh", "-S", os.fsdecode(socket), "-O", "check", host]),
+    the machine `via` when the socket is kept there; Unreachable when that machine
+    cannot be asked."""
+    if not via:
+        return subprocess.run(["ssh", "-S", os.fsdecode(socket), "-O", "check", host],
+                              capture_output=True).returncode == 0
+    done = subprocess.run(through(via, ["sh", "-c", _CHECK_THERE, os.fsdecode(socket), host]),
                           capture_output=True)
-    return done.returncode == 0
+    answer = re.search(rb"^hpcmove-check (\d+)$", done.stdout, re.M)
+    if not answer:
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        raise Unreachable(f"cannot reach {via} over ssh without a prompt"
+                          f"{': ' + said[-1] if said else ''} (the socket for {host} is kept "
+                          f"there; `ssh {via}` must work non-interactively from here)")
+    return answer.group(1) == b"0"
 
 
 def through(via, argv):

@@ -190,11 +190,14 @@ def sockets(include_closed=False):
 def describe(row, check=True):
     """A dict for `socket list` (--json fields are these)."""
     now = time.time()
-    live = bool(check and not row.closed and row.expires > now and answers(row))
+    try:
+        live = bool(check and not row.closed and row.expires > now and answers(row))
+        state = "closed" if row.closed else ("live" if live else "gone")
+    except remote.Unreachable:
+        state = "unreachable"  # its node cannot be asked from here
     return {"id": row.id, "host": row.host, "node": row.node, "path": os.fsdecode(row.path),
             "opened": row.opened, "expires": row.expires,
-            "seconds_left": max(0, int(row.expires - now)),
-            "state": "closed" if row.closed else ("live" if live else "gone")}
+            "seconds_left": max(0, int(row.expires - now)), "state": state}
 
 
 def find(ident):
@@ -232,9 +235,20 @@ def choose(host, explicit=""):
         row = db.ControlSocket.get_or_none(db.ControlSocket.path == os.fsencode(path),
                                            db.ControlSocket.closed == False)  # noqa: E712
         return path, (row.node if row else "")
+    unreachable = []
     for row in reversed(sockets()):
-        if row.host == host and row.expires > time.time() and answers(row):
-            # one kept on another node was checked there, by `socket open`
-            return (os.fsdecode(row.path) if hop(row.node) else check_socket(row.path)), row.node
+        if row.host != host or row.expires <= time.time():
+            continue
+        try:
+            if not answers(row):
+                continue
+        except remote.Unreachable as e:
+            unreachable.append(str(e))
+            continue
+        # one kept on another node was checked there, by `socket open`
+        return (os.fsdecode(row.path) if hop(row.node) else check_socket(row.path)), row.node
+    if unreachable:
+        raise SocketError(f"no control socket for {host} that can be used from here: "
+                          f"{unreachable[0]}")
     raise SocketError(f"no live control socket for {host}: run `hpcmove socket open {host}` "
                       "(on the data-transfer node, with --on NODE) first, then submit")

@@ -394,7 +394,8 @@ def test_socket_open_on_another_node_starts_the_master_there(local_remote, area)
     (the testbed's `hpcmove-dtn`: the same sshd, agent forwarded as a user's DTN config
     would): the master lives in that ssh session and is recorded for NODE in the same
     database. `socket list` asks there whether it answers; the local backend, which
-    would run the transfer here, refuses it and says why; `socket close` ends it there."""
+    would run the transfer here, refuses it and says why; `socket close` ends it there.
+    When that node cannot be asked without a prompt, the socket is "unreachable"."""
     hp, agent = local_remote
     hp.run("socket", "open", "--on", "hpcmove-dtn", "--ttl", "5m", HOST)
     rows = json.loads(hp.run("socket", "list", "--json").stdout)
@@ -420,6 +421,23 @@ def test_socket_open_on_another_node_starts_the_master_there(local_remote, area)
                           capture_output=True).returncode != 0  # the master is gone
     bad = hp.run("socket", "open", "--on", "-oProxyCommand=touch PWNED", HOST, check=False)
     assert bad.returncode == 2 and b"is not a node name" in bad.stderr
+    # a live socket whose node cannot be asked from here (no agent: ssh to it would
+    # prompt) is said to be unreachable, not gone, and submit says what to fix
+    hp.run("socket", "open", "--on", "hpcmove-dtn", "--ttl", "5m", HOST)
+    path = json.loads(hp.run("socket", "list", "--json").stdout)[0]["path"]
+    agent.kill()
+    try:
+        assert [r["state"] for r in json.loads(hp.run("socket", "list", "--json").stdout)] \
+            == ["unreachable"]
+        check = hp.run("socket", "check", HOST, check=False)
+        assert check.returncode == 1 and b"unreachable" in check.stdout
+        refused = hp.run("submit", "--backend", "slurm", src, f"{HOST}:{far}/", check=False)
+        assert b"cannot reach hpcmove-dtn over ssh without a prompt" in refused.stderr, \
+            refused.stderr
+        assert subprocess.run(["ssh", "-S", path, "-O", "check", HOST],
+                              capture_output=True).returncode == 0  # it was live all along
+    finally:
+        subprocess.run(["ssh", "-S", path, "-O", "exit", HOST], capture_output=True)
 
 
 def on_login_node(hp, sockets, *args):
