@@ -556,13 +556,13 @@ class Far:
             if code != 0:
                 return {files[0].id: f"on {self.remote.host}: cannot take what was already at "
                                      f"the destination: {err.decode(errors='replace').strip()}"}
-        files = [f for f in files if f.id not in in_place]
+        placing = [f for f in files if f.id not in in_place]
         if python:
             code, out, err = self.remote.run(b"python3 -c " + q(PLACE_PY) + b" || exit; rm -rf -- "
                                              + b" ".join(q(word(s)) for s in spools)
-                                             + b"; exit 0", input=place_ops(files), check=False)
+                                             + b"; exit 0", input=place_ops(placing), check=False)
         else:
-            code, out, err = self.remote.script(place_script(files, spools), check=False)
+            code, out, err = self.remote.script(place_script(placing, spools), check=False)
         if code == 0:
             return {}
         text = (out + err).decode(errors="replace").strip().splitlines()

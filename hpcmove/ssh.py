@@ -115,13 +115,18 @@ def _slurm_host(node):
     return fields.get("NodeHostName", "")
 
 
+@functools.lru_cache(maxsize=None)
+def _my_names():
+    """This machine's names (getfqdn may ask the resolver: once per process)."""
+    name = socketlib.gethostname()
+    return {name, name.split(".")[0], socketlib.getfqdn(), "localhost"}
+
+
 def is_here(node):
     """True when NODE (a Slurm node name or a host name) is this machine."""
     if not node or node == this_node():
         return True
-    names = {socketlib.gethostname(), socketlib.gethostname().split(".")[0],
-             socketlib.getfqdn(), "localhost"}
-    return (_slurm_host(node) or node) in names
+    return (_slurm_host(node) or node) in _my_names()
 
 
 def hop(node):
