@@ -286,9 +286,12 @@ for f in fs:
 by = {f["index"]: f for f in fs}
 for f in fs:
     tmp, t = h(f["tmp"]), f["mtime_ns"]
-    if f["kind"] == "file":
-        os.chmod(tmp, f["mode"])
-        os.utime(tmp, ns=(t, t))
+    if f["kind"] == "file":  # a bundle's tar set both already: only what differs
+        st = os.lstat(tmp)
+        if stat.S_IMODE(st.st_mode) != f["mode"]:
+            os.chmod(tmp, f["mode"])
+        if st.st_mtime_ns != t:
+            os.utime(tmp, ns=(t, t))
     elif f["kind"] == "symlink":
         os.symlink(h(f["link_target"]), tmp)
         os.utime(tmp, ns=(t, t), follow_symlinks=False)

@@ -103,7 +103,7 @@ class RsyncEngine(SshEngine):
         return got
 
     def _source_digest(self, item):
-        fd = self.open_item(item)
+        fd, _st = self.open_item(item)
         try:
             return self._fd_digest(fd, 0, item["size"])
         except OSError as e:

@@ -17,6 +17,7 @@ stream that finishes early takes the next slice (next-available queueing).
 """
 import math
 import os
+import stat
 import subprocess
 import tarfile
 import time
@@ -357,8 +358,10 @@ class SshEngine(CopyEngine):
     def _push_bundle(self, items):
         spool = items[0]["root"]
         names = [in_spool(i) for i in items]
+        # tar sets each file's mode and mtime from its header (see tar_header), so that
+        # placement need not touch 20,000 inodes a second time
         cmd = (b"umask 077 && tar -x -B -f - -C " + q(word(spool)) + b" --no-same-owner "
-               b"--no-same-permissions")
+               b"--same-permissions")
         if not self.defer_verify:  # else finalize's at-rest check hashes them there, once
             cmd += (b" && cd " + q(word(spool)) + b" && " + sums_cmd(self.kind) + b" -- "
                     + b" ".join(q(n) for n in names))
@@ -397,14 +400,13 @@ class SshEngine(CopyEngine):
 
     def open_item(self, item):
         """The source of a whole small file in a bundle, opened as open_source opens a
-        slice's (no symlink followed, still as planned): its fd."""
-        fd, _st = self.open_source(SliceWork(item["src"], item["spool"], 0, item["size"],
-                                             item["size"], item["mtime_ns"]))
-        return fd
+        slice's (no symlink followed, still as planned): (fd, stat)."""
+        return self.open_source(SliceWork(item["src"], item["spool"], 0, item["size"],
+                                          item["size"], item["mtime_ns"]))
 
     def _add(self, out, item, name):
         """One source file into the tar stream under `name`: (digest, bytes written)."""
-        fd = self.open_item(item)
+        fd, st = self.open_item(item)
         try:
             data = os.read(fd, item["size"] + 1)  # small by construction (BUNDLE_FILE_MAX)
         except OSError as e:
@@ -416,7 +418,7 @@ class SshEngine(CopyEngine):
         h = new_sum(self.kind)
         h.update(data)
         pad = -len(data) % 512
-        header = tar_header(name, len(data))
+        header = tar_header(name, len(data), stat.S_IMODE(st.st_mode), st.st_mtime_ns)
         out.write(header)
         out.write(data)
         out.write(bytes(pad))
@@ -538,13 +540,13 @@ def in_spool(item):
     return item["spool"][len(item["root"]) + 1:]
 
 
-def _ustar(name, size, kind=b"0", prefix=b""):
+def _ustar(name, size, kind=b"0", prefix=b"", mode=0o600, mtime=0):
     h = bytearray(512)
     h[0:len(name)] = name
-    h[100:108] = b"0000600\0"
+    h[100:108] = b"%07o\0" % mode
     h[108:116] = h[116:124] = b"0000000\0"
     h[124:136] = b"%011o\0" % size
-    h[136:148] = b"00000000000\0"
+    h[136:148] = b"%011o\0" % mtime
     h[148:156] = b" " * 8  # the checksum counts its own field as spaces
     h[156:157] = kind
     h[257:265] = b"ustar\x0000"
@@ -553,20 +555,37 @@ def _ustar(name, size, kind=b"0", prefix=b""):
     return bytes(h)
 
 
-def tar_header(name, size):
+def _pax_record(key, value):
+    """'LEN key=value\n', LEN counting the whole record, its own digits too."""
+    body = b" " + key + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(b"%d" % n) + len(body) != n:
+        n += 1
+    return b"%d" % n + body
+
+
+def tar_header(name, size, mode=0o600, ns=0):
     """The header blocks of a regular file `name` (its path in the spool: any bytes but
-    NUL) of `size` bytes, mode 0600, owner 0, mtime 0: the remote tar creates the spool
-    file, finalize sets the real mode and mtime before it places it. A name longer than
-    ustar's 100 bytes goes in ustar's 155-byte prefix when it splits at a '/' so, else
-    in a GNU long-name record before the header (GNU tar reads both)."""
+    NUL) of `size` bytes, owner 0. The file's own permission bits with u+rw added (the
+    spool file is read by the at-rest check, and written by --skip-existing's range copy;
+    the spool directory is private) and, with `ns`, its mtime to the nanosecond in a
+    pax record: `tar -x --same-permissions` then leaves the file as placement wants it,
+    and placement changes only what differs (special bits, a tar that ignores pax). A
+    name longer than ustar's 100 bytes goes in ustar's 155-byte prefix when it splits at
+    a '/' so, else in a GNU long-name record before the header (GNU tar reads both)."""
+    mode, seconds = (mode & 0o777) | 0o600, ns // 1_000_000_000
+    pax = b""
+    if ns:
+        data = _pax_record(b"mtime", b"%d.%09d" % divmod(ns, 1_000_000_000))
+        pax = _ustar(b"././@PaxHeader", len(data), kind=b"x") + data + bytes(-len(data) % 512)
     if len(name) <= 100:
-        return _ustar(name, size)
+        return pax + _ustar(name, size, mode=mode, mtime=seconds)
     cut = name.rfind(b"/", 0, 156)
     if 0 < cut and len(name) - cut - 1 <= 100 and cut < len(name) - 1:
-        return _ustar(name[cut + 1:], size, prefix=name[:cut])
+        return pax + _ustar(name[cut + 1:], size, prefix=name[:cut], mode=mode, mtime=seconds)
     data = name + b"\0"
     return (_ustar(b"././@LongLink", len(data), kind=b"L") + data + bytes(-len(data) % 512)
-            + _ustar(name[:100], size))
+            + pax + _ustar(name[:100], size, mode=mode, mtime=seconds))
 
 
 def tar_end(sent):

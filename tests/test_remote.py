@@ -2,6 +2,7 @@
 here by a real sh, on local directories), find output, and the cksum digest."""
 import os
 import random
+import stat
 import subprocess
 
 import pytest
@@ -305,26 +306,30 @@ def test_rsync_remote_shell_words_survive_rsyncs_splitting():
 
 @pytest.mark.parametrize("sizes", [[], [0], [1, 511, 512, 513], [4 << 20, 0, 9000, 1023]])
 def test_bundle_tar_stream_is_read_by_gnu_tar_from_a_pipe(tmp_path, sizes):
-    """The ssh engine writes its own ustar headers (one per small file, named by its path
-    in the spool: any bytes, any length): GNU tar, reading them from a pipe in odd-sized
-    pieces, makes the same files."""
+    """The ssh engine writes its own tar headers (one per small file, named by its path
+    in the spool: any bytes, any length, with its mode and ns mtime): GNU tar, reading
+    them from a pipe in odd-sized pieces, makes the same files with that mode (plus u+rw)
+    and mtime, so that placement need not set them."""
     from hpcmove_plugins.ssh import tar_end, tar_header
-    stream, files = b"", {}
+    stream, files, meta = b"", {}, {}
     names = [b"t/d/" + n for n in HOSTILE] + [
         b"t/" + b"d" * 60 + b"/" + b"e" * 60 + b"/f",  # > 100: ustar's prefix field
         b"t/" + b"x" * 120,                             # no '/' to split at: GNU long name
         b"t/" + b"/".join([b"\xe9\n" * 30] * 6)]       # > 255 bytes
+    modes = [0o644, 0o400, 0o755, 0o000, 0o4750, 0o600, 0o777]
     for i, size in enumerate(sizes):
-        for n in (b"%d/" % i + n for n in names):
+        for j, n in enumerate(b"%d/" % i + n for n in names):
             data = os.urandom(size)
+            mode, ns = modes[j % len(modes)], 1_700_000_000_123_456_789 + 1_000_001 * j
             files[n] = data
-            stream += tar_header(n, size) + data + bytes(-size % 512)
+            meta[n] = ((mode & 0o777) | 0o600, ns)
+            stream += tar_header(n, size, mode, ns) + data + bytes(-size % 512)
     stream += tar_end(len(stream))
     assert len(stream) % (20 * 512) == 0
     out = tmp_path / "spool"
     out.mkdir()
     proc = subprocess.Popen(["tar", "-x", "-B", "-f", "-", "-C", str(out), "--no-same-owner",
-                             "--no-same-permissions"], stdin=subprocess.PIPE,
+                             "--same-permissions"], stdin=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     for at in range(0, len(stream), 7777):  # pieces that never line up with blocks
         proc.stdin.write(stream[at:at + 7777])
@@ -335,7 +340,9 @@ def test_bundle_tar_stream_is_read_by_gnu_tar_from_a_pipe(tmp_path, sizes):
     found = {os.path.relpath(os.path.join(d, f), bytes(out)): open(os.path.join(d, f), "rb").read()
              for d, _, fs in os.walk(bytes(out)) for f in fs}
     assert found == files
-    assert {oct(os.stat(os.path.join(bytes(out), n)).st_mode & 0o777) for n in files} <= {"0o600"}
+    got = {n: (stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+           for n in files for st in [os.lstat(os.path.join(bytes(out), n))]}
+    assert got == meta
     assert not (tmp_path / "PWNED").exists()
 
 

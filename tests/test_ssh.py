@@ -90,7 +90,8 @@ def open_socket(hp, node="dtn1"):
 
 
 def tree_of(root):
-    """{relative path: (kind, bytes or link target, mode)} of a tree, any names."""
+    """{relative path: (kind, bytes or link target, mode, mtime in ns)} of a tree, any
+    names."""
     out = {}
     root = os.fsencode(root)
     for d, dirs, files in os.walk(root):
@@ -99,12 +100,12 @@ def tree_of(root):
             st = os.lstat(p)
             rel = os.path.relpath(p, root)
             if os.path.islink(p):
-                out[rel] = ("l", os.readlink(p), 0)
+                out[rel] = ("l", os.readlink(p), 0, st.st_mtime_ns)
             elif os.path.isdir(p):
-                out[rel] = ("d", b"", st.st_mode & 0o777)
+                out[rel] = ("d", b"", st.st_mode & 0o777, st.st_mtime_ns)
             else:
                 with open(p, "rb") as f:
-                    out[rel] = ("f", f.read(), st.st_mode & 0o777)
+                    out[rel] = ("f", f.read(), st.st_mode & 0o777, st.st_mtime_ns)
     return out
 
 
@@ -119,6 +120,7 @@ def make_data(area):
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, f"f{i:04d}"), "wb") as f:
             f.write(os.urandom(100 + (i * 53) % 9000))
+        os.chmod(f.name, (0o644, 0o640, 0o755, 0o400)[i % 4])  # kept, read-only ones too
     area.own()
     return big, tree
 
