@@ -269,57 +269,62 @@ def place_script(files, spools):
 
 
 # The same placement as place_script, in one python3 process on the remote host (a
-# shell spawns several processes per file). Paths arrive hex-encoded in JSON on stdin.
+# shell spawns several processes per file). place_ops' records arrive on stdin, eight
+# NUL-terminated fields each (no name holds a NUL). Entries come parents first, so what
+# lies under a directory absent at the destination is absent too (not looked up), and
+# what lies under a directory moved in one rename has gone with it.
 PLACE_PY = """
-import json, os, stat, sys
-h = bytes.fromhex
-fs = json.load(sys.stdin)
-for f in fs:
-    try:
-        st = os.lstat(h(f["dst"]))
-    except FileNotFoundError:
-        continue
-    if (f["kind"] == "dir") != stat.S_ISDIR(st.st_mode):
-        print("CONFLICT", os.fsdecode(h(f["dst"])), "is", "not a directory"
-              if f["kind"] == "dir" else "a directory")
+import os, stat, sys
+raw = sys.stdin.buffer.read().split(b"\\0")
+fs = [(k.decode(), int(i), d, t, int(m), int(ns), target, int(to or -1))
+      for k, i, d, t, m, ns, target, to in zip(*[iter(raw[:len(raw) // 8 * 8])] * 8)]
+key = lambda path: path.rstrip(b"/") or path
+absent = set()
+for kind, _i, dst, _t, _m, _ns, _target, _to in fs:
+    if os.path.dirname(key(dst)) in absent:
+        st = None
+    else:
+        try:
+            st = os.lstat(dst)
+        except FileNotFoundError:
+            st = None
+    if st is None:
+        if kind == "dir":
+            absent.add(key(dst))
+    elif (kind == "dir") != stat.S_ISDIR(st.st_mode):
+        print("CONFLICT", os.fsdecode(dst), "is", "not a directory" if kind == "dir"
+              else "a directory")
         sys.exit(3)
-by = {f["index"]: f for f in fs}
-for f in fs:
-    tmp, t = h(f["tmp"]), f["mtime_ns"]
-    if f["kind"] == "file":  # a bundle's tar set both already: only what differs
+for kind, _i, _d, tmp, mode, ns, target, _to in fs:
+    if kind == "file":  # a bundle's tar set both already: only what differs
         st = os.lstat(tmp)
-        if stat.S_IMODE(st.st_mode) != f["mode"]:
-            os.chmod(tmp, f["mode"])
-        if st.st_mtime_ns != t:
-            os.utime(tmp, ns=(t, t))
-    elif f["kind"] == "symlink":
-        os.symlink(h(f["link_target"]), tmp)
-        os.utime(tmp, ns=(t, t), follow_symlinks=False)
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(tmp, mode)
+        if st.st_mtime_ns != ns:
+            os.utime(tmp, ns=(ns, ns))
+    elif kind == "symlink":
+        os.symlink(target, tmp)
+        os.utime(tmp, ns=(ns, ns), follow_symlinks=False)
 moved = set()
-def below(path):
-    parent = os.path.dirname(path.rstrip(b"/"))
-    while moved and parent not in moved:
-        up = os.path.dirname(parent)
-        if up == parent:
-            return False
-        parent = up
-    return bool(moved)
-for f in fs:
-    dst = h(f["dst"])
-    if f["kind"] == "hardlink" or below(dst):
-        continue
-    if f["kind"] != "dir":
-        os.rename(h(f["tmp"]), dst)
-    elif not os.path.lexists(dst):
-        os.rename(h(f["tmp"]), dst)
-        moved.add(dst.rstrip(b"/"))
-for f in fs:
-    if f["kind"] == "hardlink":
-        os.link(h(by[f["link_to"]]["dst"]), h(f["tmp"]))
-        os.rename(h(f["tmp"]), h(f["dst"]))
-for f in sorted((f for f in fs if f["kind"] == "dir"), key=lambda f: -h(f["dst"]).count(b"/")):
-    os.chmod(h(f["dst"]), f["mode"])
-    os.utime(h(f["dst"]), ns=(f["mtime_ns"], f["mtime_ns"]))
+for kind, _i, dst, tmp, _m, _ns, _target, _to in fs:
+    if os.path.dirname(key(dst)) in moved:
+        if kind == "dir":
+            moved.add(key(dst))
+    elif kind == "dir":
+        if not os.path.lexists(dst):
+            os.rename(tmp, dst)
+            moved.add(key(dst))
+    elif kind != "hardlink":
+        os.rename(tmp, dst)
+by = {f[1]: f for f in fs}
+for kind, _i, dst, tmp, _m, _ns, _target, to in fs:
+    if kind == "hardlink":
+        os.link(by[to][2], tmp)
+        os.rename(tmp, dst)
+for kind, _i, dst, _t, mode, ns, _target, _to in sorted(
+        (f for f in fs if f[0] == "dir"), key=lambda f: -f[2].count(b"/")):
+    os.chmod(dst, mode)
+    os.utime(dst, ns=(ns, ns))
 """
 
 
@@ -338,12 +343,12 @@ def skipped_ranges(files, slices_by_file):
 
 
 def place_ops(files):
-    return json.dumps([{"kind": f.kind, "index": f.index, "dst": f.dst.hex(),
-                        "tmp": (hardlink_tmp(f.spool, f.index) if f.kind == HARDLINK
-                                else spool_path(f.spool, f.dst)).hex(),
-                        "mode": f.mode, "mtime_ns": f.mtime_ns,
-                        "link_target": (f.link_target or b"").hex(), "link_to": f.link_to}
-                       for f in files]).encode()
+    """PLACE_PY's input: eight NUL-terminated fields per entry."""
+    return b"".join(b"\0".join((
+        f.kind.encode(), b"%d" % f.index, f.dst,
+        hardlink_tmp(f.spool, f.index) if f.kind == HARDLINK else spool_path(f.spool, f.dst),
+        b"%d" % f.mode, b"%d" % f.mtime_ns, f.link_target or b"",
+        b"" if f.link_to is None else b"%d" % f.link_to)) + b"\0" for f in files)
 
 
 def stat_script(paths):

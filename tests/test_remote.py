@@ -157,19 +157,33 @@ def test_remote_placement_places_every_name_and_metadata(tmp_path, placer, exist
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["top", "in-existing-dir"])
 @pytest.mark.parametrize("placer", ["sh", "python3"])
-def test_remote_placement_moves_nothing_on_a_conflict(tmp_path, placer):
+def test_remote_placement_moves_nothing_on_a_conflict(tmp_path, placer, nested):
+    """A directory where a file must go stops placement before anything moves: beside
+    the destination's own entries, or inside a directory of the job that exists there
+    (after one that does not: what lies under that one is not looked up)."""
     spool = bytes(tmp_path / ".hpcmove-t.spool")
-    files = [_F(0, plan.FILE, bytes(tmp_path / "a"), spool), _F(1, plan.FILE,
-                                                                bytes(tmp_path / "b"), spool)]
-    os.makedirs(os.path.join(spool, plan.SPOOL_TREE))
+    top = bytes(tmp_path / "d") if nested else bytes(tmp_path)
+    files = [_F(0, plan.DIR, bytes(tmp_path / "new"), spool),
+             _F(1, plan.FILE, bytes(tmp_path / "new" / "x"), spool)]
+    if nested:
+        files.append(_F(2, plan.DIR, top, spool))
+        os.mkdir(top)
+    files += [_F(len(files), plan.FILE, os.path.join(top, b"a"), spool),
+              _F(len(files) + 1, plan.FILE, os.path.join(top, b"b"), spool)]
     for f in files:
-        open(plan.spool_path(spool, f.dst), "wb").close()
-    os.mkdir(tmp_path / "b")  # a directory where a file must go
+        os.makedirs(os.path.dirname(plan.spool_path(spool, f.dst)), exist_ok=True)
+        if f.kind == plan.DIR:
+            os.makedirs(plan.spool_path(spool, f.dst), exist_ok=True)
+        else:
+            open(plan.spool_path(spool, f.dst), "wb").close()
+    os.mkdir(os.path.join(top, b"b"))  # a directory where a file must go
     done = _placer(placer, files, spool, tmp_path)
     assert done.returncode == 3 and b"CONFLICT" in done.stdout
-    assert not (tmp_path / "a").exists()
-    assert sorted(os.listdir(os.path.join(spool, plan.SPOOL_TREE))) == [b"a", b"b"]
+    assert not os.path.exists(os.path.join(top, b"a"))
+    assert not (tmp_path / "new").exists()
+    assert os.path.exists(plan.spool_path(spool, files[-2].dst))
 
 
 @pytest.mark.parametrize("size", [0, 1, 3, 255, 256, 65536, 3 << 20])
