@@ -103,13 +103,17 @@ def effective_settings(flags):
 @click.option("--streams", type=click.IntRange(min=1, max=16), default=None,
               help="Concurrent slice streams per task to or from a remote host "
                    "[default: 3].")
+@click.option("--ssh-sessions", "ssh_sessions", type=click.IntRange(min=1, max=1024),
+              default=None, help="Sessions at once through the control socket, for all "
+                                 "tasks and jobs on its node: the remote sshd's MaxSessions "
+                                 "[default: 10, OpenSSH's].")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the batch scripts; submit nothing.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job to end; exit 0 only if Done.")
 @click.option("--then", "then", type=click.Path(exists=True, dir_okay=False), default=None,
               metavar="SCRIPT", help="Submit SCRIPT (sbatch) to start only once the job is "
                                      "Done; --parsable still prints the transfer's final id.")
 def submit(paths, dependency, parsable, move, from_file, dry_run, wait_, then, socket, streams,
-           **flags):
+           ssh_sessions, **flags):
     """Copy SRC... to DST through the batch system and print the job id at once.
 
     Defaults come from the site policy and your config (see `hpcmove policy show`);
@@ -133,6 +137,7 @@ def submit(paths, dependency, parsable, move, from_file, dry_run, wait_, then, s
     options = _run(jobs.SubmitOptions.from_policy, eff, dependency=dependency, move=move,
                    then=then or "")
     options.socket, options.streams = socket, streams or options.streams
+    options.ssh_sessions = ssh_sessions or options.ssh_sessions
     pairs = _run(jobs.read_copyjob, from_file) if from_file else None
     sources, dest = (paths[:-1], paths[-1]) if paths else ((), None)
     sub = _run(jobs.submit, sources, dest, options, pairs=pairs, dry_run=dry_run, site=eff.site)

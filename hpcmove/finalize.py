@@ -272,6 +272,8 @@ def run(path):
     if job.state in (states.CANCELLING, states.CANCELLED):
         _remove_spools(far, files)
         return 1
+    if far and far.side == "dst":
+        far.start_checks(files)  # their sessions start while the rows are read
     slices_by_file = {}
     for s in db.plain(db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.index)):
         slices_by_file.setdefault(s.file_id, []).append(s)

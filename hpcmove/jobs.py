@@ -18,6 +18,7 @@ from .backends import ACTIVE, Backend, SubmitSpec, parse_batch_ids
 from .backends import slurm as slurm_backend
 from .errors import HpcmoveError, JobNotFound, PlanError, UsageError
 from .plan import FILE, Options, pack, plan_pairs, resolve_pairs, spool_path
+from .remote import SESSIONS
 from .units import parse_duration
 
 # A task is planned to finish within this share of its time limit at the assumed rate.
@@ -52,6 +53,7 @@ class SubmitOptions:
     socket: str = ""  # -S/--socket: the control socket for a remote host
     remote: dict = None  # {host, socket, side, sum, node} for a push or pull
     streams: int = 3  # concurrent slice streams per task (remote transfers)
+    ssh_sessions: int = SESSIONS  # at most this many at once through the socket
     then: str = ""  # --then: a batch script to start once the job is Done (afterok)
 
     @classmethod
@@ -235,13 +237,15 @@ def _endpoints(sources, dest, options, site):
     policy.check_host(site, host.rpartition("@")[2])  # the site's patterns name hosts
     db.connect()
     socket, node = ssh.choose(host, options.socket)
-    far = remote.Remote(host, os.fsencode(socket), via=ssh.hop(node))
+    far = remote.Remote(host, os.fsencode(socket), via=ssh.hop(node),
+                        sessions=options.ssh_sessions)
     side = "dst" if dst.remote else "src"
     # the destination and its parent are looked at in the same session as the probe
     bare = dst.path.rstrip(b"/") or b"/"
     found = far.probe(list(dict.fromkeys([dst.path, bare, os.path.dirname(bare) or b"."]))
                       if dst.remote else [])
     settings = {"host": host, "socket": socket, "side": side, "node": node,
+                "sessions": options.ssh_sessions,
                 "sum": os.environ.get("HPCMOVE_REMOTE_SUM") or found["sum"],
                 "python": found["python"] and not os.environ.get("HPCMOVE_REMOTE_NO_PYTHON")}
     # Small files go in bundles: tar streams (engine ssh, the default: measured faster

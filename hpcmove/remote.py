@@ -11,13 +11,17 @@ leading '-', non-UTF-8 - reaches the remote shell as one literal word.
 The pure part (parsing, quoting, command and script text) is separate from `Remote`,
 which runs commands.
 """
+import atexit
+import fcntl
 import json
 import os
+import random
 import re
 import shlex
 import stat
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 
 from .errors import HpcmoveError, PlanError, TransferError
@@ -269,15 +273,20 @@ def place_script(files, spools):
 
 
 # The same placement as place_script, in one python3 process on the remote host (a
-# shell spawns several processes per file). place_ops' records arrive on stdin, eight
-# NUL-terminated fields each (no name holds a NUL). Entries come parents first, so what
-# lies under a directory absent at the destination is absent too (not looked up), and
-# what lies under a directory moved in one rename has gone with it.
+# shell spawns several processes per file). place_ops' records arrive on stdin: their
+# count, then eight NUL-terminated fields each (no name holds a NUL); anything else (no
+# input: a session started ahead and not used; a cut one) places nothing and exits 4,
+# so the spools stay. Entries come parents first, so what lies under a directory absent
+# at the destination is absent too (not looked up), and what lies under a directory
+# moved in one rename has gone with it.
 PLACE_PY = """
 import os, stat, sys
-raw = sys.stdin.buffer.read().split(b"\\0")
+count, _, raw = sys.stdin.buffer.read().partition(b"\\0")
+raw = raw.split(b"\\0")
+if not count.isdigit() or len(raw) != int(count) * 8 + 1 or raw[-1]:
+    sys.exit(4)
 fs = [(k.decode(), int(i), d, t, int(m), int(ns), target, int(to or -1))
-      for k, i, d, t, m, ns, target, to in zip(*[iter(raw[:len(raw) // 8 * 8])] * 8)]
+      for k, i, d, t, m, ns, target, to in zip(*[iter(raw)] * 8)]
 key = lambda path: path.rstrip(b"/") or path
 absent = set()
 for kind, _i, dst, _t, _m, _ns, _target, _to in fs:
@@ -328,6 +337,12 @@ for kind, _i, dst, _t, mode, ns, _target, _to in sorted(
 """
 
 
+def place_command(spools):
+    """PLACE_PY on the remote host, then (only when it placed everything) the spools go."""
+    return (b"python3 -c " + q(PLACE_PY) + b" || exit; rm -rf -- "
+            + b" ".join(q(word(s)) for s in spools) + b"; exit 0")
+
+
 def skipped_ranges(files, slices_by_file):
     """--skip-existing: (ids of files whose every slice was already at the destination,
     [(destination, spool file, offset, length)] of the skipped ranges of the others)."""
@@ -343,8 +358,8 @@ def skipped_ranges(files, slices_by_file):
 
 
 def place_ops(files):
-    """PLACE_PY's input: eight NUL-terminated fields per entry."""
-    return b"".join(b"\0".join((
+    """PLACE_PY's input: the count, then eight NUL-terminated fields per entry."""
+    return b"%d\0" % len(files) + b"".join(b"\0".join((
         f.kind.encode(), b"%d" % f.index, f.dst,
         hardlink_tmp(f.spool, f.index) if f.kind == HARDLINK else spool_path(f.spool, f.dst),
         b"%d" % f.mode, b"%d" % f.mtime_ns, f.link_target or b"",
@@ -415,11 +430,146 @@ def ssh_argv(socket, host):
     return ssh_options(socket) + [host, "--"]
 
 
-class Remote:
-    """Commands on one remote host through a control socket."""
+# Sessions started ahead of their input (Remote.start), by argv: each new session pays
+# for a channel, the remote login shell and the user's rc files (0.1-0.2 s here, seconds
+# at sites whose rc files load modules), so a session known to come next is started
+# while this end still works, and the run() of that command takes it.
+_started = {}
+_started_lock = threading.Lock()
 
-    def __init__(self, host, socket, via=""):
+
+def _discard_started():
+    """Sessions never used: their stdin closes with nothing sent (an empty script; the
+    placement program refuses to act without its complete input)."""
+    with _started_lock:
+        procs = [p for ps in _started.values() for p in ps]
+        _started.clear()
+    for proc in procs:
+        try:
+            proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+atexit.register(_discard_started)
+
+
+SESSIONS = 10  # sshd's MaxSessions unless the site raised it: sessions per connection
+
+
+class Slots:
+    """At most `count` sessions at once through one control socket, for every process
+    and thread of this machine that uses it (tasks of one job and of others, finalize,
+    cancel): sshd refuses a connection's sessions beyond its MaxSessions ("Session open
+    refused by peer"), and four tasks of three streams on one node are already 12. One
+    file per slot beside the socket (its directory is the user's own), held with flock
+    while a session lives; a process that dies lets its slots go with it."""
+
+    POLL = 0.02
+
+    def __init__(self, socket, count=SESSIONS):
+        self.socket, self.count = socket, max(1, count)
+
+    def acquire(self, n=1):
+        """Hold `n` slots at once (all or none, so two sessions wanted together never
+        wait for each other): their file descriptors."""
+        n = min(n, self.count)
+        while True:
+            held = []
+            for k in random.sample(range(self.count), self.count):
+                try:
+                    fd = os.open(self.socket + b".slot%d" % k,
+                                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                except OSError:  # no slot files beside this socket: sessions unlimited
+                    self.release(held)
+                    return []
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                held.append(fd)
+                if len(held) == n:
+                    return held
+            self.release(held)
+            time.sleep(self.POLL * (1 + random.random()))
+
+    @staticmethod
+    def release(fds):
+        for fd in fds:
+            os.close(fd)  # the lock goes with the last descriptor of its open file
+
+
+class Session(subprocess.Popen):
+    """A remote command's ssh process that holds session slots until it is waited for."""
+
+    def __init__(self, argv, slots=None, held=(), **kwargs):
+        self._slots, self._held = slots, list(held)
+        try:
+            super().__init__(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, **kwargs)
+        except BaseException:
+            self._let_go()
+            raise
+
+    def _let_go(self):
+        held, self._held = self._held, []
+        if self._slots and held:
+            self._slots.release(held)
+
+    def wait(self, timeout=None):
+        code = super().wait(timeout)
+        self._let_go()
+        return code
+
+
+class Remote:
+    """Commands on one remote host through a control socket, at most `sessions` at once
+    through it (Slots) when it is kept on this machine."""
+
+    def __init__(self, host, socket, via="", sessions=SESSIONS):
         self.host, self.socket, self.via = host, socket, via
+        self.slots = None if via or not socket else Slots(socket, sessions)
+
+    def hold(self, n=1):
+        """`n` session slots at once, for a process that opens sessions itself (rsync -e
+        ssh): release() them when it has ended."""
+        return self.slots.acquire(n) if self.slots else []
+
+    def release(self, held):
+        if self.slots:
+            self.slots.release(held)
+
+    def start(self, command, **kwargs):
+        """Start `command`'s session now, for a later session() or run() of the same
+        command (from any Remote of this host and socket in this process), so that its
+        start overlaps what this end does meanwhile."""
+        argv = tuple(self.argv(command))
+        proc = Session(argv, self.slots, self.hold(), **kwargs)
+        with _started_lock:
+            _started.setdefault(argv, []).append(proc)
+
+    def session(self, command, held=None, **kwargs):
+        """A Session of `command` (stdin, stdout and stderr piped): one started ahead
+        for it if there is one, else a new one in the slot `held` or the next free one."""
+        argv = tuple(self.argv(command))
+        if held is None:
+            with _started_lock:
+                waiting = _started.get(argv)
+                if waiting:
+                    proc = waiting.pop()
+                    if not waiting:
+                        del _started[argv]
+                    return proc
+        return Session(argv, self.slots, self.hold() if held is None else held, **kwargs)
+
+    def sessions(self, *commands):
+        """New Sessions of `commands` that run together, their slots taken at once (two
+        sessions that each wait for a slot could wait for each other)."""
+        held = self.hold(len(commands))
+        return [self.session(c, held=held[k:k + 1] if k < len(commands) - 1 else held[k:])
+                for k, c in enumerate(commands)]
 
     def argv(self, command):
         # ssh joins its arguments with spaces for the remote shell: pass one word of text
@@ -437,13 +587,14 @@ class Remote:
 
     def run(self, command, input=b"", check=True):
         """(exit code, stdout, stderr) of a shell command on the remote host."""
-        done = subprocess.run(self.argv(command), input=input, capture_output=True)
-        if done.returncode == 255:
+        proc = self.session(command)
+        out, err = proc.communicate(input)
+        if proc.returncode == 255:
             self.check_alive()
-        if check and done.returncode != 0:
-            raise HpcmoveError(f"on {self.host}: command failed (exit {done.returncode}): "
-                               f"{done.stderr.decode(errors='replace').strip()}")
-        return done.returncode, done.stdout, done.stderr
+        if check and proc.returncode != 0:
+            raise HpcmoveError(f"on {self.host}: command failed (exit {proc.returncode}): "
+                               f"{err.decode(errors='replace').strip()}")
+        return proc.returncode, out, err
 
     def script(self, text, check=True):
         """Run a generated script with `sh -s`, the script on stdin."""
@@ -528,8 +679,8 @@ class Far:
     """The remote end of a job (from its recorded options): what finalize and cancel do
     there. `side` is 'dst' for a push, 'src' for a pull."""
 
-    def __init__(self, host, socket, side, python=False, via=""):
-        self.remote = Remote(host, os.fsencode(socket), via)
+    def __init__(self, host, socket, side, python=False, via="", sessions=SESSIONS):
+        self.remote = Remote(host, os.fsencode(socket), via, sessions)
         self.side, self.python = side, python
 
     def source_stats(self, files):
@@ -566,9 +717,8 @@ class Far:
                                      f"the destination: {err.decode(errors='replace').strip()}"}
         placing = [f for f in files if f.id not in in_place]
         if python:
-            code, out, err = self.remote.run(b"python3 -c " + q(PLACE_PY) + b" || exit; rm -rf -- "
-                                             + b" ".join(q(word(s)) for s in spools)
-                                             + b"; exit 0", input=place_ops(placing), check=False)
+            code, out, err = self.remote.run(place_command(spools), input=place_ops(placing),
+                                             check=False)
         else:
             code, out, err = self.remote.script(place_script(placing, spools), check=False)
         if code == 0:
@@ -576,6 +726,14 @@ class Far:
         text = (out + err).decode(errors="replace").strip().splitlines()
         reason = text[-1] if text else f"exit {code}"
         return {files[0].id: f"on {self.remote.host}: cannot place: {reason}"}
+
+    def start_checks(self, files):
+        """Start finalize's sessions on a push's remote host before it needs them: the
+        at-rest check's script and (with python3 there) the placement program; their
+        starts overlap reading the job's rows. One left unused ends with nothing done."""
+        self.remote.start(b"sh -s")
+        if self.python:
+            self.remote.start(place_command(sorted({f.spool for f in files})))
 
     def remove_spools(self, files, other=None):
         """Remove the remote spool directories; False when no socket reaches the host
@@ -641,4 +799,4 @@ def of_job(job):
         return None
     from .ssh import hop  # ssh builds on this module
     return Far(r["host"], r["socket"], r["side"], r.get("python", False),
-               via=hop(r.get("node", "")))
+               via=hop(r.get("node", "")), sessions=r.get("sessions", SESSIONS))

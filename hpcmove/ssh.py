@@ -15,6 +15,7 @@ ends it at once.
 """
 import functools
 import getpass
+import glob
 import hashlib
 import os
 import socket as socketlib
@@ -227,6 +228,9 @@ def close_socket(row):
     if via or os.path.exists(path):
         subprocess.run(remote.through(via, ["ssh", "-S", path, "-O", "exit", row.host]),
                        capture_output=True)
+    if not via:  # its session slots (remote.Slots)
+        for slot in glob.glob(glob.escape(path) + ".slot[0-9]*"):
+            os.unlink(slot)
     db.ControlSocket.update(closed=True).where(db.ControlSocket.id == row.id).execute()
 
 

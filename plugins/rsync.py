@@ -122,14 +122,13 @@ class RsyncEngine(SshEngine):
     def _pull_bundle(self, items):
         srcs = [i["src"] for i in items]  # absolute: made so at submission
         listing = b"\0".join(s.lstrip(b"/") for s in srcs) + b"\0"
-        sums = subprocess.Popen(self.remote.argv(b"xargs -0 " + sums_cmd(self.kind) + b" --"),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        held = self.remote.hold(2)  # the digests' session and rsync's, at once
+        sums = self.remote.session(b"xargs -0 " + sums_cmd(self.kind) + b" --", held=held[:1])
         stage = tempfile.mkdtemp(prefix=b".rsync-", dir=items[0]["root"])  # not in the tree
         try:
             try:
                 self._rsync([_remote(self.remote.host, b"/"), stage + b"/"], listing,
-                            f"reading a bundle from {self.remote.host}")
+                            f"reading a bundle from {self.remote.host}", held=held[1:])
                 failure = ""
             except TransferError as e:  # files that did arrive are still used
                 if getattr(e, "auth", False):
@@ -160,10 +159,15 @@ class RsyncEngine(SshEngine):
                                                          f"{self.remote.host}")
         return out
 
-    def _rsync(self, args, listing, what):
+    def _rsync(self, args, listing, what, held=None):
+        """rsync through the socket, in a session slot (`held`, or the next free one)."""
         start = time.monotonic()
-        done = subprocess.run(rsync_argv(self.remote.socket, *args), input=listing,
-                              capture_output=True)
+        held = self.remote.hold() if held is None else held
+        try:
+            done = subprocess.run(rsync_argv(self.remote.socket, *args), input=listing,
+                                  capture_output=True)
+        finally:
+            self.remote.release(held)
         if done.returncode in (0, 23, 24):  # 23/24: some files missing; verified per file
             return time.monotonic() - start
         if done.returncode in (12, 255):  # protocol stream or ssh broke: is the socket gone?

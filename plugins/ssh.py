@@ -27,7 +27,7 @@ import xxhash
 
 from hpcmove import states
 from hpcmove.errors import TransferError
-from hpcmove.remote import AuthRequired, Remote, digest_cmd, digests_script, mtime_ns, \
+from hpcmove.remote import SESSIONS, AuthRequired, Remote, digest_cmd, digests_script, mtime_ns, \
     parse_digest, parse_digests, parse_sums, q, read_cmd, sums_cmd, word, write_cmd
 from hpcmove_plugins.copy import BUFFER, CopyEngine, SliceWork
 
@@ -77,7 +77,8 @@ class SshEngine(CopyEngine):
         remote = remote or {}
         self.side = remote.get("side", "dst")  # which end is remote
         self.kind = remote.get("sum", "cksum")
-        self.remote = Remote(remote.get("host", ""), os.fsencode(remote.get("socket", "")))
+        self.remote = Remote(remote.get("host", ""), os.fsencode(remote.get("socket", "")),
+                             sessions=remote.get("sessions", SESSIONS))
         self.streams = max(1, int(streams))
         self.gone = False  # the socket died: later slices need not try
         # Pushed slices are read back on the remote host once, not twice: in an array
@@ -118,10 +119,8 @@ class SshEngine(CopyEngine):
         src_fd, _st = self.open_source(work)
         try:
             verify = not self.defer_verify
-            proc = subprocess.Popen(self.remote.argv(write_cmd(work.dst, work.offset, self.kind,
-                                                               work.length, verify)),
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE)
+            proc = self.remote.session(write_cmd(work.dst, work.offset, self.kind,
+                                                 work.length, verify))
             h, mv = new_sum(self.kind), memoryview(self.buf)
             pos, end = work.offset, work.offset + work.length
             try:
@@ -159,11 +158,15 @@ class SshEngine(CopyEngine):
         return h.hexdigest(), parse_digest(out, self.kind)
 
     def _pull(self, work):
-        check = subprocess.Popen(self.remote.argv(digest_cmd(work.src, work.offset, work.length,
-                                                             self.kind, mtime=True)),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # the remote digest and the data: two sessions at once, their slots taken together
+        check, proc = self.remote.sessions(
+            digest_cmd(work.src, work.offset, work.length, self.kind, mtime=True),
+            read_cmd(work.src, work.offset, work.length))
+        for session in (check, proc):
+            _close(session.stdin)
+            session.stdin = None
         try:
-            self._receive(work)
+            self._receive(work, proc)
         finally:
             out, err = check.communicate()
         if check.returncode != 0:
@@ -176,9 +179,7 @@ class SshEngine(CopyEngine):
         return parse_digest(rest, self.kind), self._local_digest(work.dst, work.offset,
                                                                  work.length)
 
-    def _receive(self, work):
-        proc = subprocess.Popen(self.remote.argv(read_cmd(work.src, work.offset, work.length)),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def _receive(self, work, proc):
         try:
             dst_fd = os.open(work.dst, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
@@ -365,9 +366,7 @@ class SshEngine(CopyEngine):
         if not self.defer_verify:  # else finalize's at-rest check hashes them there, once
             cmd += (b" && cd " + q(word(spool)) + b" && " + sums_cmd(self.kind) + b" -- "
                     + b" ".join(q(n) for n in names))
-        proc = subprocess.Popen(self.remote.argv(cmd), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                bufsize=len(self.buf))
+        proc = self.remote.session(cmd, bufsize=len(self.buf))
         ours, problems, sent = {}, {}, 0
         try:
             for item, name in zip(items, names):
@@ -427,13 +426,9 @@ class SshEngine(CopyEngine):
     def _pull_bundle(self, items):
         srcs = [i["src"] for i in items]
         listing = b"\0".join(srcs) + b"\0"
-        sums = subprocess.Popen(self.remote.argv(b"xargs -0 " + sums_cmd(self.kind) + b" --"),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        proc = subprocess.Popen(self.remote.argv(b"tar -c -f - --null --verbatim-files-from "
-                                                 b"-T - --no-recursion"),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        sums, proc = self.remote.sessions(  # their slots taken together
+            b"xargs -0 " + sums_cmd(self.kind) + b" --",
+            b"tar -c -f - --null --verbatim-files-from -T - --no-recursion")
         try:
             proc.stdin.write(listing)
         finally:

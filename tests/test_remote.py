@@ -4,6 +4,8 @@ import os
 import random
 import stat
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -382,3 +384,81 @@ def test_small_files_are_cut_into_even_bundles_that_keep_every_stream_busy(
     weights = [sum(i["size"] + 512 for i in b) for b in out]
     biggest = max(size) if isinstance(size, tuple) else size
     assert max(weights) - min(weights) <= 2 * (biggest + 512)  # even, to a file or two
+
+
+def _stub_ssh(tmp_path, monkeypatch):
+    """An `ssh` that logs each start and runs its last argument with sh, as sshd's shell
+    would, on this machine."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ssh").write_text(f'#!/bin/sh\necho start >> {tmp_path}/starts\n'
+                                'for a; do last=$a; done\nexec sh -c "$last"\n')
+    (bindir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    return lambda: (tmp_path / "starts").read_text().count("start") \
+        if (tmp_path / "starts").exists() else 0
+
+
+def test_a_session_started_ahead_is_the_one_a_later_run_uses(tmp_path, monkeypatch):
+    starts = _stub_ssh(tmp_path, monkeypatch)
+    r = remote.Remote("h", bytes(tmp_path / "sock"))
+    r.start(b"sh -s")
+    other = remote.Remote("h", bytes(tmp_path / "sock"))  # any Remote of that host and socket
+    assert other.script(b"echo one\n") == (0, b"one\n", b"")
+    assert starts() == 1
+    assert other.script(b"echo two\n")[1] == b"two\n"  # none waiting: a new one
+    assert starts() == 2
+
+
+def test_a_placement_started_ahead_and_never_fed_places_nothing(tmp_path, monkeypatch):
+    """finalize starts the placement program before it knows whether it will place; at
+    exit an unused one gets no input: it must neither place nor remove the spool."""
+    _stub_ssh(tmp_path, monkeypatch)
+    spool = bytes(tmp_path / ".hpcmove-t.spool")
+    os.makedirs(os.path.join(spool, plan.SPOOL_TREE, b"d"))
+    open(os.path.join(spool, plan.SPOOL_TREE, b"d", b"f"), "wb").close()
+    r = remote.Remote("h", bytes(tmp_path / "sock"))
+    r.start(remote.place_command([spool]))
+    (proc,) = remote._started.pop(tuple(r.argv(remote.place_command([spool]))))
+    _out, err = proc.communicate(b"")
+    assert proc.returncode == 4, err
+    whole = remote.place_ops([_F(0, plan.DIR, bytes(tmp_path / "d"), spool)])
+    for cut in (b"2\0file\0", whole[:-1]):  # cut short: nothing placed either
+        done = subprocess.run(["python3", "-c", remote.PLACE_PY], input=cut)
+        assert done.returncode == 4
+    assert os.path.exists(os.path.join(spool, plan.SPOOL_TREE, b"d", b"f"))
+    assert not (tmp_path / "d").exists()
+
+
+def test_slots_bound_sessions_across_threads_and_take_pairs_whole(tmp_path):
+    slots = remote.Slots(bytes(tmp_path / "sock"), count=3)
+    held = [slots.acquire() for _ in range(3)]
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(slots.acquire(2)))
+    waiter.start()
+    time.sleep(0.3)
+    assert not got  # all three taken
+    slots.release(held.pop())
+    time.sleep(0.3)
+    assert not got  # one free is not two: the pair is not half taken meanwhile
+    assert len(slots.acquire()) == 1  # ... so the free one can still be had
+    slots.release(held.pop())
+    waiter.join(5)
+    assert not got  # the one just taken still holds
+    slots.release(held.pop())
+    waiter.join(5)
+    assert len(got) == 1 and len(got[0]) == 2
+
+
+def test_a_session_holds_its_slot_until_it_is_waited_for(tmp_path, monkeypatch):
+    _stub_ssh(tmp_path, monkeypatch)
+    r = remote.Remote("h", bytes(tmp_path / "sock"), sessions=1)
+    proc = r.session(b"cat")
+    taken = []
+    t = threading.Thread(target=lambda: taken.append(r.run(b"echo next")))
+    t.start()
+    t.join(0.5)
+    assert t.is_alive()  # waits for the one slot
+    assert proc.communicate(b"x") == (b"x", b"")
+    t.join(5)
+    assert taken == [(0, b"next\n", b"")]

@@ -254,6 +254,51 @@ def test_push_into_a_remote_directory_we_cannot_write_is_a_clear_error(local_rem
         [("Failed", True)]
 
 
+def _refused():
+    """Sessions the testbed's sshd has refused so far (MaxSessions 10, OpenSSH's default)."""
+    with open(os.environ["HPCMOVE_TEST_SSH_LOG"], "rb") as f:
+        return f.read().count(b"no more sessions")
+
+
+@pytest.mark.parametrize("engine", ["ssh", "rsync"])
+def test_more_streams_than_the_sshd_allows_sessions_wait_for_a_slot(local_remote, area,
+                                                                    engine):
+    """Two tasks of 16 streams each want 32 sessions through one socket; the sshd allows
+    10 per connection and refuses the rest ("Session open refused by peer"). Sessions
+    wait for one of the socket's 10 slots instead: push and pull (two sessions per slice
+    or bundle, taken together) complete identical, every slice and bundled file at its
+    first attempt, and the sshd refused nothing."""
+    hp, agent = local_remote
+    src = os.path.join(area.src, "s")
+    os.makedirs(os.path.join(src, "small"))
+    with open(os.path.join(src, "big"), "wb") as f:
+        f.write(os.urandom(40 << 20))
+    for i in range(300):
+        with open(os.path.join(src, "small", f"f{i:03d}"), "wb") as f:
+            f.write(os.urandom(500 + 31 * i))
+    far = os.path.join(area.root, "far")
+    back = os.path.join(area.dst, "back")
+    os.mkdir(far)
+    os.mkdir(back)
+    area.own()
+    hp.run("socket", "open", "--ttl", "5m", HOST)
+    agent.kill()
+    before = _refused()
+    args = ["--engine", engine, "--streams", "16", "--slice-size", "1M"]
+    for job in (lambda: hp.submit(*args, src, f"{HOST}:{far}/"),
+                lambda: hp.submit(*args, f"{HOST}:{far}/s", back)):
+        s = hp.wait(job())
+        assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+        attempts = [x["attempts"] for f in s["files"] for x in f.get("slices", [])]
+        assert len(attempts) == 340 and set(attempts) == {1}, log(hp, s["id"])
+    assert tree_of(src) == tree_of(os.path.join(far, "s")) == tree_of(os.path.join(back, "s"))
+    assert _refused() == before
+    sockets = hp.env["HPCMOVE_SOCKET_DIR"]
+    assert any(".slot" in n for n in os.listdir(sockets))
+    hp.run("socket", "close", HOST)
+    assert os.listdir(sockets) == []  # the slots go with the socket
+
+
 @pytest.mark.parametrize("tools", ["xxhsum+python3", "rsync bundles", "coreutils only"])
 @pytest.mark.parametrize("direction", ["push", "pull"])
 def test_hostile_remote_names_arrive_intact_and_nothing_runs(local_remote, area, direction,
