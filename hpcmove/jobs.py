@@ -53,7 +53,7 @@ class SubmitOptions:
     socket: str = ""  # -S/--socket: the control socket for a remote host
     remote: dict = None  # {host, socket, side, sum, node} for a push or pull
     streams: int = 3  # concurrent slice streams per task (remote transfers)
-    ssh_sessions: int = SESSIONS  # at most this many at once through the socket
+    ssh_sessions: int = SESSIONS  # the remote sshd's MaxSessions (remote.Slots)
     then: str = ""  # --then: a batch script to start once the job is Done (afterok)
 
     @classmethod

@@ -456,6 +456,10 @@ atexit.register(_discard_started)
 
 
 SESSIONS = 10  # sshd's MaxSessions unless the site raised it: sessions per connection
+# sshd still counts a session for a moment after its ssh here has exited (the channel
+# closes after the exit status is delivered): a new one sent at once into a full
+# connection is refused. So two of the sshd's sessions are left for those.
+CLOSING = 2
 
 
 class Slots:
@@ -471,9 +475,10 @@ class Slots:
     def __init__(self, socket, count=SESSIONS):
         self.socket, self.count = socket, max(1, count)
 
-    def acquire(self, n=1):
+    def acquire(self, n=1, wait=True):
         """Hold `n` slots at once (all or none, so two sessions wanted together never
-        wait for each other): their file descriptors."""
+        wait for each other): their file descriptors; None when not `wait` and none is
+        free now."""
         n = min(n, self.count)
         while True:
             held = []
@@ -493,6 +498,8 @@ class Slots:
                 if len(held) == n:
                     return held
             self.release(held)
+            if not wait:
+                return None
             time.sleep(self.POLL * (1 + random.random()))
 
     @staticmethod
@@ -525,12 +532,13 @@ class Session(subprocess.Popen):
 
 
 class Remote:
-    """Commands on one remote host through a control socket, at most `sessions` at once
-    through it (Slots) when it is kept on this machine."""
+    """Commands on one remote host through a control socket; when it is kept on this
+    machine, at most `sessions` (the sshd's MaxSessions) less CLOSING at once (Slots)."""
 
     def __init__(self, host, socket, via="", sessions=SESSIONS):
         self.host, self.socket, self.via = host, socket, via
-        self.slots = None if via or not socket else Slots(socket, sessions)
+        self.slots = None if via or not socket else \
+            Slots(socket, max(1, sessions - CLOSING))
 
     def hold(self, n=1):
         """`n` session slots at once, for a process that opens sessions itself (rsync -e
@@ -541,14 +549,19 @@ class Remote:
         if self.slots:
             self.slots.release(held)
 
-    def start(self, command, **kwargs):
+    def start(self, command, wait=True, **kwargs):
         """Start `command`'s session now, for a later session() or run() of the same
         command (from any Remote of this host and socket in this process), so that its
-        start overlaps what this end does meanwhile."""
+        start overlaps what this end does meanwhile. Not `wait`: only if a session slot
+        is free now (False if not)."""
         argv = tuple(self.argv(command))
-        proc = Session(argv, self.slots, self.hold(), **kwargs)
+        held = self.slots.acquire(1, wait) if self.slots else []
+        if held is None:
+            return False
+        proc = Session(argv, self.slots, held, **kwargs)
         with _started_lock:
             _started.setdefault(argv, []).append(proc)
+        return True
 
     def session(self, command, held=None, **kwargs):
         """A Session of `command` (stdin, stdout and stderr piped): one started ahead

@@ -175,8 +175,10 @@ def run(path, task):
     for item in todo:  # bundles are made per spool and name files by their path in it
         item["root"] = spool_root(item["spool"], job.token)
     units = engine.units(todo) if hasattr(engine, "units") else [[i] for i in todo]
+    # the next unit's session starts while this one moves (not when it may be skipped)
+    ahead = None if skip_existing or not hasattr(engine, "prepare") else type(engine).prepare
     failed, handed = 0, []
-    for item, result in _streams(engine, one, units):
+    for item, result in _streams(engine, one, units, ahead):
         if result is None:
             handed.append(item)
             continue
@@ -189,10 +191,12 @@ def run(path, task):
     return 1 if failed else 0
 
 
-def _streams(engine, one, units):
+def _streams(engine, one, units, ahead=None):
     """(item, result) for every item of every unit, `engine.streams` units at a time: each
     stream takes the next unit when it finishes one (next-available queueing, as MPSCP's
-    streams do). Results come back to this thread, which alone records them."""
+    streams do). Results come back to this thread, which alone records them. With
+    `ahead`, a stream that takes a unit calls ahead(its engine, the unit next in line)
+    once for that unit, to start what it needs while this one works."""
     width = min(getattr(engine, "streams", 1), len(units))
     if width <= 1:
         for unit in units:
@@ -202,12 +206,25 @@ def _streams(engine, one, units):
     for unit in units:
         work.put(unit)
 
+    prepared = set()
+
     def stream(eng):
         while True:
             try:
                 unit = work.get_nowait()
             except queue.Empty:
                 return
+            with work.mutex:
+                nxt = work.queue[0] if ahead and work.queue else None
+                if nxt is not None and id(nxt) in prepared:
+                    nxt = None
+                elif nxt is not None:
+                    prepared.add(id(nxt))
+            if nxt is not None:
+                try:
+                    ahead(eng, nxt)
+                except Exception:  # only a head start: that unit opens its own session
+                    pass
             try:
                 results.put(one(eng, unit))
             except BaseException as e:  # never lose a slice: report it as failed

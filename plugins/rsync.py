@@ -64,6 +64,10 @@ def _remote(host, path):
 class RsyncEngine(SshEngine):
     name = "rsync"
 
+    def prepare(self, unit):
+        if len(unit) == 1:  # a bundle goes through rsync, which opens its own session
+            super().prepare(unit)
+
     def _push_bundle(self, items):
         spool = items[0]["root"]
         names = [in_spool(i) for i in items]

@@ -109,6 +109,33 @@ class SshEngine(CopyEngine):
             self.gone = True
             raise
 
+    def _write_cmd(self, dst, offset, length):
+        return write_cmd(dst, offset, self.kind, length, not self.defer_verify)
+
+    def _bundle_cmd(self, spool, names):
+        # tar sets each file's mode and mtime from its header (see tar_header), so that
+        # placement need not touch 20,000 inodes a second time
+        cmd = (b"umask 077 && tar -x -B -f - -C " + q(word(spool)) + b" --no-same-owner "
+               b"--same-permissions")
+        if not self.defer_verify:  # else finalize's at-rest check hashes them there, once
+            cmd += (b" && cd " + q(word(spool)) + b" && " + sums_cmd(self.kind) + b" -- "
+                    + b" ".join(q(n) for n in names))
+        return cmd
+
+    def prepare(self, unit):
+        """Start the session of a push's next unit (the worker's streams call this for
+        the unit next in line while they work), if a session slot is free now: its start
+        then overlaps this unit's transfer."""
+        if self.side != "dst" or self.gone:
+            return
+        if len(unit) > 1:
+            self.remote.start(self._bundle_cmd(unit[0]["root"], [in_spool(i) for i in unit]),
+                              wait=False, bufsize=len(self.buf))
+        else:
+            item = unit[0]
+            self.remote.start(self._write_cmd(item["spool"], item["offset"], item["length"]),
+                              wait=False)
+
     def _failed(self, proc_code, stderr, what):
         if proc_code == 255:
             self.remote.check_alive()  # AuthRequired when the master is gone
@@ -119,8 +146,7 @@ class SshEngine(CopyEngine):
         src_fd, _st = self.open_source(work)
         try:
             verify = not self.defer_verify
-            proc = self.remote.session(write_cmd(work.dst, work.offset, self.kind,
-                                                 work.length, verify))
+            proc = self.remote.session(self._write_cmd(work.dst, work.offset, work.length))
             h, mv = new_sum(self.kind), memoryview(self.buf)
             pos, end = work.offset, work.offset + work.length
             try:
@@ -359,14 +385,7 @@ class SshEngine(CopyEngine):
     def _push_bundle(self, items):
         spool = items[0]["root"]
         names = [in_spool(i) for i in items]
-        # tar sets each file's mode and mtime from its header (see tar_header), so that
-        # placement need not touch 20,000 inodes a second time
-        cmd = (b"umask 077 && tar -x -B -f - -C " + q(word(spool)) + b" --no-same-owner "
-               b"--same-permissions")
-        if not self.defer_verify:  # else finalize's at-rest check hashes them there, once
-            cmd += (b" && cd " + q(word(spool)) + b" && " + sums_cmd(self.kind) + b" -- "
-                    + b" ".join(q(n) for n in names))
-        proc = self.remote.session(cmd, bufsize=len(self.buf))
+        proc = self.remote.session(self._bundle_cmd(spool, names), bufsize=len(self.buf))
         ours, problems, sent = {}, {}, 0
         try:
             for item, name in zip(items, names):
