@@ -28,6 +28,7 @@ from .errors import HpcmoveError, PlanError, TransferError
 from .plan import DIR, FILE, HARDLINK, SYMLINK, hardlink_tmp, spool_path
 
 SUMS = ("xxh128", "cksum")  # remote checksum programs, fastest first
+PROBE_MARK = b"hpcmove-probe"  # what the probe prints first: anything before it is noise
 DD_BS = b"1M"
 
 
@@ -410,6 +411,16 @@ def master_alive(socket, host, via=""):
     return answer.group(1) == b"0"
 
 
+def for_any_shell(command):
+    """`command` (POSIX sh, any bytes but NUL) as a line that every login shell hands to
+    /bin/sh unchanged. sshd runs a remote command with the user's login shell, and at
+    sites where that is tcsh a quoted newline is an error and `!` is expanded even in
+    single quotes, so the command travels as printf octal escapes inside one quoted word
+    that only sh reads (sh, bash, zsh, csh, tcsh pass it alike)."""
+    return (b"exec /bin/sh -c 'eval \"$(printf \""
+            + b"".join(b"\\%03o" % c for c in command) + b"\")\"'")
+
+
 def through(via, argv):
     """`argv` run on the machine `via` over ssh ('' runs it here): the login node's way
     to a socket kept on a data-transfer node. ssh hands the far shell one line, so every
@@ -586,7 +597,8 @@ class Remote:
 
     def argv(self, command):
         # ssh joins its arguments with spaces for the remote shell: pass one word of text
-        return through(self.via, ssh_argv(self.socket, self.host) + [os.fsdecode(command)])
+        return through(self.via, ssh_argv(self.socket, self.host)
+                       + [os.fsdecode(for_any_shell(command))])
 
     def alive(self):
         if self.via:
@@ -618,11 +630,23 @@ class Remote:
         program ('xxh128' with xxhsum, else 'cksum'), python3 (fast placement), rsync
         (bundles of small files), the home directory (relative remote paths are made
         absolute against it) and which of `dirs` are directories there."""
-        _code, out, _err = self.run(b"pwd; command -v xxhsum || echo -; "
-                                    b"command -v python3 || echo -; "
-                                    b"command -v rsync || echo -"
-                                    + b"".join(b"; test -d " + q(word(d)) + b" && echo d || echo -"
-                                               for d in dirs), check=False)
+        code, out, err = self.run(b"echo " + PROBE_MARK + b"; pwd; command -v xxhsum || echo -; "
+                                  b"command -v python3 || echo -; "
+                                  b"command -v rsync || echo -"
+                                  + b"".join(b"; test -d " + q(word(d)) + b" && echo d || echo -"
+                                             for d in dirs), check=False)
+        noise, mark, out = out.partition(PROBE_MARK + b"\n")
+        if not mark:
+            raise HpcmoveError(f"on {self.host}: no answer from the remote shell (exit {code}): "
+                               f"{err.decode(errors='replace').strip()}")
+        if noise:
+            said = noise.decode(errors="replace").strip().splitlines() or [""]
+            raise HpcmoveError(
+                f"on {self.host}: the remote shell prints {said[0][:80]!r}"
+                f"{' ...' if len(said) > 1 else ''} before every command (your startup files "
+                f"there, e.g. ~/.bashrc, write to stdout in non-interactive shells); that "
+                f"would mix into the data. Make them quiet unless interactive (in ~/.bashrc: "
+                f"[[ $- == *i* ]] || return, before any output), as scp and rsync also need")
         lines = out.splitlines()
         lines += [b"-"] * (4 + len(dirs) - len(lines))
         return {"sum": "xxh128" if lines[1] != b"-" else "cksum",

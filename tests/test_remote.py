@@ -462,3 +462,16 @@ def test_a_session_holds_its_slot_until_it_is_waited_for(tmp_path, monkeypatch):
     assert proc.communicate(b"x") == (b"x", b"")
     t.join(5)
     assert taken == [(0, b"next\n", b"")]
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash", "/usr/bin/tcsh", "/bin/csh"])
+def test_a_command_reaches_sh_as_itself_whatever_the_login_shell(tmp_path, shell):
+    """sshd runs a remote command with the user's login shell: every hostile name in a
+    command comes out of /bin/sh as itself, and its exit code and stdin pass through."""
+    names = HOSTILE + [b"bang!$", b"!!", b"50%s"]
+    command = b"printf '%s\\0' " + b" ".join(remote.q(n) for n in names) + b"; cat; exit 3"
+    done = subprocess.run([shell, "-c", remote.for_any_shell(command)], input=b"in",
+                          capture_output=True, cwd=tmp_path)
+    assert (done.returncode, done.stderr) == (3, b"")
+    assert done.stdout == b"\0".join(names) + b"\0in"
+    assert not (tmp_path / "PWNED").exists()

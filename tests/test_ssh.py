@@ -254,6 +254,81 @@ def test_push_into_a_remote_directory_we_cannot_write_is_a_clear_error(local_rem
         [("Failed", True)]
 
 
+def test_a_remote_shell_that_prints_at_startup_is_refused_with_the_cause(local_remote, area):
+    """A ~/.bashrc on the remote host that prints in non-interactive shells would put its
+    words into every remote command's output (a pulled slice, the listing, the digests):
+    submit says so, quoting them, and starts nothing; quiet again, the same push works."""
+    hp, _agent = local_remote
+    hp.run("socket", "open", "--ttl", "5m", HOST)
+    src = os.path.join(area.src, "f")
+    with open(src, "wb") as f:
+        f.write(os.urandom(5000))
+    far = os.path.join(area.root, "far")
+    os.mkdir(far)
+    area.own()
+    rc = os.path.expanduser(f"~{TEST_USER}/.bashrc")
+    kept = open(rc, "rb").read() if os.path.exists(rc) else None
+    try:
+        with open(rc, "wb") as f:
+            f.write(b'echo "Welcome to the archive"\n' + (kept or b""))
+        for args in ([src, f"{HOST}:{far}/"], [f"{HOST}:{far}/f", area.dst]):
+            done = hp.run("submit", *hp.backend_args, *args, check=False)
+            assert done.returncode != 0
+            assert b"'Welcome to the archive'" in done.stderr, done.stderr
+            assert b"~/.bashrc" in done.stderr
+        assert os.listdir(far) == [] and os.listdir(area.dst) == []
+        assert json.loads(hp.run("list", "--json").stdout) == []
+    finally:
+        if kept is None:
+            os.unlink(rc)
+        else:
+            with open(rc, "wb") as f:
+                f.write(kept)
+    s = hp.wait(hp.submit(src, f"{HOST}:{far}/"))
+    assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    assert same_file(src, os.path.join(far, "f"))
+
+
+@pytest.fixture
+def tcsh_login(sshd):
+    """The test user's login shell is tcsh for the test (sshd runs every remote command
+    with it); bash again after."""
+    subprocess.run(["usermod", "-s", "/usr/bin/tcsh", TEST_USER], check=True)
+    yield
+    subprocess.run(["usermod", "-s", "/bin/bash", TEST_USER], check=True)
+
+
+def test_a_tcsh_login_shell_on_the_remote_host_moves_hostile_names_too(local_remote, area,
+                                                                       tcsh_login):
+    """With tcsh as the remote login shell (some sites' default), a quoted newline is an
+    error and `!` is expanded in quotes: every remote command reaches /bin/sh untouched
+    all the same (remote.for_any_shell); push and pull of hostile names are identical."""
+    hp, agent = local_remote
+    src = os.path.join(os.fsencode(area.src), b"-$(touch PWNED) dir!1\n")
+    os.makedirs(os.path.join(src, b"sub `touch PWNED`"))
+    for n in HOSTILE + [b"bang!$", b"!!"]:
+        with open(os.path.join(src, n), "wb") as f:
+            f.write(n * 1000)
+        with open(os.path.join(src, b"sub `touch PWNED`", n), "wb") as f:
+            f.write(os.urandom(5000))
+    far = os.path.join(area.root, "far")
+    os.mkdir(far)
+    area.own()
+    hp.run("socket", "open", "--ttl", "5m", HOST)
+    agent.kill()
+    out = os.path.join(os.fsencode(far), b"new\n'dst'!")
+    s = hp.wait(hp.submit("--slice-size", "4K", src, os.fsencode(HOST) + b":" + out))
+    assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    assert tree_of(src) == tree_of(out)
+    back = os.path.join(os.fsencode(area.dst), b"back!")
+    s = hp.wait(hp.submit("--slice-size", "4K", os.fsencode(HOST) + b":" + out, back))
+    assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    assert tree_of(src) == tree_of(back)
+    found = subprocess.run(["find", area.root, "/tmp", os.path.expanduser(f"~{TEST_USER}"),
+                            "-name", "PWNED"], capture_output=True).stdout
+    assert found == b""
+
+
 def _refused():
     """Sessions the testbed's sshd has refused so far (MaxSessions 10, OpenSSH's default)."""
     with open(os.environ["HPCMOVE_TEST_SSH_LOG"], "rb") as f:
