@@ -541,6 +541,10 @@ class Session(subprocess.Popen):
         self._let_go()
         return code
 
+    def __del__(self, *args, **kwargs):  # never waited for (an error on the way out)
+        self._let_go()
+        super().__del__(*args, **kwargs)
+
 
 class Remote:
     """Commands on one remote host through a control socket; when it is kept on this

@@ -434,7 +434,7 @@ def test_slots_bound_sessions_across_threads_and_take_pairs_whole(tmp_path):
     slots = remote.Slots(bytes(tmp_path / "sock"), count=3)
     held = [slots.acquire() for _ in range(3)]
     got = []
-    waiter = threading.Thread(target=lambda: got.append(slots.acquire(2)))
+    waiter = threading.Thread(target=lambda: got.append(slots.acquire(2)), daemon=True)
     waiter.start()
     time.sleep(0.3)
     assert not got  # all three taken
@@ -455,7 +455,7 @@ def test_a_session_holds_its_slot_until_it_is_waited_for(tmp_path, monkeypatch):
     r = remote.Remote("h", bytes(tmp_path / "sock"), sessions=1)
     proc = r.session(b"cat")
     taken = []
-    t = threading.Thread(target=lambda: taken.append(r.run(b"echo next")))
+    t = threading.Thread(target=lambda: taken.append(r.run(b"echo next")), daemon=True)
     t.start()
     t.join(0.5)
     assert t.is_alive()  # waits for the one slot
@@ -475,3 +475,20 @@ def test_a_command_reaches_sh_as_itself_whatever_the_login_shell(tmp_path, shell
     assert (done.returncode, done.stderr) == (3, b"")
     assert done.stdout == b"\0".join(names) + b"\0in"
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_session_dropped_without_a_wait_lets_its_slot_go(tmp_path, monkeypatch):
+    """An error between starting a session and waiting for it must not keep its slot
+    for the rest of the task."""
+    _stub_ssh(tmp_path, monkeypatch)
+    r = remote.Remote("h", bytes(tmp_path / "sock"), sessions=1)
+    proc = r.session(b"true")
+    proc.stdin.close()
+    while proc.poll() is None:
+        time.sleep(0.01)
+    del proc  # reaped by poll(), never waited for
+    got = []
+    t = threading.Thread(target=lambda: got.append(r.run(b"echo free")), daemon=True)
+    t.start()
+    t.join(5)
+    assert got == [(0, b"free\n", b"")]
