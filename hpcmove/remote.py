@@ -24,6 +24,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import xxhash
+
 from .errors import HpcmoveError, PlanError, TransferError
 from .plan import DIR, FILE, HARDLINK, SYMLINK, hardlink_tmp, spool_path
 
@@ -120,6 +122,22 @@ def parse_sums(out, names, kind):
         found[name] = parts[0].decode() if kind == "xxh128" else \
             "cksum:%s/%s" % (parts[0].decode(), parts[1].decode())
     return found
+
+
+# One line: xxhsum's XXH3-128 of a known word from stdin (sum_cmd) and of an empty file
+# named after `--` (sums_cmd), as the probe reads them; empty without xxhsum.
+XXH_CHECK = (b"{ command -v xxhsum >/dev/null && { printf hpcmove | xxhsum -H2; "
+             b"xxhsum -H2 -- /dev/null; }; } 2>/dev/null | tr '\\n' ' '; echo")
+
+
+def xxhsum_works(line):
+    """True when XXH_CHECK's line shows an xxhsum that gives the digests hpcmove computes
+    here, in the form parse_digest and parse_sums read: an older one (where -H2 is not
+    XXH3-128, or an option is missing) would fail every verification, so cksum then."""
+    words = line.split()
+    return (len(words) == 4 and words[3] == b"/dev/null"
+            and words[0] == xxhash.xxh3_128(b"hpcmove").hexdigest().encode()
+            and words[2] == xxhash.xxh3_128(b"").hexdigest().encode())
 
 
 def read_cmd(path, offset, length):
@@ -631,10 +649,11 @@ class Remote:
 
     def probe(self, dirs=()):
         """What the remote host offers beyond coreutils, in one call: the checksum
-        program ('xxh128' with xxhsum, else 'cksum'), python3 (fast placement), rsync
+        program ('xxh128' with an xxhsum that gives XXH3-128 as hpcmove reads it, else
+        'cksum'), python3 (fast placement), rsync
         (bundles of small files), the home directory (relative remote paths are made
         absolute against it) and which of `dirs` are directories there."""
-        code, out, err = self.run(b"echo " + PROBE_MARK + b"; pwd; command -v xxhsum || echo -; "
+        code, out, err = self.run(b"echo " + PROBE_MARK + b"; pwd; " + XXH_CHECK + b"; "
                                   b"command -v python3 || echo -; "
                                   b"command -v rsync || echo -"
                                   + b"".join(b"; test -d " + q(word(d)) + b" && echo d || echo -"
@@ -653,7 +672,7 @@ class Remote:
                 f"[[ $- == *i* ]] || return, before any output), as scp and rsync also need")
         lines = out.splitlines()
         lines += [b"-"] * (4 + len(dirs) - len(lines))
-        return {"sum": "xxh128" if lines[1] != b"-" else "cksum",
+        return {"sum": "xxh128" if xxhsum_works(lines[1]) else "cksum",
                 "python": lines[2] != b"-", "rsync": lines[3] != b"-",
                 "home": os.fsdecode(lines[0]),
                 "dirs": {d: line == b"d" for d, line in zip(dirs, lines[4:])}}

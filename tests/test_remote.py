@@ -492,3 +492,23 @@ def test_a_session_dropped_without_a_wait_lets_its_slot_go(tmp_path, monkeypatch
     t.start()
     t.join(5)
     assert got == [(0, b"free\n", b"")]
+
+
+@pytest.mark.parametrize("xxhsum, kind", [
+    (None, "xxh128"),                                        # this machine's: XXH3-128
+    ("echo 'Error: invalid hash selection -H2' >&2; exit 1", "cksum"),  # an old xxhsum
+    ("cat >/dev/null; echo 'ef46db3751d8e999  stdin'", "cksum"),        # -H2 is XXH64 there
+])
+def test_the_probe_uses_xxhsum_only_when_it_gives_our_digests(tmp_path, monkeypatch, xxhsum,
+                                                                kind):
+    """An xxhsum whose -H2 is not XXH3-128 as hpcmove computes it would fail every
+    verification: the probe then chooses cksum."""
+    _stub_ssh(tmp_path, monkeypatch)
+    if xxhsum:
+        fake = tmp_path / "bin" / "xxhsum"
+        fake.write_text(f"#!/bin/sh\n{xxhsum}\n")
+        fake.chmod(0o755)
+    found = remote.Remote("h", bytes(tmp_path / "sock")).probe([bytes(tmp_path)])
+    assert found["sum"] == kind
+    assert found["dirs"] == {bytes(tmp_path): True} and found["home"] == os.getcwd()
+    assert not remote.xxhsum_works(b"")  # no xxhsum at all: XXH_CHECK's empty line
