@@ -164,9 +164,10 @@ def run(path, task):
             if len(rest) <= 1:
                 return skipped + [(item, copy_one(eng, item, retries, backoff)) for item in rest]
             out = eng.copy_bundle(rest)
-            # what the bundle did not finish is copied again one by one
-            return skipped + [(item, r if r["state"] in (states.DONE, states.AUTH) else
-                               copy_one(eng, item, retries, backoff)) for item, r in out]
+            # what the bundle did not finish is copied again one by one (not when the
+            # bundle failed for a reason no retry mends: a full or read-only disk)
+            return skipped + [(item, r if r["state"] in (states.DONE, states.AUTH, states.FAILED)
+                               else copy_one(eng, item, retries, backoff)) for item, r in out]
         item = unit[0]
         result = skip_one(eng, item) if skip_existing else None
         return [(item, result or copy_one(eng, item, retries, backoff))]

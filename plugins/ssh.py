@@ -58,6 +58,13 @@ class Cksum:
         return "cksum:%d/%d" % (int(f"{reg:032b}"[::-1], 2) ^ 0xFFFFFFFF, self.n)
 
 
+# What the remote tools print (strerror, C or English locale) for errors that a retry
+# cannot mend: the slice or bundle fails at once with that reason. Anything else (or
+# the same in another language) is retried as before.
+PERMANENT = (b"No space left on device", b"Disk quota exceeded", b"Read-only file system",
+             b"Permission denied", b"File too large", b"No such file or directory")
+
+
 def new_sum(kind):
     return xxhash.xxh3_128() if kind == "xxh128" else Cksum()
 
@@ -139,8 +146,11 @@ class SshEngine(CopyEngine):
     def _failed(self, proc_code, stderr, what):
         if proc_code == 255:
             self.remote.check_alive()  # AuthRequired when the master is gone
-        message = stderr.decode(errors="replace").strip() or f"exit {proc_code}"
-        return TransferError(f"on {self.remote.host}: {what}: {message}", transient=True)
+        lines = stderr.decode(errors="replace").strip().splitlines() or [f"exit {proc_code}"]
+        if len(lines) > 3:  # tar says it once per file of a bundle
+            lines = lines[:2] + [f"... ({len(lines) - 3} more lines)", lines[-1]]
+        return TransferError(f"on {self.remote.host}: {what}: " + "\n".join(lines),
+                             transient=not any(p in stderr for p in PERMANENT))
 
     def _push(self, work):
         src_fd, _st = self.open_source(work)
@@ -367,8 +377,9 @@ class SshEngine(CopyEngine):
         except AuthRequired as e:
             self.gone = True
             return [(i, _result(i, states.AUTH, str(e), start)) for i in items]
-        except TransferError as e:  # the whole bundle: each file is tried alone next
-            return [(i, _result(i, states.WAIT, str(e), start)) for i in items]
+        except TransferError as e:  # the whole bundle: each file is tried alone next,
+            state = states.WAIT if e.transient else states.FAILED  # unless that cannot help
+            return [(i, _result(i, state, str(e), start)) for i in items]
         seconds = (time.monotonic() - start) / max(1, len(items))
         out = []
         for item in items:

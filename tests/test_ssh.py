@@ -329,6 +329,39 @@ def test_a_tcsh_login_shell_on_the_remote_host_moves_hostile_names_too(local_rem
     assert found == b""
 
 
+def test_a_full_remote_disk_fails_at_once_with_its_reason(local_remote, area):
+    """A retry cannot make room: slices and bundles that the remote disk refuses ("No
+    space left on device") fail at their first attempt, each file is not sent again
+    alone, the job says why, and nothing is left at the destination or in its spool."""
+    hp, agent = local_remote
+    src = os.path.join(area.src, "s")
+    os.makedirs(os.path.join(src, "small"))
+    with open(os.path.join(src, "big"), "wb") as f:
+        f.write(os.urandom(6 << 20))
+    for i in range(50):
+        with open(os.path.join(src, "small", f"f{i:02d}"), "wb") as f:
+            f.write(os.urandom(40 << 10))
+    far = os.path.join(area.root, "far")
+    os.mkdir(far)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "hpcmove-full", far],
+                   check=True)
+    try:
+        area.own()
+        hp.run("socket", "open", "--ttl", "5m", HOST)
+        agent.kill()
+        s = hp.wait(hp.submit("--slice-size", "1M", src, f"{HOST}:{far}/"))
+        assert s["state"] == "Failed", s["reason"]
+        assert "No space left on device" in s["reason"], s["reason"]
+        failed = [x for f in s["files"] for x in f.get("slices", []) if x["state"] == "Failed"]
+        assert failed and {x["attempts"] for x in failed} == {1}, log(hp, s["id"])
+        small = [f["reason"] for f in s["files"] if "/small/" in f["dst"]
+                 and f["state"] == "Failed"]
+        assert all("bundle" in r for r in small), small  # not sent again one by one
+        assert os.listdir(far) == []
+    finally:
+        subprocess.run(["umount", far], check=True)
+
+
 def _refused():
     """Sessions the testbed's sshd has refused so far (MaxSessions 10, OpenSSH's default)."""
     with open(os.environ["HPCMOVE_TEST_SSH_LOG"], "rb") as f:
