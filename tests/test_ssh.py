@@ -329,18 +329,23 @@ def test_a_tcsh_login_shell_on_the_remote_host_moves_hostile_names_too(local_rem
     assert found == b""
 
 
+def big_and_small(root, big, sizes):
+    """`root`/big of `big` random bytes and `root`/small/fNNN of each of `sizes`."""
+    os.makedirs(os.path.join(root, "small"))
+    with open(os.path.join(root, "big"), "wb") as f:
+        f.write(os.urandom(big))
+    for i, size in enumerate(sizes):
+        with open(os.path.join(root, "small", f"f{i:03d}"), "wb") as f:
+            f.write(os.urandom(size))
+    return root
+
+
 def test_a_full_remote_disk_fails_at_once_with_its_reason(local_remote, area):
     """A retry cannot make room: slices and bundles that the remote disk refuses ("No
     space left on device") fail at their first attempt, each file is not sent again
     alone, the job says why, and nothing is left at the destination or in its spool."""
     hp, agent = local_remote
-    src = os.path.join(area.src, "s")
-    os.makedirs(os.path.join(src, "small"))
-    with open(os.path.join(src, "big"), "wb") as f:
-        f.write(os.urandom(6 << 20))
-    for i in range(50):
-        with open(os.path.join(src, "small", f"f{i:02d}"), "wb") as f:
-            f.write(os.urandom(40 << 10))
+    src = big_and_small(os.path.join(area.src, "s"), 6 << 20, [40 << 10] * 50)
     far = os.path.join(area.root, "far")
     os.mkdir(far)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "hpcmove-full", far],
@@ -373,17 +378,11 @@ def test_more_streams_than_the_sshd_allows_sessions_wait_for_a_slot(local_remote
                                                                     engine):
     """Two tasks of 16 streams each want 32 sessions through one socket; the sshd allows
     10 per connection and refuses the rest ("Session open refused by peer"). Sessions
-    wait for one of the socket's 10 slots instead: push and pull (two sessions per slice
+    wait for one of the socket's 8 slots instead: push and pull (two sessions per slice
     or bundle, taken together) complete identical, every slice and bundled file at its
     first attempt, and the sshd refused nothing."""
     hp, agent = local_remote
-    src = os.path.join(area.src, "s")
-    os.makedirs(os.path.join(src, "small"))
-    with open(os.path.join(src, "big"), "wb") as f:
-        f.write(os.urandom(40 << 20))
-    for i in range(300):
-        with open(os.path.join(src, "small", f"f{i:03d}"), "wb") as f:
-            f.write(os.urandom(500 + 31 * i))
+    src = big_and_small(os.path.join(area.src, "s"), 40 << 20, [500 + 31 * i for i in range(300)])
     far = os.path.join(area.root, "far")
     back = os.path.join(area.dst, "back")
     os.mkdir(far)
