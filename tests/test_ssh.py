@@ -340,7 +340,8 @@ def big_and_small(root, big, sizes):
     return root
 
 
-def test_a_full_remote_disk_fails_at_once_with_its_reason(local_remote, area):
+@pytest.mark.parametrize("engine", ["ssh", "rsync"])
+def test_a_full_remote_disk_fails_at_once_with_its_reason(local_remote, area, engine):
     """A retry cannot make room: slices and bundles that the remote disk refuses ("No
     space left on device") fail at their first attempt, each file is not sent again
     alone, the job says why, and nothing is left at the destination or in its spool."""
@@ -354,14 +355,14 @@ def test_a_full_remote_disk_fails_at_once_with_its_reason(local_remote, area):
         area.own()
         hp.run("socket", "open", "--ttl", "5m", HOST)
         agent.kill()
-        s = hp.wait(hp.submit("--slice-size", "1M", src, f"{HOST}:{far}/"))
+        s = hp.wait(hp.submit("--engine", engine, "--slice-size", "1M", src, f"{HOST}:{far}/"))
         assert s["state"] == "Failed", s["reason"]
         assert "No space left on device" in s["reason"], s["reason"]
         failed = [x for f in s["files"] for x in f.get("slices", []) if x["state"] == "Failed"]
         assert failed and {x["attempts"] for x in failed} == {1}, log(hp, s["id"])
         small = [f["reason"] for f in s["files"] if "/small/" in f["dst"]
                  and f["state"] == "Failed"]
-        assert all("bundle" in r for r in small), small  # not sent again one by one
+        assert small and all("bundle" in r for r in small), small  # not sent one by one
         assert os.listdir(far) == []
     finally:
         subprocess.run(["umount", far], check=True)
