@@ -385,10 +385,21 @@ def place_ops(files):
         b"" if f.link_to is None else b"%d" % f.link_to)) + b"\0" for f in files)
 
 
-def stat_script(paths):
-    """One line 'SIZE MTIME' per path (lstat), or 'MISSING'."""
-    return b"".join(b"stat -c '%s %.9Y' -- " + q(word(p)) + b" 2>/dev/null || echo MISSING\n"
-                    for p in paths)
+# Paths NUL-terminated on stdin, out 'SIZE MTIME<TAB>PATH<NUL>' for each that exists
+# (lstat): a few stat processes for any number of files (one per file took 20 s for
+# 20,000 files), names matched as printed, any bytes but NUL.
+STAT_CMD = b"xargs -0 stat --printf '%s %.9Y\\t%n\\0' -- 2>/dev/null; exit 0"
+
+
+def parse_stats(out, paths):
+    """{path: (size, mtime_ns)} from STAT_CMD's output; a path missing there is absent."""
+    wanted, found = set(paths), {}
+    for record in out.split(b"\0"):
+        head, tab, name = record.partition(b"\t")
+        fields = head.split()
+        if tab and name in wanted and len(fields) == 2:
+            found[name] = (int(fields[0]), mtime_ns(fields[1]))
+    return found
 
 
 def remove_script(files):
@@ -748,14 +759,11 @@ class Far:
         regular = [f for f in files if f.kind == FILE]
         if not regular:
             return {}
-        _code, out, _err = self.remote.script(stat_script([f.src for f in regular]),
-                                              check=False)
-        stats = {}
-        lines = out.splitlines()
-        for f, line in zip(regular, lines + [b"MISSING"] * (len(regular) - len(lines))):
-            fields = line.split()
-            stats[f.id] = None if len(fields) != 2 else (int(fields[0]), mtime_ns(fields[1]))
-        return stats
+        paths = [word(f.src) for f in regular]
+        _code, out, _err = self.remote.run(STAT_CMD, input=b"".join(p + b"\0" for p in paths),
+                                           check=False)
+        found = parse_stats(out, paths)
+        return {f.id: found.get(p) for f, p in zip(regular, paths)}
 
     def place(self, files, python=False, slices_by_file=None):
         """Place on the remote host (python3 there does it in one process, else a shell

@@ -19,7 +19,6 @@ import math
 import os
 import stat
 import subprocess
-import tarfile
 import time
 import zlib
 
@@ -458,7 +457,7 @@ class SshEngine(CopyEngine):
         listing = b"\0".join(srcs) + b"\0"
         sums, proc = self.remote.sessions(  # their slots taken together
             b"xargs -0 " + sums_cmd(self.kind) + b" --",
-            b"tar -c -f - --null --verbatim-files-from -T - --no-recursion")
+            b"tar -c -f - --no-recursion --null --verbatim-files-from -T -")
         try:
             proc.stdin.write(listing)
         finally:
@@ -467,15 +466,11 @@ class SshEngine(CopyEngine):
         by_name = {_member(s): i for s, i in zip(srcs, items)}
         ours = {}
         try:
-            with tarfile.open(fileobj=proc.stdout, mode="r|", errors="surrogateescape",
-                              bufsize=len(self.buf)) as tar:
-                for member in tar:
-                    item = by_name.get(_member(member.name))
-                    if item is None or not member.isfile():
-                        continue
-                    data = tar.extractfile(member).read()
+            for name, data in tar_files(proc.stdout):
+                item = by_name.get(_member(name))
+                if item is not None:
                     ours[item["slice"]] = self._write_whole(item, data)
-        except tarfile.TarError as e:
+        except BadTar as e:
             proc.kill()
             raise TransferError(f"on {self.remote.host}: bad bundle stream: {e}",
                                 transient=True) from e
@@ -611,6 +606,66 @@ def tar_header(name, size, mode=0o600, ns=0):
     data = name + b"\0"
     return (_ustar(b"././@LongLink", len(data), kind=b"L") + data + bytes(-len(data) % 512)
             + pax + _ustar(name[:100], size, mode=mode, mtime=seconds))
+
+
+class BadTar(Exception):
+    """A tar stream that is not what GNU tar writes (cut short, a bad checksum)."""
+
+
+def _read_exactly(stream, n):
+    data = stream.read(n) if n else b""
+    if len(data) != n:
+        raise BadTar(f"cut short: {len(data)} of {n} bytes")
+    return data
+
+
+def _tar_number(field):
+    if field[:1] and field[0] & 0x80:  # base-256, GNU's form for large values
+        return int.from_bytes(field[1:], "big")
+    digits = field.strip(b"\0 ")
+    return int(digits, 8) if digits else 0
+
+
+def _pax_records(data):
+    """{key: value} of pax records, 'LEN key=value\\n' each, LEN counting the whole."""
+    out, pos = {}, 0
+    try:
+        while pos < len(data) and data[pos:pos + 1] != b"\0":
+            space = data.index(b" ", pos)
+            end = pos + int(data[pos:space])
+            key, _, value = data[space + 1:end - 1].partition(b"=")
+            out[key], pos = value, end
+    except ValueError as e:
+        raise BadTar(f"bad pax record: {e}") from e
+    return out
+
+
+def tar_files(stream):
+    """(name, data) of each regular file in a tar stream as GNU tar writes it (ustar,
+    GNU long names, pax path records), a few reads per member: the tarfile module's
+    stream mode took 0.4 ms per member, 8 CPU s for 20,000 small files. Names are bytes
+    as stored; other members are skipped; ends at the first zero block."""
+    long_name = None
+    while True:
+        header = _read_exactly(stream, 512)
+        if not header.strip(b"\0"):
+            return
+        if _tar_number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise BadTar("bad header checksum")
+        kind, size = header[156:157], _tar_number(header[124:136])
+        data = _read_exactly(stream, size)
+        _read_exactly(stream, -size % 512)
+        if kind == b"L":  # GNU: the next member's name
+            long_name = data.split(b"\0", 1)[0]
+        elif kind == b"x":  # pax: the next member's records
+            long_name = _pax_records(data).get(b"path", long_name)
+        elif kind not in (b"g", b"K"):
+            name = long_name or header[:100].split(b"\0", 1)[0]
+            if not long_name and header[257:263] == b"ustar\0" and header[345:346] != b"\0":
+                name = header[345:500].split(b"\0", 1)[0] + b"/" + name  # POSIX prefix
+            long_name = None
+            if kind in (b"0", b"\0", b"7"):
+                yield name, data
 
 
 def tar_end(sent):

@@ -1,5 +1,6 @@
 """The pure side of remote endpoints: parsing, quoting, the generated shell text (run
 here by a real sh, on local directories), find output, and the cksum digest."""
+import io
 import os
 import random
 import stat
@@ -11,7 +12,7 @@ import pytest
 
 from hpcmove import plan, remote
 from hpcmove.errors import PlanError
-from hpcmove_plugins.ssh import Cksum, parallel_script
+from hpcmove_plugins.ssh import BadTar, Cksum, parallel_script, tar_files
 
 HOSTILE = [b"sp ace", b"qu'ote\"s", b"new\nline", b"$(touch PWNED)", b"`touch PWNED`",
            b"-rf", b"--help", b"caf\xe9", b"semi;colon&"]
@@ -512,3 +513,46 @@ def test_the_probe_uses_xxhsum_only_when_it_gives_our_digests(tmp_path, monkeypa
     assert found["sum"] == kind
     assert found["dirs"] == {bytes(tmp_path): True} and found["home"] == os.getcwd()
     assert not remote.xxhsum_works(b"")  # no xxhsum at all: XXH_CHECK's empty line
+
+
+def test_remote_source_stats_of_hostile_names_in_one_command(tmp_path):
+    """finalize's check of a pull's remote sources: size and ns mtime of every file in
+    one command (names on stdin), hostile names matched as printed, a missing one absent."""
+    names = HOSTILE + [b"tab\there"]
+    for n in names:
+        (tmp_path / os.fsdecode(n)).write_bytes(n)
+    paths = [remote.word(n) for n in names] + [b"gone"]
+    done = subprocess.run(["sh", "-c", remote.STAT_CMD], input=b"".join(p + b"\0" for p in paths),
+                          capture_output=True, cwd=tmp_path, check=True)
+    found = remote.parse_stats(done.stdout, paths)
+    want = {remote.word(n): (len(n), os.lstat(tmp_path / os.fsdecode(n)).st_mtime_ns)
+            for n in names}
+    assert found == want
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_a_pulled_bundle_is_read_from_gnu_tar_with_every_name(tmp_path, fmt):
+    """A pull's bundle: the remote `tar -c` (GNU long names, or pax path records) read
+    back member by member: every hostile and long name with its bytes; a stream cut
+    short or with a damaged header is an error, not a short bundle."""
+    names = HOSTILE + [b"x" * 150, b"/".join([b"d" * 60] * 4) + b"/f", b"\xe9\n" * 90]
+    paths = []
+    for i, n in enumerate(names):
+        p = os.path.join(bytes(tmp_path), b"%d" % i, n)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(os.urandom(i * 700))
+        paths.append(p)
+    out = subprocess.run(["tar", "-c", "-f", "-", "--format", fmt, "--no-recursion", "--null",
+                          "--verbatim-files-from", "-T", "-"],
+                         input=b"".join(p + b"\0" for p in paths), capture_output=True).stdout
+    got = dict(tar_files(io.BytesIO(out)))
+    assert got == {p.lstrip(b"/"): open(p, "rb").read() for p in paths}
+    with pytest.raises(BadTar):
+        dict(tar_files(io.BytesIO(out[:len(out) // 2])))
+    damaged = bytearray(out)
+    damaged[5] ^= 0x01
+    with pytest.raises(BadTar):
+        dict(tar_files(io.BytesIO(bytes(damaged))))
+    assert not (tmp_path / "PWNED").exists()
