@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """hpcmove against its peers, measured in one run: medians of interleaved rounds.
 
-  python bench/run.py [--groups floor,big,small,ssh,sshsmall,million] [--size 2G]
+  python bench/run.py [--groups floor,big,small,ssh,sshsmall,sshpull,million] [--size 2G]
                       [--files 20000]
                       [--entries 1000000] [--rounds 3] [--dir /var/tmp/hpcmove-bench]
                       [--slurm auto|yes|no] [--no-install] [--fresh-fs SIZE]
@@ -23,6 +23,7 @@ Groups (data sets are made once under --dir and reused):
            rsync -e ssh, one `ssh host 'cat > f' < f` stream.
   sshsmall the small tree to the sshd fixture: hpcmove (tar bundles), hpcmove
            --engine rsync (rsync bundles), rsync -a -e ssh.
+  sshpull  the small tree from the sshd fixture: hpcmove (tar bundles), rsync -a -e ssh.
   million  --entries empty files planned and recorded (bench/million.py's measure):
            submit time and peak RSS, `status`, `status --summary`.
 
@@ -381,6 +382,24 @@ def sshsmall_rows(args, env, cleanup):
     return src, tree_bytes(src), rows
 
 
+def sshpull_rows(args, env, cleanup):
+    ssh, senv, henv = _ssh_setup(args, env, cleanup)
+    if not ssh:
+        return None, 0, {}
+    src = make_tree(os.path.join(args.dir, f"tree-{args.files}"), args.files) + "/"
+    host, cfg = ssh["HPCMOVE_TEST_SSH_HOST"], ssh["HPCMOVE_TEST_SSH_CONFIG"]
+    rows = {
+        OURS: lambda d: timed(hpcmove(args, "--backend", "local", f"{host}:{src}", f"{d}/"),
+                              henv),
+        "rsync -a -e ssh": lambda d: timed(["rsync", "-a", "-e", f"ssh -F {cfg}",
+                                            f"{host}:{src}", f"{d}/"], senv),
+    }
+    return src, tree_bytes(src), rows
+
+
+SSH_GROUPS = {"ssh": ssh_rows, "sshsmall": sshsmall_rows, "sshpull": sshpull_rows}
+
+
 def cpu_seconds():
     """CPU time used by the whole machine so far (user + system, every process: the
     remote end of the SSH rows runs here too)."""
@@ -423,6 +442,7 @@ TARGETS = {
     ("ssh", "scp"): (">= 1.5x faster", lambda ours, m: m >= 1.5 * ours),
     ("ssh", "ssh 'cat > f' stream"): ("hpcmove <= 1.2x", lambda ours, m: ours <= 1.2 * m),
     ("sshsmall", "rsync -a -e ssh"): (">= 1x (as fast)", lambda ours, m: m >= ours),
+    ("sshpull", "rsync -a -e ssh"): (">= 1x (as fast)", lambda ours, m: m >= ours),
 }
 
 
@@ -481,7 +501,7 @@ def fresh_fs(path, size):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--groups", default="floor,big,small,ssh,sshsmall,million")
+    ap.add_argument("--groups", default="floor,big,small,ssh,sshsmall,sshpull,million")
     ap.add_argument("--size", default="2G", help="the big file (and the ssh one)")
     ap.add_argument("--files", type=int, default=20_000, help="files in the small tree")
     ap.add_argument("--entries", type=int, default=1_000_000, help="entries for 'million'")
@@ -511,9 +531,8 @@ def main():
             if group == "million":
                 extra = million_lines(run_million(args, env))
                 continue
-            if group in ("ssh", "sshsmall"):
-                src, size, rows = (ssh_rows if group == "ssh" else sshsmall_rows)(
-                    args, env, cleanup)
+            if group in SSH_GROUPS:
+                src, size, rows = SSH_GROUPS[group](args, env, cleanup)
             elif group in GROUPS:
                 src, size, rows = GROUPS[group](args, env)
             else:
