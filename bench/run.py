@@ -365,12 +365,21 @@ def ssh_rows(args, env, cleanup):
     return src, parse_size(args.size), rows
 
 
-def sshsmall_rows(args, env, cleanup):
+def _tree_and_sshd(args, env, cleanup):
+    """(the small tree, the sshd's host alias, its ssh config, the peers' env, hpcmove's
+    env), or None without the sshd."""
     ssh, senv, henv = _ssh_setup(args, env, cleanup)
     if not ssh:
-        return None, 0, {}
+        return None
     src = make_tree(os.path.join(args.dir, f"tree-{args.files}"), args.files) + "/"
-    host, cfg = ssh["HPCMOVE_TEST_SSH_HOST"], ssh["HPCMOVE_TEST_SSH_CONFIG"]
+    return src, ssh["HPCMOVE_TEST_SSH_HOST"], ssh["HPCMOVE_TEST_SSH_CONFIG"], senv, henv
+
+
+def sshsmall_rows(args, env, cleanup):
+    found = _tree_and_sshd(args, env, cleanup)
+    if not found:
+        return None, 0, {}
+    src, host, cfg, senv, henv = found
     rows = {
         OURS: lambda d: timed(hpcmove(args, "--backend", "local", src, f"{host}:{d}/"), henv),
         f"{OURS} --engine rsync": lambda d: timed(hpcmove(args, "--backend", "local",
@@ -383,11 +392,10 @@ def sshsmall_rows(args, env, cleanup):
 
 
 def sshpull_rows(args, env, cleanup):
-    ssh, senv, henv = _ssh_setup(args, env, cleanup)
-    if not ssh:
+    found = _tree_and_sshd(args, env, cleanup)
+    if not found:
         return None, 0, {}
-    src = make_tree(os.path.join(args.dir, f"tree-{args.files}"), args.files) + "/"
-    host, cfg = ssh["HPCMOVE_TEST_SSH_HOST"], ssh["HPCMOVE_TEST_SSH_CONFIG"]
+    src, host, cfg, senv, henv = found
     rows = {
         OURS: lambda d: timed(hpcmove(args, "--backend", "local", f"{host}:{src}", f"{d}/"),
                               henv),
