@@ -28,7 +28,7 @@ import time
 
 from hpcmove.errors import TransferError
 from hpcmove.remote import parse_sums, q, ssh_options, sums_cmd, word
-from hpcmove_plugins.ssh import PERMANENT, SshEngine, in_spool
+from hpcmove_plugins.ssh import SshEngine, in_spool, remote_error
 
 # rsync splits -e at spaces and honours quotes, but not backslashes
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
@@ -176,7 +176,4 @@ class RsyncEngine(SshEngine):
             return time.monotonic() - start
         if done.returncode in (12, 255):  # protocol stream or ssh broke: is the socket gone?
             self.remote.check_alive()
-        lines = done.stderr.decode(errors="replace").strip().splitlines() or \
-            [f"exit {done.returncode}"]
-        raise TransferError(f"on {self.remote.host}: {what}: rsync: " + "\n".join(lines[:3]),
-                            transient=not any(p in done.stderr for p in PERMANENT))
+        raise remote_error(self.remote.host, f"{what}: rsync", done.stderr, done.returncode)

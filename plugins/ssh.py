@@ -64,6 +64,17 @@ PERMANENT = (b"No space left on device", b"Disk quota exceeded", b"Read-only fil
              b"Permission denied", b"File too large", b"No such file or directory")
 
 
+def remote_error(host, what, stderr, code):
+    """A remote command's failure as a TransferError: its own words (the first two lines
+    and the last: tar says it once per file of a bundle), transient unless they say that
+    no retry can help (PERMANENT)."""
+    lines = stderr.decode(errors="replace").strip().splitlines() or [f"exit {code}"]
+    if len(lines) > 3:
+        lines = lines[:2] + [f"... ({len(lines) - 3} more lines)", lines[-1]]
+    return TransferError(f"on {host}: {what}: " + "\n".join(lines),
+                         transient=not any(p in stderr for p in PERMANENT))
+
+
 def new_sum(kind):
     return xxhash.xxh3_128() if kind == "xxh128" else Cksum()
 
@@ -145,11 +156,7 @@ class SshEngine(CopyEngine):
     def _failed(self, proc_code, stderr, what):
         if proc_code == 255:
             self.remote.check_alive()  # AuthRequired when the master is gone
-        lines = stderr.decode(errors="replace").strip().splitlines() or [f"exit {proc_code}"]
-        if len(lines) > 3:  # tar says it once per file of a bundle
-            lines = lines[:2] + [f"... ({len(lines) - 3} more lines)", lines[-1]]
-        return TransferError(f"on {self.remote.host}: {what}: " + "\n".join(lines),
-                             transient=not any(p in stderr for p in PERMANENT))
+        return remote_error(self.remote.host, what, stderr, proc_code)
 
     def _push(self, work):
         src_fd, _st = self.open_source(work)
