@@ -440,14 +440,21 @@ def master_alive(socket, host, via=""):
     return answer.group(1) == b"0"
 
 
+# Every remote command runs in the C locale: the remote tools then say "No space left on
+# device" in English whatever language the user's environment asks for (ssh forwards
+# LANG and LC_*; rc files set LANGUAGE), which is how remote_error tells a failure no
+# retry can mend, and they treat names as bytes.
+C_LOCALE = b"LC_ALL=C; export LC_ALL\n"
+
+
 def for_any_shell(command):
     """`command` (POSIX sh, any bytes but NUL) as a line that every login shell hands to
-    /bin/sh unchanged. sshd runs a remote command with the user's login shell, and at
-    sites where that is tcsh a quoted newline is an error and `!` is expanded even in
-    single quotes, so the command travels as printf octal escapes inside one quoted word
-    that only sh reads (sh, bash, zsh, csh, tcsh pass it alike)."""
+    /bin/sh unchanged, to run in the C locale. sshd runs a remote command with the user's
+    login shell, and at sites where that is tcsh a quoted newline is an error and `!` is
+    expanded even in single quotes, so the command travels as printf octal escapes
+    inside one quoted word that only sh reads (sh, bash, zsh, csh, tcsh pass it alike)."""
     return (b"exec /bin/sh -c 'eval \"$(printf \""
-            + b"".join(b"\\%03o" % c for c in command) + b"\")\"'")
+            + b"".join(b"\\%03o" % c for c in C_LOCALE + command) + b"\")\"'")
 
 
 def through(via, argv):

@@ -2,6 +2,7 @@
 passphrase-protected key in a real ssh-agent, control sockets opened by
 `hpcmove socket open`, transfers through the Slurm testbed (and the local backend for
 the name tests). The "remote" host is this machine, so both ends are checked here."""
+import contextlib
 import json
 import os
 import re
@@ -254,6 +255,24 @@ def test_push_into_a_remote_directory_we_cannot_write_is_a_clear_error(local_rem
         [("Failed", True)]
 
 
+@contextlib.contextmanager
+def remote_bashrc(first):
+    """The test user's ~/.bashrc (which bash reads for commands sshd runs) begins with
+    `first` for the test; as it was after."""
+    rc = os.path.expanduser(f"~{TEST_USER}/.bashrc")
+    kept = open(rc, "rb").read() if os.path.exists(rc) else None
+    try:
+        with open(rc, "wb") as f:
+            f.write(first + (kept or b""))
+        yield
+    finally:
+        if kept is None:
+            os.unlink(rc)
+        else:
+            with open(rc, "wb") as f:
+                f.write(kept)
+
+
 def test_a_remote_shell_that_prints_at_startup_is_refused_with_the_cause(local_remote, area):
     """A ~/.bashrc on the remote host that prints in non-interactive shells would put its
     words into every remote command's output (a pulled slice, the listing, the digests):
@@ -266,11 +285,7 @@ def test_a_remote_shell_that_prints_at_startup_is_refused_with_the_cause(local_r
     far = os.path.join(area.root, "far")
     os.mkdir(far)
     area.own()
-    rc = os.path.expanduser(f"~{TEST_USER}/.bashrc")
-    kept = open(rc, "rb").read() if os.path.exists(rc) else None
-    try:
-        with open(rc, "wb") as f:
-            f.write(b'echo "Welcome to the archive"\n' + (kept or b""))
+    with remote_bashrc(b'echo "Welcome to the archive"\n'):
         for args in ([src, f"{HOST}:{far}/"], [f"{HOST}:{far}/f", area.dst]):
             done = hp.run("submit", *hp.backend_args, *args, check=False)
             assert done.returncode != 0
@@ -278,12 +293,6 @@ def test_a_remote_shell_that_prints_at_startup_is_refused_with_the_cause(local_r
             assert b"~/.bashrc" in done.stderr
         assert os.listdir(far) == [] and os.listdir(area.dst) == []
         assert json.loads(hp.run("list", "--json").stdout) == []
-    finally:
-        if kept is None:
-            os.unlink(rc)
-        else:
-            with open(rc, "wb") as f:
-                f.write(kept)
     s = hp.wait(hp.submit(src, f"{HOST}:{far}/"))
     assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
     assert same_file(src, os.path.join(far, "f"))
@@ -340,12 +349,30 @@ def big_and_small(root, big, sizes):
     return root
 
 
-@pytest.mark.parametrize("engine", ["ssh", "rsync"])
-def test_a_full_remote_disk_fails_at_once_with_its_reason(local_remote, area, engine):
+# What the remote user's ~/.bashrc sets: nothing, or a language of their own for the
+# messages of every program (GNU gettext's LANGUAGE; ssh also forwards LANG and LC_*).
+GERMAN = b"export LANGUAGE=de LANG=C.UTF-8\n"
+
+
+@pytest.mark.parametrize("engine,rc", [("ssh", b""), ("rsync", b""), ("ssh", GERMAN),
+                                       ("rsync", GERMAN)], ids=["ssh", "rsync", "ssh-de",
+                                                                "rsync-de"])
+def test_a_full_remote_disk_fails_at_once_with_its_reason(local_remote, area, engine, rc):
     """A retry cannot make room: slices and bundles that the remote disk refuses ("No
     space left on device") fail at their first attempt, each file is not sent again
-    alone, the job says why, and nothing is left at the destination or in its spool."""
+    alone, the job says why, and nothing is left at the destination or in its spool.
+    So too when the remote user's programs speak German: the reason is told by its
+    words, which the remote commands say in the C locale."""
     hp, agent = local_remote
+    with remote_bashrc(rc):
+        if rc:  # the remote shell does speak German to commands that do not ask for C
+            said = run_as_user(["ssh", "-o", "BatchMode=yes", HOST, "ls /nonexistent"],
+                               {"PATH": "/usr/bin:/bin", "SSH_AUTH_SOCK": agent.sock})
+            assert b"Datei oder Verzeichnis nicht gefunden" in said.stderr, said.stderr
+        _full_remote_disk(hp, agent, area, engine)
+
+
+def _full_remote_disk(hp, agent, area, engine):
     src = big_and_small(os.path.join(area.src, "s"), 6 << 20, [40 << 10] * 50)
     far = os.path.join(area.root, "far")
     os.mkdir(far)
