@@ -465,7 +465,8 @@ def test_a_session_holds_its_slot_until_it_is_waited_for(tmp_path, monkeypatch):
     assert taken == [(0, b"next\n", b"")]
 
 
-@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash", "/usr/bin/tcsh", "/bin/csh"])
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash", "/usr/bin/tcsh", "/bin/csh",
+                                   "/usr/bin/fish"])
 def test_a_command_reaches_sh_as_itself_whatever_the_login_shell(tmp_path, shell):
     """sshd runs a remote command with the user's login shell: every hostile name in a
     command comes out of /bin/sh as itself, and its exit code and stdin pass through."""

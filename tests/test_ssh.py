@@ -298,20 +298,21 @@ def test_a_remote_shell_that_prints_at_startup_is_refused_with_the_cause(local_r
     assert same_file(src, os.path.join(far, "f"))
 
 
-@pytest.fixture
-def tcsh_login(sshd):
-    """The test user's login shell is tcsh for the test (sshd runs every remote command
-    with it); bash again after."""
-    subprocess.run(["usermod", "-s", "/usr/bin/tcsh", TEST_USER], check=True)
+@pytest.fixture(params=["/usr/bin/tcsh", "/usr/bin/fish"], ids=["tcsh", "fish"])
+def login_shell(sshd, request):
+    """The test user's login shell is one that is not POSIX for the test (sshd runs every
+    remote command with it); bash again after."""
+    subprocess.run(["usermod", "-s", request.param, TEST_USER], check=True)
     yield
     subprocess.run(["usermod", "-s", "/bin/bash", TEST_USER], check=True)
 
 
-def test_a_tcsh_login_shell_on_the_remote_host_moves_hostile_names_too(local_remote, area,
-                                                                       tcsh_login):
+def test_a_login_shell_that_is_not_posix_moves_hostile_names_too(local_remote, area,
+                                                                 login_shell):
     """With tcsh as the remote login shell (some sites' default), a quoted newline is an
-    error and `!` is expanded in quotes: every remote command reaches /bin/sh untouched
-    all the same (remote.for_any_shell); push and pull of hostile names are identical."""
+    error and `!` is expanded in quotes; fish has a syntax of its own: every remote
+    command reaches /bin/sh untouched all the same (remote.for_any_shell); push and pull
+    of hostile names are identical."""
     hp, agent = local_remote
     src = os.path.join(os.fsencode(area.src), b"-$(touch PWNED) dir!1\n")
     os.makedirs(os.path.join(src, b"sub `touch PWNED`"))
