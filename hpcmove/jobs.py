@@ -239,6 +239,9 @@ def _endpoints(sources, dest, options, site):
     socket, node = ssh.choose(host, options.socket)
     far = remote.Remote(host, os.fsencode(socket), via=ssh.hop(node),
                         sessions=options.ssh_sessions)
+    users = remote.tilde_users(srcs + [dst])
+    homes = far.homes(users) if users else {}
+    srcs, dst = [remote.untilde(e, homes) for e in srcs], remote.untilde(dst, homes)
     side = "dst" if dst.remote else "src"
     # the destination and its parent are looked at in the same session as the probe
     bare = dst.path.rstrip(b"/") or b"/"

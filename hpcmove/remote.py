@@ -73,6 +73,34 @@ def parse(arg):
     return Endpoint(host, path)
 
 
+_TILDE = re.compile(rb"~([A-Za-z0-9._][A-Za-z0-9._-]*)?(/+|$)")
+
+
+def tilde_users(endpoints):
+    """The users whose home a remote path names (`~alice/x`), sorted."""
+    return sorted({m.group(1).decode() for e in endpoints if e.remote
+                   for m in [_TILDE.match(e.path)] if m and m.group(1)})
+
+
+def untilde(endpoint, homes):
+    """A remote path's leading `~` as scp reads it: `~` and `~/x` are in the home
+    directory, where every remote command starts (so they become `.` and `x`); `~alice/x`
+    is in alice's (`homes`: {user: home directory}, from Remote.homes). Any other `~` is
+    part of a name."""
+    m = _TILDE.match(endpoint.path) if endpoint.remote else None
+    if not m:
+        return endpoint
+    user, rest = m.group(1), endpoint.path[m.end():]
+    if not user:
+        return Endpoint(endpoint.host, rest or (b"./" if m.group(2) else b"."))
+    home = homes.get(user.decode())
+    if not home:
+        raise PlanError(f"no user {user.decode()!r} on {endpoint.host} "
+                        f"(in {os.fsdecode(endpoint.path)!r})")
+    return Endpoint(endpoint.host, os.path.join(os.fsencode(home), rest) if rest
+                    else os.fsencode(home) + (b"/" if m.group(2) else b""))
+
+
 def q(value):
     """One shell word, single-quoted, for any bytes (or str)."""
     if isinstance(value, str):
@@ -694,6 +722,17 @@ class Remote:
                 "python": lines[2] != b"-", "rsync": lines[3] != b"-",
                 "home": os.fsdecode(lines[0]),
                 "dirs": {d: line == b"d" for d, line in zip(dirs, lines[4:])}}
+
+    def homes(self, users):
+        """{user: home directory} on the remote host of those of `users` it knows."""
+        _code, out, _err = self.run(b"getent passwd -- " + b" ".join(q(u) for u in users),
+                                    check=False)
+        found = {}
+        for line in out.splitlines():
+            fields = line.split(b":")
+            if len(fields) >= 7 and fields[5]:
+                found[fields[0].decode(errors="replace")] = os.fsdecode(fields[5])
+        return found
 
     def is_dir(self, path):
         return self.run(b"test -d " + q(word(path)), check=False)[0] == 0

@@ -38,6 +38,29 @@ def test_parse_refuses_a_host_that_could_be_an_option():
         remote.parse("-oProxyCommand=x:/tmp")
 
 
+HOMES = {"alice": "/home/alice"}
+
+
+@pytest.mark.parametrize("path,expected", [
+    (b"~", b"."), (b"~/", b"./"), (b"~/a/b/", b"a/b/"), (b"~//a", b"a"),
+    (b"~alice", b"/home/alice"), (b"~alice/", b"/home/alice/"),
+    (b"~alice/x y", b"/home/alice/x y"),
+    (b"~~", b"~~"), (b"a/~/b", b"a/~/b"), (b"~$(touch PWNED)/x", b"~$(touch PWNED)/x"),
+    (b"~-rf", b"~-rf"), (b"/~", b"/~")])
+def test_a_leading_tilde_is_a_home_directory_as_scp_reads_it(path, expected):
+    e = remote.untilde(remote.Endpoint("h", path), HOMES)
+    assert (e.host, e.path) == ("h", expected)
+
+
+def test_a_tilde_of_an_unknown_user_is_refused_and_local_paths_are_left_alone():
+    with pytest.raises(PlanError, match="no user 'bob' on h"):
+        remote.untilde(remote.Endpoint("h", b"~bob/x"), HOMES)
+    assert remote.untilde(remote.Endpoint("", b"~/x"), {}).path == b"~/x"
+    assert remote.tilde_users([remote.Endpoint("h", p) for p in (b"~bob/x", b"~", b"~al.ice",
+                                                                 b"x/~carol")]
+                              + [remote.Endpoint("", b"~dave")]) == ["al.ice", "bob"]
+
+
 @pytest.mark.parametrize("name", HOSTILE)
 def test_quoted_word_reaches_the_shell_as_itself(tmp_path, name):
     out = subprocess.run(["sh", "-c", b"printf %s " + remote.q(name)], capture_output=True,

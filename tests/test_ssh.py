@@ -339,6 +339,32 @@ def test_a_login_shell_that_is_not_posix_moves_hostile_names_too(local_remote, a
     assert found == b""
 
 
+def test_tilde_paths_name_home_directories_as_with_scp(local_remote, area):
+    """`host:~/x` pushes into the remote user's home, `host:~user/x` pulls from that
+    user's: as scp and rsync read them (not a directory named '~')."""
+    hp, agent = local_remote
+    src = big_and_small(os.path.join(area.src, "t"), 3 << 20, [1000] * 5)
+    area.own()
+    hp.run("socket", "open", "--ttl", "5m", HOST)
+    agent.kill()
+    name = f"hm-tilde-{uuid.uuid4().hex[:8]}"
+    home = os.path.expanduser(f"~{TEST_USER}")
+    try:
+        s = hp.wait(hp.submit("--slice-size", "1M", src, f"{HOST}:~/{name}"))
+        assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+        assert tree_of(src) == tree_of(os.path.join(home, name))
+        back = os.path.join(area.dst, "back")
+        s = hp.wait(hp.submit(f"{HOST}:~{TEST_USER}/{name}", back))
+        assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+        assert tree_of(src) == tree_of(back)
+        assert s["files"][0]["src"] == f"{home}/{name}", s["files"][0]
+        done = hp.run("submit", *hp.backend_args, f"{HOST}:~nosuchuser/x", area.dst,
+                      check=False)
+        assert done.returncode != 0 and b"no user 'nosuchuser'" in done.stderr, done.stderr
+    finally:
+        shutil.rmtree(os.path.join(home, name), ignore_errors=True)
+
+
 def big_and_small(root, big, sizes):
     """`root`/big of `big` random bytes and `root`/small/fNNN of each of `sizes`."""
     os.makedirs(os.path.join(root, "small"))
