@@ -255,6 +255,32 @@ def test_push_into_a_remote_directory_we_cannot_write_is_a_clear_error(local_rem
         [("Failed", True)]
 
 
+@pytest.mark.parametrize("engine", ["ssh", "rsync"])
+def test_pull_of_a_remote_file_we_cannot_read_fails_at_once_and_places_nothing(
+        local_remote, area, engine):
+    """One remote source the user may not read, among readable small and large ones:
+    the job fails at the first attempt naming that file and "Permission denied" (no
+    retries till Hold), nothing is placed here, the remote sources are untouched."""
+    hp, agent = local_remote
+    far = big_and_small(os.path.join(area.root, "far"), 3 << 20, [2000] * 30)
+    secret = os.path.join(far, "small", "f007")
+    area.own()
+    os.chown(secret, 0, 0)
+    os.chmod(secret, 0o600)  # root's: the test user cannot read it
+    before = tree_of(far)
+    hp.run("socket", "open", "--ttl", "5m", HOST)
+    agent.kill()
+    s = hp.wait(hp.submit("--engine", engine, "--slice-size", "1M", f"{HOST}:{far}",
+                          os.path.join(area.dst, "back")))
+    assert s["state"] == "Failed", (s["reason"], log(hp, s["id"]))
+    mine = [f for f in s["files"] if f["src"] == secret]
+    assert mine and "Permission denied" in mine[0]["reason"], mine
+    assert s["reason"].startswith(secret), s["reason"]
+    assert [x["attempts"] for x in mine[0]["slices"]] == [1], mine
+    assert os.listdir(area.dst) == []
+    assert tree_of(far) == before
+
+
 @contextlib.contextmanager
 def remote_bashrc(first):
     """The test user's ~/.bashrc (which bash reads for commands sshd runs) begins with
