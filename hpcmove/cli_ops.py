@@ -64,12 +64,18 @@ def report_(job_id, as_json):
       hpcmove report --json hm-7 | jq '.files[] | select(.state == "Failed")'
     """
     job = _run(jobs.refresh, [_job(job_id)])[0]
-    ended = job.state in states.JOB_TERMINAL
-    saved = (report.read_json(job) if as_json else report.read_text(job)) if ended else None
-    if saved is None:
-        data = _run(report.write_report if ended else report.build, job)
-        saved = data if as_json else report.text(data)
-    click.echo(json.dumps(saved, indent=1) + "\n" if as_json else saved, nl=False)
+    if job.state not in states.JOB_TERMINAL:  # a live report, not saved
+        data = _run(report.build, job)
+        click.echo(json.dumps(data) if as_json else report.text(report.head_of(data)),
+                   nl=as_json)
+        return
+    if not report.saved(job):
+        _run(report.write_report, job)
+    if not as_json:
+        click.echo(report.read_text(job), nl=False)
+        return
+    for chunk in report.json_chunks(job):  # as written: a million files need not be
+        click.echo(chunk, nl=False)         # held in memory
 
 
 @click.command("watch", short_help="Show JOB's progress until it ends.")

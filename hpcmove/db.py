@@ -340,7 +340,7 @@ def plain(query):
     fix = [(f.name, f.python_value) for f in fields
            if not isinstance(f, _AS_IS) and not (sqlite and isinstance(f, PathField))]
     out = []
-    for values in _rows(query):
+    for values in rows(query):
         row = dict(zip(names, values))
         for name, convert in fix:
             row[name] = convert(row[name])
@@ -389,7 +389,7 @@ def record_results(host, results):
         cursor.executemany(sql, [row + tuple(sources) for row in rows])
 
 
-def _rows(query):
+def rows(query):
     """A select's rows as the driver's tuples (integers and text need no conversion)."""
     return proxy.obj.execute_sql(*query.sql()).fetchall()
 
@@ -403,14 +403,14 @@ def insert_plan(job, plan):
                       e.mtime_ns, e.link_target, e.link_to, states.SUBMITTED, "", "")
                      for e in plan.entries))
         # read back through the cursor: peewee's row iteration cost 0.1-0.2 s per 20,000
-        ids = dict(_rows(File.select(File.index, File.id).where(File.job == job.id)))
+        ids = dict(rows(File.select(File.index, File.id).where(File.job == job.id)))
         bulk_insert(Slice, ("job", "file", "index", "offset", "length", "task", "state", "host",
                             "attempts", "seconds", "src_digest", "dst_digest", "reason",
                             "skipped"),
                     ((job.id, ids[s.entry], s.index, s.offset, s.length, s.task,
                       states.SUBMITTED, "", 0, 0.0, "", "", "", False) for s in plan.slices))
         slice_ids = {(f_index, s_index): sid for sid, f_index, s_index in
-                     _rows(Slice.select(Slice.id, File.index, Slice.index).join(File)
+                     rows(Slice.select(Slice.id, File.index, Slice.index).join(File)
                            .where(Slice.job == job.id))}
     return ids, slice_ids
 

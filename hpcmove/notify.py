@@ -111,7 +111,7 @@ def send(msg, env=os.environ):
 
 def notify(job, event, *, to=None, types=None, data=None, message="", env=os.environ):
     """Mail `event` about `job` if its mail types want it; True when mail was sent.
-    `to`/`types` override the job's settings; `data` is a report.build() to reuse."""
+    `to`/`types` override the job's settings; `data` is a report.head() to reuse."""
     if event not in EVENTS:
         raise UsageError(f"unknown mail event {event!r} (one of {', '.join(EVENTS)})")
     if to is None or types is None:
@@ -122,7 +122,7 @@ def notify(job, event, *, to=None, types=None, data=None, message="", env=os.env
         types = parse_mail_types(types)
     if not wanted(types, event):
         return False
-    send(compose(job, event, to, data or report.build(job), message), env)
+    send(compose(job, event, to, data or report.head(job), message), env)
     return True
 
 

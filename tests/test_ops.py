@@ -87,9 +87,9 @@ def logs(job):
 # --- report ------------------------------------------------------------------------
 
 def test_report_of_a_done_job(done_job, home):
-    data = report.write_report(done_job)
-    on_disk = json.loads(open(os.path.join(logs(done_job), "report.json")).read())
-    assert on_disk == json.loads(json.dumps(data))
+    head = report.write_report(done_job)
+    data = json.loads(open(os.path.join(logs(done_job), "report.json")).read())
+    assert head == {"job": data["job"], "failed": [], "failed_count": 0}
     j = data["job"]
     assert j["state"] == "Done" and j["id"] == done_job.label
     assert j["files"] == 2 and j["entries"] == 3 and j["files_by_state"] == {"Done": 3}
@@ -112,7 +112,9 @@ def test_report_of_a_done_job(done_job, home):
 
 def test_report_of_a_failed_job(failed_job, home):
     assert failed_job.state == "Failed"
-    data = report.write_report(failed_job)
+    head = report.write_report(failed_job)
+    data = report.read_json(failed_job)
+    assert head["failed_count"] == 1 and head["failed"][0]["src"].endswith("big.bin")
     j = data["job"]
     assert j["state"] == "Failed" and "destination is a directory" in j["reason"]
     assert j["files_by_state"] == {"Failed": 2}
@@ -130,7 +132,10 @@ def test_report_of_a_failed_job(failed_job, home):
     assert not (home / "dst" / "small.txt").exists()
 
 
-def test_report_costs_three_queries_however_many_files(home, monkeypatch):
+def test_report_is_written_chunk_by_chunk_with_two_queries_a_chunk(home, monkeypatch):
+    """The final job writes the report (a compute job chained with afterok waits for
+    it): the files are read, encoded and written CHUNK at a time, never all at once, and
+    the file is the same whatever the chunk."""
     src = home / "tree"
     src.mkdir()
     for i in range(40):
@@ -138,13 +143,18 @@ def test_report_costs_three_queries_however_many_files(home, monkeypatch):
     (home / "dst").mkdir()
     job = run([str(src)], str(home / "dst"))
     assert job.state == "Done"
+    report.write_report(job)
+    whole = report.read_json(job)
+    assert len(whole["files"]) == 41
     executed = []
     real = db.proxy.obj.execute_sql
     monkeypatch.setattr(db.proxy.obj, "execute_sql",
                         lambda sql, *a, **k: executed.append(sql) or real(sql, *a, **k))
-    data = report.build(job)
-    assert len(data["files"]) == 41
-    assert len(executed) == 3, executed  # files, slices (aggregated), events
+    monkeypatch.setattr(report, "CHUNK", 10)
+    report.write_report(job)
+    chunked = report.read_json(job)
+    assert chunked["files"] == whole["files"] and chunked["events"] == whole["events"]
+    assert len(executed) == 3 + 5 * 2 + 1, executed  # totals, 5 chunks of 10, events
 
 
 def test_non_utf8_names_survive_the_report(home):
