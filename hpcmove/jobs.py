@@ -139,6 +139,10 @@ def read_copyjob(path):
                 raise UsageError(f"{path}:{number}: {e}") from e
             if len(words) != 2:
                 raise UsageError(f"{path}:{number}: expected 'SRC DST', got {len(words)} fields")
+            if any(remote.parse(w).remote for w in words):
+                raise UsageError(f"{path}:{number}: a copyjob's pairs are local paths; for a "
+                                 f"remote host submit SRC... [user@]host:DST (or "
+                                 f"[user@]host:SRC... DST) instead")
             pairs.append((os.fsencode(words[0]), os.fsencode(words[1])))
     return pairs
 
