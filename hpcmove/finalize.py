@@ -273,7 +273,7 @@ def run(path):
         _remove_spools(far, files)
         return 1
     if far and far.side == "dst":
-        far.start_checks(files)  # their sessions start while the rows are read
+        far.start_checks()  # their sessions start while the rows are read
     slices_by_file = {}
     for s in db.plain(db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.index)):
         slices_by_file.setdefault(s.file_id, []).append(s)

@@ -125,7 +125,8 @@ def default_stripe_width(backend, partition=""):
 
 def read_copyjob(path):
     """A copyjob file (FTS, fdtcp): one 'SRC DST' pair per line; '#' comments. Names with
-    spaces are written with shell-style quoting."""
+    spaces are written with shell-style quoting. Either side may be [user@]host:path, the
+    same side on one host for every pair (all push there, or all pull from there)."""
     import shlex
     pairs = []
     with open(path, "rb") as f:
@@ -139,10 +140,6 @@ def read_copyjob(path):
                 raise UsageError(f"{path}:{number}: {e}") from e
             if len(words) != 2:
                 raise UsageError(f"{path}:{number}: expected 'SRC DST', got {len(words)} fields")
-            if any(remote.parse(w).remote for w in words):
-                raise UsageError(f"{path}:{number}: a copyjob's pairs are local paths; for a "
-                                 f"remote host submit SRC... [user@]host:DST (or "
-                                 f"[user@]host:SRC... DST) instead")
             pairs.append((os.fsencode(words[0]), os.fsencode(words[1])))
     return pairs
 
@@ -174,9 +171,7 @@ def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
     """Check against the site policy, plan, record and submit a job. With dry_run: plan
     and render only; nothing is written, recorded or submitted."""
     site = site or policy.Site()
-    tree = remote_dst = None
-    if pairs is None:
-        pairs, tree, remote_dst, options = _endpoints(sources, dest, options, site)
+    pairs, tree, remote_dst, options = _endpoints(sources, dest, options, site, pairs)
     check_paths(site, pairs, local_src=not options.remote or options.remote["side"] == "dst",
                 local_dst=not options.remote or options.remote["side"] == "src")
     backend = choose_backend(options.backend)
@@ -224,33 +219,46 @@ def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
         raise
 
 
-def _endpoints(sources, dest, options, site):
-    """Local (src, dst) pairs as cp would make them; or, when one side is `[user@]host:
-    path`, the pairs, the remote source tree (pull) or the remote "is a directory" test
-    (push), and options that carry the remote side (socket, node, checksum program)
-    to the tasks. Returns (pairs, tree, remote_dst, options)."""
-    srcs, dst = [remote.parse(s) for s in sources], remote.parse(dest)
-    hosts = sorted({e.host for e in srcs if e.remote})
-    if not hosts and not dst.remote:
-        return resolve_pairs(sources, dest), None, None, options
-    if hosts and dst.remote:
+def _local(path):
+    """A local path made absolute, its trailing '/' kept (rsync's rule reads it)."""
+    path = os.fsencode(path)
+    return os.path.abspath(path) + (b"/" if path.endswith(b"/") else b"")
+
+
+def _endpoints(sources, dest, options, site, pairs=None):
+    """Local (src, dst) pairs as cp would make them (or a copyjob's `pairs` as given);
+    or, when one side is `[user@]host:path`, the pairs, the remote source tree (pull) or
+    the remote "is a directory" test (push), and options that carry the remote side
+    (socket, node, checksum program) to the tasks. Returns (pairs, tree, remote_dst,
+    options)."""
+    if pairs is not None:
+        srcs, dsts = [remote.parse(s) for s, _d in pairs], [remote.parse(d) for _s, d in pairs]
+    else:
+        srcs, dsts = [remote.parse(s) for s in sources], [remote.parse(dest)]
+    src_hosts, dst_hosts = {e.host for e in srcs if e.remote}, {e.host for e in dsts if e.remote}
+    if not src_hosts and not dst_hosts:
+        return (resolve_pairs(sources, dest) if pairs is None else pairs), None, None, options
+    if src_hosts and dst_hosts:
         raise UsageError("source and destination are both remote: one side must be local")
-    if len(hosts) > 1 or (hosts and not all(e.remote for e in srcs)):
-        raise UsageError("sources must all be local, or all on one remote host")
-    host = dst.host or hosts[0]
+    side, ends = ("src", srcs) if src_hosts else ("dst", dsts)
+    if len(src_hosts | dst_hosts) > 1 or not all(e.remote for e in ends):
+        raise UsageError(f"{'sources' if side == 'src' else 'destinations'} must all be "
+                         f"local, or all on one remote host")
+    (host,) = src_hosts | dst_hosts
     policy.check_host(site, host.rpartition("@")[2])  # the site's patterns name hosts
     db.connect()
     socket, node = ssh.choose(host, options.socket)
     far = remote.Remote(host, os.fsencode(socket), via=ssh.hop(node),
                         sessions=options.ssh_sessions)
-    users = remote.tilde_users(srcs + [dst])
+    users = remote.tilde_users(srcs + dsts)
     homes = far.homes(users) if users else {}
-    srcs, dst = [remote.untilde(e, homes) for e in srcs], remote.untilde(dst, homes)
-    side = "dst" if dst.remote else "src"
-    # the destination and its parent are looked at in the same session as the probe
-    bare = dst.path.rstrip(b"/") or b"/"
-    found = far.probe(list(dict.fromkeys([dst.path, bare, os.path.dirname(bare) or b"."]))
-                      if dst.remote else [])
+    srcs, dsts = [remote.untilde(e, homes) for e in srcs], [remote.untilde(e, homes) for e in dsts]
+    # each destination and its parent are looked at in the same session as the probe
+    looked = []
+    for d in dsts if side == "dst" else []:
+        bare = d.path.rstrip(b"/") or b"/"
+        looked += [d.path, bare, os.path.dirname(bare) or b"."]
+    found = far.probe(list(dict.fromkeys(looked)))
     settings = {"host": host, "socket": socket, "side": side, "node": node,
                 "sessions": options.ssh_sessions,
                 "sum": os.environ.get("HPCMOVE_REMOTE_SUM") or found["sum"],
@@ -272,12 +280,9 @@ def _endpoints(sources, dest, options, site):
         paths = [e.path if e.path.startswith(b"/") else os.path.join(home, e.path)
                  for e in srcs]
         tree = remote.RemoteTree.listing(far, paths)
-        srcs = [remote.Endpoint(host, p) for p in paths]
-        local = os.path.abspath(os.fsencode(dest))
-        if os.fsencode(dest).endswith(b"/"):
-            local += b"/"
-        return resolve_pairs([e.path for e in srcs], local, src_isdir=tree.isdir), tree, \
-            None, options
+        if pairs is not None:
+            return [(p, _local(d)) for p, (_s, d) in zip(paths, pairs)], tree, None, options
+        return resolve_pairs(paths, _local(dest), src_isdir=tree.isdir), tree, None, options
     known = dict(found["dirs"])
 
     def is_dir(path):
@@ -285,8 +290,10 @@ def _endpoints(sources, dest, options, site):
             known[path] = far.is_dir(path)
         return known[path]
 
-    local = [os.path.abspath(e.path) + (b"/" if e.path.endswith(b"/") else b"") for e in srcs]
-    pairs = resolve_pairs(local, dst.path, dst_isdir=is_dir)
+    if pairs is not None:
+        pairs = [(_local(s), d.path) for (s, _d), d in zip(pairs, dsts)]
+    else:
+        pairs = resolve_pairs([_local(e.path) for e in srcs], dsts[0].path, dst_isdir=is_dir)
     for _src, target in pairs:
         parent = os.path.dirname(target.rstrip(b"/")) or b"."
         if not is_dir(parent):

@@ -265,9 +265,14 @@ def parse_find(out):
     return records
 
 
-def find_cmd(paths):
-    return (b"LC_ALL=C find " + b" ".join(q(word(p)) for p in paths)
-            + b" -printf " + q(FIND_FORMAT.encode()))
+# find's records of the paths NUL-terminated on stdin (any number: a copyjob's sources)
+FIND_CMD = b"xargs -0 -r sh -c " + q(b'exec find "$@" -printf ' + q(FIND_FORMAT.encode())) + b" sh"
+
+
+def paths_input(paths):
+    """Paths as the commands that read them from stdin take them: NUL-terminated, each
+    as an operand (word)."""
+    return b"".join(word(p) + b"\0" for p in paths)
 
 
 def _touch(path, ns, link=False):
@@ -320,20 +325,25 @@ def place_script(files, spools):
 
 
 # The same placement as place_script, in one python3 process on the remote host (a
-# shell spawns several processes per file). place_ops' records arrive on stdin: their
-# count, then eight NUL-terminated fields each (no name holds a NUL); anything else (no
-# input: a session started ahead and not used; a cut one) places nothing and exits 4,
-# so the spools stay. Entries come parents first, so what lies under a directory absent
-# at the destination is absent too (not looked up), and what lies under a directory
-# moved in one rename has gone with it.
+# shell spawns several processes per file). place_ops' records arrive on stdin: the
+# counts of entries and of spools, then eight NUL-terminated fields for each entry (no
+# name holds a NUL) and the spools, which go once everything is placed; anything else
+# (no input: a session started ahead and not used; a cut one) places nothing and exits
+# 4, so the spools stay. Entries come parents first, so what lies under a directory
+# absent at the destination is absent too (not looked up), and what lies under a
+# directory moved in one rename has gone with it.
 PLACE_PY = """
-import os, stat, sys
-count, _, raw = sys.stdin.buffer.read().partition(b"\\0")
-raw = raw.split(b"\\0")
-if not count.isdigit() or len(raw) != int(count) * 8 + 1 or raw[-1]:
+import os, shutil, stat, sys
+counts, _, raw = sys.stdin.buffer.read().partition(b"\\0")
+raw, counts = raw.split(b"\\0"), counts.split()
+if len(counts) != 2 or not all(c.isdigit() for c in counts):
     sys.exit(4)
+n, spools = int(counts[0]), int(counts[1])
+if len(raw) != n * 8 + spools + 1 or raw[-1]:
+    sys.exit(4)
+spools = raw[n * 8:-1]
 fs = [(k.decode(), int(i), d, t, int(m), int(ns), target, int(to or -1))
-      for k, i, d, t, m, ns, target, to in zip(*[iter(raw)] * 8)]
+      for k, i, d, t, m, ns, target, to in zip(*[iter(raw[:n * 8])] * 8)]
 key = lambda path: path.rstrip(b"/") or path
 absent = set()
 for kind, _i, dst, _t, _m, _ns, _target, _to in fs:
@@ -381,13 +391,12 @@ for kind, _i, dst, _t, mode, ns, _target, _to in sorted(
         (f for f in fs if f[0] == "dir"), key=lambda f: -f[2].count(b"/")):
     os.chmod(dst, mode)
     os.utime(dst, ns=(ns, ns))
+for spool in spools:  # placed: done
+    shutil.rmtree(spool, ignore_errors=True)
 """
 
-
-def place_command(spools):
-    """PLACE_PY on the remote host, then (only when it placed everything) the spools go."""
-    return (b"python3 -c " + q(PLACE_PY) + b" || exit; rm -rf -- "
-            + b" ".join(q(word(s)) for s in spools) + b"; exit 0")
+# PLACE_PY on the remote host (its input from place_ops)
+PLACE_COMMAND = b"python3 -c " + q(PLACE_PY)
 
 
 def skipped_ranges(files, slices_by_file):
@@ -404,13 +413,14 @@ def skipped_ranges(files, slices_by_file):
     return in_place, fill
 
 
-def place_ops(files):
-    """PLACE_PY's input: the count, then eight NUL-terminated fields per entry."""
-    return b"%d\0" % len(files) + b"".join(b"\0".join((
+def place_ops(files, spools):
+    """PLACE_PY's input: the counts, eight NUL-terminated fields per entry, the spools."""
+    return b"%d %d\0" % (len(files), len(spools)) + b"".join(b"\0".join((
         f.kind.encode(), b"%d" % f.index, f.dst,
         hardlink_tmp(f.spool, f.index) if f.kind == HARDLINK else spool_path(f.spool, f.dst),
         b"%d" % f.mode, b"%d" % f.mtime_ns, f.link_target or b"",
-        b"" if f.link_to is None else b"%d" % f.link_to)) + b"\0" for f in files)
+        b"" if f.link_to is None else b"%d" % f.link_to)) + b"\0" for f in files) \
+        + b"".join(s + b"\0" for s in spools)
 
 
 # Paths NUL-terminated on stdin, out 'SIZE MTIME<TAB>PATH<NUL>' for each that exists
@@ -513,18 +523,42 @@ _started = {}
 _started_lock = threading.Lock()
 
 
+def _end_unused(proc):
+    """A session started ahead and never used: its stdin closes with nothing sent (an
+    empty script; `dd conv=notrunc` writes nothing; tar and the placement program refuse
+    an empty input), and it lets its slot go."""
+    try:
+        proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _discard_started():
-    """Sessions never used: their stdin closes with nothing sent (an empty script; the
-    placement program refuses to act without its complete input)."""
     with _started_lock:
         procs = [p for ps in _started.values() for p in ps]
         _started.clear()
     for proc in procs:
-        try:
-            proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _end_unused(proc)
+
+
+def _reclaim_started(socket):
+    """End one session started ahead through `socket` and not taken yet, so that its slot
+    serves a session that runs now; False when there is none. A stream that prepared the
+    next unit can lose the race for it (another stream took the unit before the session
+    was registered): that session is never taken, and enough of them held every slot
+    while every stream waited for one."""
+    with _started_lock:
+        for argv, procs in _started.items():
+            if procs and procs[0]._slots is not None and procs[0]._slots.socket == socket:
+                proc = procs.pop(0)
+                if not procs:
+                    del _started[argv]
+                break
+        else:
+            return False
+    _end_unused(proc)
+    return True
 
 
 atexit.register(_discard_started)
@@ -553,7 +587,9 @@ class Slots:
     def acquire(self, n=1, wait=True):
         """Hold `n` slots at once (all or none, so two sessions wanted together never
         wait for each other): their file descriptors; None when not `wait` and none is
-        free now."""
+        free now. While waiting, the sessions this process started ahead and has not used
+        give their slots up first (a session that is wanted now comes before one that may
+        be wanted later)."""
         n = min(n, self.count)
         while True:
             held = []
@@ -575,7 +611,8 @@ class Slots:
             self.release(held)
             if not wait:
                 return None
-            time.sleep(self.POLL * (1 + random.random()))
+            if not _reclaim_started(self.socket):
+                time.sleep(self.POLL * (1 + random.random()))
 
     @staticmethod
     def release(fds):
@@ -699,11 +736,11 @@ class Remote:
         'cksum'), python3 (fast placement), rsync
         (bundles of small files), the home directory (relative remote paths are made
         absolute against it) and which of `dirs` are directories there."""
-        code, out, err = self.run(b"echo " + PROBE_MARK + b"; pwd; " + XXH_CHECK + b"; "
-                                  b"command -v python3 || echo -; "
-                                  b"command -v rsync || echo -"
-                                  + b"".join(b"; test -d " + q(word(d)) + b" && echo d || echo -"
-                                             for d in dirs), check=False)
+        code, out, err = self.script(b"echo " + PROBE_MARK + b"; pwd; " + XXH_CHECK + b"\n"
+                                     b"command -v python3 || echo -\n"
+                                     b"command -v rsync || echo -\n"
+                                     + b"".join(b"test -d " + q(word(d)) + b" && echo d || "
+                                                b"echo -\n" for d in dirs), check=False)
         noise, mark, out = out.partition(PROBE_MARK + b"\n")
         if not mark:
             raise HpcmoveError(f"on {self.host}: no answer from the remote shell (exit {code}): "
@@ -738,7 +775,7 @@ class Remote:
         return self.run(b"test -d " + q(word(path)), check=False)[0] == 0
 
     def find(self, paths):
-        code, out, err = self.run(find_cmd(paths), check=False)
+        code, out, err = self.run(FIND_CMD, input=paths_input(paths), check=False)
         if code != 0:
             raise PlanError(f"cannot read source on {self.host}: "
                             f"{err.decode(errors='replace').strip()}")
@@ -765,11 +802,9 @@ class RemoteTree:
 
     @classmethod
     def listing(cls, remote, sources):
-        """One find per source root (its records first, then what is below it)."""
-        records = []
-        for src in sources:
-            records += remote.find([src])
-        return cls(records)
+        """One find for every source root (each root's records first, then what is below
+        it), in one session."""
+        return cls(remote.find(sources))
 
     def lstat(self, path):
         try:
@@ -831,7 +866,7 @@ class Far:
                                      f"the destination: {err.decode(errors='replace').strip()}"}
         placing = [f for f in files if f.id not in in_place]
         if python:
-            code, out, err = self.remote.run(place_command(spools), input=place_ops(placing),
+            code, out, err = self.remote.run(PLACE_COMMAND, input=place_ops(placing, spools),
                                              check=False)
         else:
             code, out, err = self.remote.script(place_script(placing, spools), check=False)
@@ -841,13 +876,13 @@ class Far:
         reason = text[-1] if text else f"exit {code}"
         return {files[0].id: f"on {self.remote.host}: cannot place: {reason}"}
 
-    def start_checks(self, files):
+    def start_checks(self):
         """Start finalize's sessions on a push's remote host before it needs them: the
         at-rest check's script and (with python3 there) the placement program; their
         starts overlap reading the job's rows. One left unused ends with nothing done."""
         self.remote.start(b"sh -s")
         if self.python:
-            self.remote.start(place_command(sorted({f.spool for f in files})))
+            self.remote.start(PLACE_COMMAND)
 
     def remove_spools(self, files, other=None):
         """Remove the remote spool directories; False when no socket reaches the host
@@ -858,7 +893,7 @@ class Far:
         remote = other or self.remote
         if not remote.alive():
             return False
-        remote.run(b"rm -rf -- " + b" ".join(q(word(s)) for s in spools), check=False)
+        remote.run(b"xargs -0 -r rm -rf --", input=paths_input(spools), check=False)
         return True
 
     def flush(self, files):

@@ -444,16 +444,6 @@ def test_read_copyjob_malformed_line_names_line_number(tmp_path, bad, what):
     assert what in message
 
 
-@pytest.mark.parametrize("pair", [b"/src/a archive:/store/a", b"alice@archive:/x /dst/x"])
-def test_read_copyjob_refuses_a_remote_pair_with_the_way_that_works(tmp_path, pair):
-    """Not taken as a local name 'archive:/store/a' under the current directory."""
-    path = tmp_path / "job.txt"
-    path.write_bytes(b"/ok/src /ok/dst\n./a:b /dst/colon\n" + pair + b"\n")
-    with pytest.raises(UsageError, match=f"{path}:3: a copyjob's pairs are local paths; "
-                                         f"for a remote host submit SRC"):
-        read_copyjob(str(path))
-
-
 def test_read_copyjob_empty(tmp_path):
     path = tmp_path / "job.txt"
     path.write_bytes(b"# nothing\n\n")

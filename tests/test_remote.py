@@ -94,7 +94,7 @@ def test_find_listing_of_hostile_names(tmp_path):
         (root / os.fsdecode(n)).write_bytes(n * 3)
     os.symlink(b"new\nline", os.path.join(bytes(root), b"link"))
     os.link(os.path.join(bytes(root), b"sp ace"), os.path.join(bytes(root), b"hard"))
-    out = subprocess.run(["sh", "-c", remote.find_cmd([bytes(root) + b"/"])],
+    out = subprocess.run(["sh", "-c", remote.FIND_CMD], input=bytes(root) + b"/\0",
                          capture_output=True, check=True, cwd=tmp_path).stdout
     tree = remote.RemoteTree(remote.parse_find(out))
     names = {n for n, _p, _s in tree.children(bytes(root))}
@@ -112,8 +112,8 @@ def test_plan_from_a_remote_listing_matches_the_local_plan(tmp_path):
     (root / "d").mkdir(parents=True)
     (root / "d" / "f").write_bytes(os.urandom(3000))
     (root / "g").write_bytes(b"")
-    out = subprocess.run(["sh", "-c", remote.find_cmd([bytes(root)])], capture_output=True,
-                         check=True).stdout
+    out = subprocess.run(["sh", "-c", remote.FIND_CMD], input=bytes(root) + b"\0",
+                         capture_output=True, check=True).stdout
     tree = remote.RemoteTree(remote.parse_find(out))
     opts = plan.Options(slice_size=1024, stripe_width=2)
     pairs = [(bytes(root), bytes(tmp_path / "dst"))]
@@ -127,15 +127,12 @@ def test_plan_from_a_remote_listing_matches_the_local_plan(tmp_path):
 
 def _placer(kind, files, spool, cwd):
     """Run the remote placement as the remote host would: the generated shell script, or
-    the python3 program with its JSON; then the spool goes (Far.remove_spools)."""
+    the python3 program with its input; either removes the spool once it has placed."""
     if kind == "sh":
         return subprocess.run(["sh", "-s"], input=remote.place_script(files, [spool]),
                               capture_output=True, cwd=cwd)
-    done = subprocess.run(["python3", "-c", remote.PLACE_PY], input=remote.place_ops(files),
-                          capture_output=True, cwd=cwd)
-    if done.returncode == 0:
-        subprocess.run(["rm", "-rf", "--", spool], check=True)
-    return done
+    return subprocess.run(["python3", "-c", remote.PLACE_PY],
+                          input=remote.place_ops(files, [spool]), capture_output=True, cwd=cwd)
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new-dir", "existing-dir"])
@@ -278,6 +275,17 @@ def test_remote_to_remote_and_mixed_sources_are_refused(tmp_path, monkeypatch):
                           (["a:/x", str(tmp_path), str(tmp_path / "d")], "all on one remote")):
         result = CliRunner().invoke(cli.cli, ["submit", "--backend", "local", *args])
         assert result.exit_code == 1 and message in result.output, result.output
+    copyjob = tmp_path / "copyjob"
+    for lines, message in (("/l/a a:/x\nb:/y /l/b\n", "both remote"),
+                           ("/l/a a:/x\n/l/b b:/y\n", "destinations must all be local, or all "
+                                                       "on one remote host"),
+                           ("/l/a a:/x\n/l/b /l/c\n", "destinations must all be local"),
+                           ("a:/x /l/a\n/l/b /l/c\n", "sources must all be local"),
+                           ("a:/x b:/y\n", "both remote")):
+        copyjob.write_text(lines)
+        result = CliRunner().invoke(cli.cli, ["submit", "--backend", "local", "--from-file",
+                                              str(copyjob)])
+        assert result.exit_code == 1 and message in result.output, (lines, result.output)
 
 
 def test_socket_path_that_cannot_be_bound_is_refused_with_the_way_out(tmp_path):
@@ -423,6 +431,30 @@ def _stub_ssh(tmp_path, monkeypatch):
         if (tmp_path / "starts").exists() else 0
 
 
+def test_sessions_started_ahead_and_never_taken_give_their_slots_to_one_wanted_now(
+        tmp_path, monkeypatch):
+    """Streams that each start the next unit's session ahead can lose the race for that
+    unit (another stream takes it first, before the session is registered): sessions
+    nobody takes then held every slot while every stream waited for one (a copyjob of
+    1,500 single files stopped so). A session wanted now ends one of this process's
+    unused ones for its slot; that one had nothing written (dd conv=notrunc)."""
+    _stub_ssh(tmp_path, monkeypatch)
+    r = remote.Remote("h", bytes(tmp_path / "sock"), sessions=remote.CLOSING + 2)
+    target = tmp_path / "spool-file"
+    target.write_bytes(b"kept")
+    for n in range(2):  # both slots, for units another stream took meanwhile
+        assert r.start(b"dd of=" + remote.q(bytes(target)) + b" bs=1M seek=%d "
+                       b"oflag=seek_bytes conv=notrunc status=none" % n, wait=False)
+    assert r.start(b"echo never", wait=False) is False  # no slot left
+    taken = []
+    t = threading.Thread(target=lambda: taken.append(r.run(b"echo now")), daemon=True)
+    t.start()
+    t.join(10)
+    assert taken == [(0, b"now\n", b"")]
+    assert target.read_bytes() == b"kept"
+    remote._discard_started()
+
+
 def test_a_session_started_ahead_is_the_one_a_later_run_uses(tmp_path, monkeypatch):
     starts = _stub_ssh(tmp_path, monkeypatch)
     r = remote.Remote("h", bytes(tmp_path / "sock"))
@@ -442,12 +474,12 @@ def test_a_placement_started_ahead_and_never_fed_places_nothing(tmp_path, monkey
     os.makedirs(os.path.join(spool, plan.SPOOL_TREE, b"d"))
     open(os.path.join(spool, plan.SPOOL_TREE, b"d", b"f"), "wb").close()
     r = remote.Remote("h", bytes(tmp_path / "sock"))
-    r.start(remote.place_command([spool]))
-    (proc,) = remote._started.pop(tuple(r.argv(remote.place_command([spool]))))
+    r.start(remote.PLACE_COMMAND)
+    (proc,) = remote._started.pop(tuple(r.argv(remote.PLACE_COMMAND)))
     _out, err = proc.communicate(b"")
     assert proc.returncode == 4, err
-    whole = remote.place_ops([_F(0, plan.DIR, bytes(tmp_path / "d"), spool)])
-    for cut in (b"2\0file\0", whole[:-1]):  # cut short: nothing placed either
+    whole = remote.place_ops([_F(0, plan.DIR, bytes(tmp_path / "d"), spool)], [spool])
+    for cut in (b"2 1\0file\0", whole[:-1], b"1\0" + whole.partition(b"\0")[2]):  # cut short: nothing placed either
         done = subprocess.run(["python3", "-c", remote.PLACE_PY], input=cut)
         assert done.returncode == 4
     assert os.path.exists(os.path.join(spool, plan.SPOOL_TREE, b"d", b"f"))

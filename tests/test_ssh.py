@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -279,6 +280,47 @@ def test_pull_of_a_remote_file_we_cannot_read_fails_at_once_and_places_nothing(
     assert [x["attempts"] for x in mine[0]["slices"]] == [1], mine
     assert os.listdir(area.dst) == []
     assert tree_of(far) == before
+
+
+def test_copyjobs_push_into_and_pull_from_many_remote_directories(local_remote, area):
+    """A copyjob (`--from-file`) of 1,500 pairs into 1,500 remote directories, a spool in
+    each (the names of all of them go on stdin: a remote command is one argument of the
+    login shell, at most 128 KiB on Linux), hostile names among them; then another that
+    pulls them back pair by pair. Both land where their pairs say, nothing ran."""
+    hp, agent = local_remote
+    far, back = os.path.join(area.root, "far"), os.path.join(area.dst, "back")
+    names = [f"directory of a copyjob {i:04d}" for i in range(1500)]
+    names[7] = "$(touch PWNED) `touch PWNED`"
+    push, pull = [], []
+    for i, name in enumerate(names):
+        os.makedirs(os.path.join(far, name))
+        os.makedirs(os.path.join(back, name))
+        src = os.path.join(area.src, f"f{i:04d}")
+        with open(src, "wb") as f:
+            f.write(os.urandom(2000 + i))
+        there, here = os.path.join(far, name, "f'1"), os.path.join(back, name, "f 2")
+        push.append(f"{shlex.quote(src)} {shlex.quote(f'{HOST}:{there}')}\n")
+        pull.append(f"{shlex.quote(f'{HOST}:{there}')} {shlex.quote(here)}\n")
+    for name, lines in (("push", push), ("pull", pull)):
+        with open(os.path.join(area.root, name), "w") as f:
+            f.writelines(lines)
+    area.own()
+    hp.run("socket", "open", "--ttl", "5m", HOST)
+    agent.kill()
+    for name in ("push", "pull"):
+        s = hp.wait(hp.submit("--from-file", os.path.join(area.root, name)))
+        assert s["state"] == "Done", (name, s["reason"], log(hp, s["id"]))
+    for i in (0, 7, len(names) - 1):
+        with open(os.path.join(area.src, f"f{i:04d}"), "rb") as f:
+            data = f.read()
+        for path in (os.path.join(far, names[i], "f'1"), os.path.join(back, names[i], "f 2")):
+            with open(path, "rb") as f:
+                assert f.read() == data, path
+    left = [n for d in (far, back) for name in names for n in os.listdir(os.path.join(d, name))
+            if n.startswith(".hpcmove-")]
+    assert left == []
+    found = subprocess.run(["find", area.root, "-name", "PWNED"], capture_output=True).stdout
+    assert found == b""
 
 
 @contextlib.contextmanager
