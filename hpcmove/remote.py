@@ -266,7 +266,8 @@ def parse_find(out):
 
 
 # find's records of the paths NUL-terminated on stdin (any number: a copyjob's sources)
-FIND_CMD = b"xargs -0 -r sh -c " + q(b'exec find "$@" -printf ' + q(FIND_FORMAT.encode())) + b" sh"
+FIND_CMD = (b"xargs -0 -r sh -c " + q(b'exec find "$@" -printf ' + q(FIND_FORMAT.encode()))
+            + b" sh")
 
 
 def paths_input(paths):
