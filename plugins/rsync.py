@@ -91,10 +91,11 @@ class RsyncEngine(SshEngine):
         finally:
             shutil.rmtree(farm, ignore_errors=True)
         theirs = {}
-        if sent:
-            code, out, err = self.remote.run(b"cd " + q(word(spool)) + b" && " +
-                                             sums_cmd(self.kind) + b" -- " +
-                                             b" ".join(q(n) for n in sent), check=False)
+        if sent:  # the names on stdin: 2,000 of them would not fit in one remote command
+            code, out, err = self.remote.run(b"cd " + q(word(spool)) + b" && xargs -0 "
+                                             + sums_cmd(self.kind) + b" --",
+                                             input=b"".join(n + b"\0" for n in sent),
+                                             check=False)
             theirs = parse_sums(out, sent, self.kind)
         got = {}
         for item, name in zip(items, names):

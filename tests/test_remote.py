@@ -455,6 +455,41 @@ def test_sessions_started_ahead_and_never_taken_give_their_slots_to_one_wanted_n
     remote._discard_started()
 
 
+def test_an_rsync_bundle_of_2000_long_names_is_verified_by_one_remote_digest_call(
+        tmp_path, monkeypatch):
+    """The remote digests of a pushed rsync bundle: the 2,000 names went into one remote
+    command, which is one argument of ssh here and of the login shell there (128 KiB at
+    most, 4 bytes a byte as for_any_shell sends it): "Argument list too long", no digest
+    came back, and every file of the bundle was sent again alone. A stand-in ssh runs
+    the remote side here (a command after '--' as sshd's shell would; rsync's server as
+    it is)."""
+    from hpcmove_plugins.rsync import RsyncEngine
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ssh").write_text('#!/bin/sh\n'
+                                'while [ $# -gt 0 ] && [ "$1" != h ]; do shift; done; shift\n'
+                                'if [ "$1" = -- ]; then exec sh -c "$2"; fi\nexec "$@"\n')
+    (bindir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    src, root = tmp_path / "src", bytes(tmp_path / "spool" / "t")
+    src.mkdir()
+    os.makedirs(root)
+    items = []
+    for i in range(2000):
+        name = b"a-rather-long-name-of-a-small-file-in-a-bundle-%04d" % i
+        (src / os.fsdecode(name)).write_bytes(b"%d" % i)
+        st = (src / os.fsdecode(name)).stat()
+        items.append({"slice": i, "src": bytes(src / os.fsdecode(name)),
+                      "spool": root + b"/" + name, "root": root, "offset": 0,
+                      "length": st.st_size, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    engine = RsyncEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "dst",
+                                 "sum": "xxh128"})
+    got = engine._push_bundle(items)
+    assert all(ours and ours == theirs for ours, theirs, _why in got.values()), \
+        next(v for v in got.values() if v[0] != v[1])
+    assert len(os.listdir(root)) == 2000
+
+
 def test_a_session_started_ahead_is_the_one_a_later_run_uses(tmp_path, monkeypatch):
     starts = _stub_ssh(tmp_path, monkeypatch)
     r = remote.Remote("h", bytes(tmp_path / "sock"))
