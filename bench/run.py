@@ -548,8 +548,8 @@ def main():
             if rows:
                 results[group] = (size, measure(group, src, rows, args))
     finally:
-        for stop in cleanup:
-            stop()
+        for stop in reversed(cleanup):  # last made, first undone: the control socket is
+            stop()                      # closed before its directory is removed
     print(f"\nhpcmove bench: {args.rounds} rounds (medians, warm cache), {os.cpu_count()} cores, "
           f"load average {load[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
           f"big = {args.size}, small = {args.files} files")
