@@ -19,6 +19,7 @@ import math
 import os
 import stat
 import subprocess
+import threading
 import time
 import zlib
 
@@ -218,6 +219,8 @@ class SshEngine(CopyEngine):
         if int(size) != work.size or mtime_ns(mtime) != work.mtime_ns:
             raise TransferError(f"source changed since it was planned: "
                                 f"{self.remote.host}:{os.fsdecode(work.src)}")
+        if self.defer_verify:  # finalize's at-rest check reads it once, not twice
+            return parse_digest(rest, self.kind), None
         return parse_digest(rest, self.kind), self._local_digest(work.dst, work.offset,
                                                                  work.length)
 
@@ -462,14 +465,12 @@ class SshEngine(CopyEngine):
     def _pull_bundle(self, items):
         srcs = [i["src"] for i in items]
         listing = b"\0".join(srcs) + b"\0"
-        sums, proc = self.remote.sessions(  # their slots taken together
-            b"xargs -0 " + sums_cmd(self.kind) + b" --",
-            b"tar -c -f - --no-recursion --null --verbatim-files-from -T -")
-        try:
-            proc.stdin.write(listing)
-        finally:
-            _close(proc.stdin)
-            proc.stdin = None
+        proc = self.remote.session(pull_bundle_cmd(len(listing), self.kind))
+        # the names twice: `head -c` gives the first copy to tar, xargs reads the second;
+        # written meanwhile, as a long list could fill every buffer before tar answers
+        feed = threading.Thread(target=_feed, args=(proc.stdin, listing + listing))
+        feed.start()
+        proc.stdin = None
         by_name = {_member(s): i for s, i in zip(srcs, items)}
         ours = {}
         try:
@@ -477,16 +478,17 @@ class SshEngine(CopyEngine):
                 item = by_name.get(_member(name))
                 if item is not None:
                     ours[item["slice"]] = self._write_whole(item, data)
+            sums = proc.stdout.read().lstrip(b"\0")  # after the archive's zero padding
         except BadTar as e:
             proc.kill()
             raise TransferError(f"on {self.remote.host}: bad bundle stream: {e}",
                                 transient=True) from e
         finally:
             _out, err = proc.communicate()
-        theirs_out, theirs_err = sums.communicate(listing)
-        if sums.returncode == 255 or proc.returncode == 255:
+            feed.join()
+        if proc.returncode == 255:
             self.remote.check_alive()
-        theirs = parse_sums(theirs_out, srcs, self.kind)
+        theirs = parse_sums(sums, srcs, self.kind)
         got = {}
         for item in items:
             if item["slice"] not in ours:
@@ -506,7 +508,26 @@ class SshEngine(CopyEngine):
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
+        if self.defer_verify:  # finalize's at-rest check reads it once, not twice
+            return None
         return self._local_digest(item["spool"], 0, item["size"])
+
+
+def pull_bundle_cmd(size, kind):
+    """The remote side of a pulled bundle, in one session: stdin holds the NUL-separated
+    names twice (`size` bytes each); out comes the tar stream of the first copy, then the
+    digests of the second (re-read from the remote page cache)."""
+    return (b"head -c " + str(size).encode() + b" | tar -c -f - --no-recursion --null "
+            b"--verbatim-files-from -T -; xargs -0 -r " + sums_cmd(kind) + b" --")
+
+
+def _feed(stream, data):
+    try:
+        stream.write(data)
+    except (BrokenPipeError, ValueError):
+        pass  # the session ended early: its exit code and stderr say why
+    finally:
+        _close(stream)
 
 
 def bundles(items, streams, min_files=BUNDLE_MIN_FILES):

@@ -9,10 +9,11 @@ import threading
 import time
 
 import pytest
+import xxhash
 
 from hpcmove import plan, remote
 from hpcmove.errors import PlanError
-from hpcmove_plugins.ssh import BadTar, Cksum, parallel_script, tar_files
+from hpcmove_plugins.ssh import BadTar, Cksum, SshEngine, parallel_script, tar_files
 
 HOSTILE = [b"sp ace", b"qu'ote\"s", b"new\nline", b"$(touch PWNED)", b"`touch PWNED`",
            b"-rf", b"--help", b"caf\xe9", b"semi;colon&"]
@@ -488,6 +489,44 @@ def test_an_rsync_bundle_of_2000_long_names_is_verified_by_one_remote_digest_cal
     assert all(ours and ours == theirs for ours, theirs, _why in got.values()), \
         next(v for v in got.values() if v[0] != v[1])
     assert len(os.listdir(root)) == 2000
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_a_pulled_bundle_of_long_names_comes_in_one_session_with_its_digests(
+        tmp_path, monkeypatch, defer):
+    """A pulled bundle: the names go on stdin twice (tar's copy, then the digests'), the
+    tar stream and the remote digests come back in one session. 2,000 names of ~2,300
+    bytes are 4.6 MB of stdin; written before reading the stream, that filled every pipe
+    while tar waited for its output to be read (it hung so with the list written first).
+    In an array task (defer) the written files are left to finalize's at-rest check."""
+    starts = _stub_ssh(tmp_path, monkeypatch)
+    deep = tmp_path / "src" / "/".join([("d" * 200) + str(k) for k in range(11)])
+    deep.mkdir(parents=True)
+    root = bytes(tmp_path / "spool" / "t")
+    os.makedirs(root)
+    items = []
+    for i in range(2000):
+        path = deep / ("f-%04d" % i)
+        path.write_bytes(b"%d" % i * (i % 7))
+        st = path.stat()
+        items.append({"slice": i, "src": bytes(path), "spool": root + b"/%04d" % i,
+                      "root": root, "offset": 0, "length": st.st_size, "size": st.st_size,
+                      "mtime_ns": st.st_mtime_ns})
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "src",
+                               "sum": "xxh128"})
+    engine.defer_verify = defer
+    got = []
+    t = threading.Thread(target=lambda: got.append(engine._pull_bundle(items)), daemon=True)
+    t.start()
+    t.join(60)
+    assert got, "the pulled bundle did not finish"
+    assert starts() == 1
+    for item in items:
+        theirs, ours, why = got[0][item["slice"]]
+        data = open(item["src"], "rb").read()
+        assert theirs == xxhash.xxh3_128(data).hexdigest(), why
+        assert ours == (None if defer else theirs)
+        assert open(item["spool"], "rb").read() == data
 
 
 def test_a_session_started_ahead_is_the_one_a_later_run_uses(tmp_path, monkeypatch):
