@@ -362,16 +362,17 @@ class SshEngine(CopyEngine):
 
     def units(self, items):
         """Units of work for the task's streams: each large slice alone; small whole
-        files in bundles by spool directory, at most BUNDLE_FILES / BUNDLE_BYTES each and,
-        when there are enough files, as many as keeps every stream busy to the end (10,000
-        files on 3 streams: 6 bundles in two full waves, not 5 with a wave of 2)."""
+        files in bundles (pushed: by spool directory, as one remote tar unpacks them),
+        at most BUNDLE_FILES / BUNDLE_BYTES each and, when there are enough files, as
+        many as keeps every stream busy to the end (10,000 files on 3 streams: 6 bundles
+        in two full waves, not 5 with a wave of 2)."""
         single, small = [], {}
         for item in items:
             whole = item["offset"] == 0 and item["length"] == item["size"]
             if not whole or item["size"] > BUNDLE_FILE_MAX:
                 single.append([item])
-            else:
-                small.setdefault(item["root"], []).append(item)
+            else:  # a pull writes each file here by its own spool path
+                small.setdefault(item["root"] if self.side == "dst" else b"", []).append(item)
         return single + [u for group in small.values()
                          for u in bundles(group, self.streams)]
 

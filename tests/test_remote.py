@@ -432,6 +432,19 @@ def _stub_ssh(tmp_path, monkeypatch):
         if (tmp_path / "starts").exists() else 0
 
 
+@pytest.mark.parametrize("side, expect", [("src", 1), ("dst", 300)])
+def test_small_files_of_many_spools_are_bundled_when_pulled(side, expect):
+    """A copyjob of 300 pairs into 300 directories has a spool in each: pulled, their
+    files come in one bundle (written here by each one's spool path); pushed, one remote
+    tar unpacks a bundle into one spool, so each directory has its own."""
+    items = [{"slice": i, "root": b"/d%03d/.hpcmove-x.spool/t" % i, "offset": 0,
+              "length": 100, "size": 100} for i in range(300)]
+    engine = SshEngine(remote={"host": "h", "socket": "/nonexistent", "side": side})
+    units = engine.units(items)
+    assert len(units) == expect
+    assert sorted(i["slice"] for u in units for i in u) == list(range(300))
+
+
 def test_sessions_started_ahead_and_never_taken_give_their_slots_to_one_wanted_now(
         tmp_path, monkeypatch):
     """Streams that each start the next unit's session ahead can lose the race for that
