@@ -7,6 +7,7 @@ with afterok never start.
 
 Usage (from the rendered finalize script): python -m hpcmove.finalize JOBDIR
 """
+import concurrent.futures
 import os
 import shutil
 import stat
@@ -277,12 +278,16 @@ def run(path):
     slices_by_file = {}
     for s in db.plain(db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.index)):
         slices_by_file.setdefault(s.file_id, []).append(s)
-    tasks = {}
+    tasks, stats = {}, None
     if any(s.state != states.DONE for ss in slices_by_file.values() for s in ss):
         tasks = _task_states(job)
-    recover.run(job, files, slices_by_file, lambda s: task_reason(s, tasks))
+    elif far and far.side == "src":  # the tasks read the sources for the last time unless
+        stats = _meanwhile(far.source_stats, files)  # a retry reads them again
+    copied = recover.run(job, files, slices_by_file, lambda s: task_reason(s, tasks))
     try:
-        remote_stats = far.source_stats(files) if far and far.side == "src" else None
+        remote_stats = None
+        if far and far.side == "src":
+            remote_stats = stats() if stats and not copied else far.source_stats(files)
         problems, held, auth = check(files, slices_by_file, remote_stats)
         if not problems and not auth and not held and far and far.side == "dst":
             # all or nothing, on the remote host
@@ -311,6 +316,15 @@ def run(path):
     finish(job, files, slices_by_file)
     notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
     return 0
+
+
+def _meanwhile(fn, *args):
+    """Start fn(*args) in a thread; returns a function that waits for its result (or
+    raises its exception)."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)
+    return future.result
 
 
 def _place_here(files, job, slices_by_file):

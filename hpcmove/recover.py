@@ -91,12 +91,14 @@ def retry(engine, f, s, retries, backoff, why_left):
 
 def run(job, files, slices_by_file, task_reason):
     """Integrity check and retries for every regular file; updates slices in place.
-    `task_reason(slice)` says why a slice's task left it unfinished."""
+    `task_reason(slice)` says why a slice's task left it unfinished. Returns how many
+    slices were copied again (their sources read once more)."""
     options = json.loads(job.options or "{}")
     retries = options.get("retries", worker.RETRIES)
     backoff = options.get("retry_backoff", 1)
     engine = plugins.make_engine(options)
     check_integrity(engine, files, slices_by_file)
+    copied = 0
     for f in files:
         slices = slices_by_file.get(f.id, [])
         if any(s.state == states.FAILED for s in slices):
@@ -104,3 +106,5 @@ def run(job, files, slices_by_file, task_reason):
         for s in slices:
             if s.state in LEFT_OVER:
                 retry(engine, f, s, retries, backoff, task_reason(s))
+                copied += 1
+    return copied

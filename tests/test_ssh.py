@@ -282,6 +282,37 @@ def test_pull_of_a_remote_file_we_cannot_read_fails_at_once_and_places_nothing(
     assert tree_of(far) == before
 
 
+def test_a_remote_source_changed_after_its_pull_and_before_finalize_fails_that_file(
+        remote_env, area):
+    """finalize asks the remote host for the sources' size and mtime while it checks the
+    pulled data at rest (the tasks have read the sources for the last time): a source
+    changed after its task read it, before the final job ran, fails its file; nothing is
+    placed here, the remote sources are left as they are."""
+    hp, agent, far = remote_env
+    if hp.backend != "slurm":
+        pytest.fail("needs the Slurm testbed: the final job is held while a source changes")
+    far = big_and_small(os.path.join(far, "data"), 3 << 20, [2000] * 30)
+    area.own()
+    open_socket(hp)
+    agent.kill()
+    job = hp.submit("--slice-size", "1M", f"{HOST}:{far}", os.path.join(area.dst, "back"))
+    env = {"PATH": "/usr/bin:/bin", "SLURM_CONF": os.environ["SLURM_CONF"]}
+    assert run_as_user(["scontrol", "hold", job], env).returncode == 0  # the final job
+    hp.wait_for(job, lambda s: all(x["state"] == "Done" for f in s["files"]
+                                   for x in f.get("slices", [])))
+    changed = os.path.join(far, "small", "f011")
+    with open(changed, "ab") as f:
+        f.write(b"late")
+    before = tree_of(far)
+    assert run_as_user(["scontrol", "release", job], env).returncode == 0
+    s = hp.wait(job)
+    assert s["state"] == "Failed", (s["reason"], log(hp, s["id"]))
+    (mine,) = [f for f in s["files"] if f["src"] == changed]
+    assert mine["state"] == "Failed" and "source changed" in mine["reason"], mine
+    assert os.listdir(area.dst) == []
+    assert tree_of(far) == before
+
+
 def test_copyjobs_push_into_and_pull_from_many_remote_directories(local_remote, area):
     """A copyjob (`--from-file`) of 1,500 pairs into 1,500 remote directories, a spool in
     each (the names of all of them go on stdin: a remote command is one argument of the
