@@ -247,7 +247,8 @@ def fail(job, files, problems):
     failed = [f for f in files if f.id in problems]
     with db.atomic():
         for f in failed:
-            db.bulk_state(db.File, "file", db.File.id == f.id, states.FAILED, reason=problems[f.id])
+            db.bulk_state(db.File, "file", db.File.id == f.id, states.FAILED,
+                          reason=problems[f.id])
         others = [f.id for f in files if f.id not in problems]
         for chunk in (others[i:i + 500] for i in range(0, len(others), 500)):
             db.bulk_state(db.File, "file", db.File.id.in_(chunk), states.FAILED,

@@ -408,6 +408,10 @@ class SshEngine(CopyEngine):
         names = [in_spool(i) for i in items]
         proc = self.remote.session(self._bundle_cmd(spool, names), bufsize=len(self.buf))
         ours, problems, sent = {}, {}, 0
+        # what tar says is read meanwhile: an error for each of 2,000 long names fills
+        # the pipes and the channel window, and a tar that cannot write its errors
+        # stops reading the stream we write
+        collect = _drain(proc)
         try:
             for item, name in zip(items, names):
                 try:
@@ -423,7 +427,7 @@ class SshEngine(CopyEngine):
         finally:
             _close(proc.stdin)
             proc.stdin = None
-        out, err = proc.communicate()
+            out, err = collect()
         if proc.returncode != 0:
             raise self._failed(proc.returncode, err, f"writing a bundle into {os.fsdecode(spool)}")
         theirs = {} if self.defer_verify else \
@@ -520,6 +524,29 @@ def pull_bundle_cmd(size, kind):
     digests of the second (re-read from the remote page cache)."""
     return (b"head -c " + str(size).encode() + b" | tar -c -f - --no-recursion --null "
             b"--verbatim-files-from -T -; xargs -0 -r " + sums_cmd(kind) + b" --")
+
+
+def _drain(proc):
+    """Read a session's stdout and stderr to their ends in threads; returns a function
+    that waits for the session and returns (stdout, stderr)."""
+    got = {}
+
+    def read(name, stream):
+        got[name] = stream.read()
+
+    threads = [threading.Thread(target=read, args=(n, getattr(proc, n)), daemon=True)
+               for n in ("stdout", "stderr")]
+    for t in threads:
+        t.start()
+
+    def collect():
+        for t in threads:
+            t.join()
+        proc.wait()
+        for n in ("stdout", "stderr"):
+            getattr(proc, n).close()
+        return got.get("stdout", b""), got.get("stderr", b"")
+    return collect
 
 
 def _feed(stream, data):

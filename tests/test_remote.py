@@ -12,7 +12,7 @@ import pytest
 import xxhash
 
 from hpcmove import plan, remote
-from hpcmove.errors import PlanError
+from hpcmove.errors import PlanError, TransferError
 from hpcmove_plugins.ssh import BadTar, Cksum, SshEngine, parallel_script, tar_files
 
 HOSTILE = [b"sp ace", b"qu'ote\"s", b"new\nline", b"$(touch PWNED)", b"`touch PWNED`",
@@ -540,6 +540,43 @@ def test_a_pulled_bundle_of_long_names_comes_in_one_session_with_its_digests(
         assert theirs == xxhash.xxh3_128(data).hexdigest(), why
         assert ours == (None if defer else theirs)
         assert open(item["spool"], "rb").read() == data
+
+
+def test_a_pushed_bundle_whose_every_file_fails_there_ends_with_the_reason(
+        tmp_path, monkeypatch):
+    """The remote tar of a pushed bundle prints an error for each file it cannot write;
+    for 2,000 long names that is more than the pipes (and over ssh the channel window)
+    hold, and a tar that cannot write its errors stops reading the stream. Read
+    meanwhile, the bundle ends with tar's reason instead of hanging."""
+    _stub_ssh(tmp_path, monkeypatch)
+    src, root = tmp_path / "src", bytes(tmp_path / "spool" / "t")
+    src.mkdir()
+    os.makedirs(root)
+    open(root + b"/x", "wb").close()  # "x/NAME": Not a directory, even for root
+    items = []
+    for i in range(2000):
+        path = src / ("f%04d" % i)
+        path.write_bytes(b"%d" % i)
+        st = path.stat()
+        items.append({"slice": i, "src": bytes(path),
+                      "spool": root + b"/x/" + b"n" * 250 + b"%04d" % i, "root": root,
+                      "offset": 0, "length": st.st_size, "size": st.st_size,
+                      "mtime_ns": st.st_mtime_ns})
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "dst",
+                               "sum": "xxh128"})
+    engine.defer_verify = True
+    got = []
+
+    def push():
+        try:
+            got.append(engine._push_bundle(items))
+        except TransferError as e:
+            got.append(e)
+    t = threading.Thread(target=push, daemon=True)
+    t.start()
+    t.join(60)
+    assert got, "the pushed bundle did not finish"
+    assert isinstance(got[0], TransferError) and "Not a directory" in str(got[0]), got[0]
 
 
 def test_a_session_started_ahead_is_the_one_a_later_run_uses(tmp_path, monkeypatch):
