@@ -63,6 +63,7 @@ def _remote(host, path):
 
 class RsyncEngine(SshEngine):
     name = "rsync"
+    mixed_spools = False  # one rsync run moves a bundle between two directories
 
     def prepare(self, unit):
         if len(unit) == 1:  # a bundle goes through rsync, which opens its own session

@@ -15,6 +15,7 @@ Hashes: xxh3-128 (`xxhsum -H2`) when the remote host has xxhsum, else POSIX `cks
 A task runs `streams` slices at once, each its own session on the control master: a
 stream that finishes early takes the next slice (next-available queueing).
 """
+import io
 import math
 import os
 import stat
@@ -36,6 +37,7 @@ from hpcmove_plugins.copy import BUFFER, CopyEngine, SliceWork
 BUNDLE_FILE_MAX = 4 << 20
 BUNDLE_FILES, BUNDLE_BYTES = 2000, 128 << 20
 BUNDLE_MIN_FILES = 200  # fewer per stream: one bundle, not a session per handful
+PART_BYTES = 16 << 20  # a pushed spool at most this big may share a bundle with others
 _REV = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
@@ -89,6 +91,7 @@ def _close(stream):
 
 class SshEngine(CopyEngine):
     name = "ssh"
+    mixed_spools = True  # a bundle may hold files of several spools (see units)
 
     def __init__(self, buffer_size=BUFFER, bwlimit=0, remote=None, streams=3):
         super().__init__(buffer_size, bwlimit)
@@ -140,6 +143,14 @@ class SshEngine(CopyEngine):
                     + b" ".join(q(n) for n in names))
         return cmd
 
+    def _unit_cmd(self, items):
+        """The remote command of a pushed bundle: one tar into its spool, or (files of
+        several spools) a script of one tar per spool, sent on stdin ahead of the data."""
+        roots = _roots(items)
+        if len(roots) == 1:
+            return self._bundle_cmd(roots[0], [in_spool(i) for i in items])
+        return parts_cmd(len(parts_script(roots)))
+
     def prepare(self, unit):
         """Start the session of a push's next unit (the worker's streams call this for
         the unit next in line while they work), if a session slot is free now: its start
@@ -147,8 +158,7 @@ class SshEngine(CopyEngine):
         if self.side != "dst" or self.gone:
             return
         if len(unit) > 1:
-            self.remote.start(self._bundle_cmd(unit[0]["root"], [in_spool(i) for i in unit]),
-                              wait=False, bufsize=len(self.buf))
+            self.remote.start(self._unit_cmd(unit), wait=False, bufsize=len(self.buf))
         else:
             item = unit[0]
             self.remote.start(self._write_cmd(item["spool"], item["offset"], item["length"]),
@@ -372,9 +382,17 @@ class SshEngine(CopyEngine):
             if not whole or item["size"] > BUNDLE_FILE_MAX:
                 single.append([item])
             else:  # a pull writes each file here by its own spool path
-                small.setdefault(item["root"] if self.side == "dst" else b"", []).append(item)
-        return single + [u for group in small.values()
-                         for u in bundles(group, self.streams)]
+                mixed = self.side == "src" and self.mixed_spools
+                small.setdefault(b"" if mixed else item["root"], []).append(item)
+        groups = list(small.values())
+        if self.side == "dst" and self.defer_verify and self.mixed_spools:
+            # spools of a few files each (a copyjob's pairs into many directories) go
+            # together, a part of a bundle each, instead of a session per spool
+            few = [sum(i["size"] + 512 for i in g) <= PART_BYTES for g in groups]
+            if sum(few) > 1:
+                groups = [g for g, f in zip(groups, few) if not f] + \
+                    [[i for g, f in zip(groups, few) if f for i in g]]
+        return single + [u for group in groups for u in bundles(group, self.streams)]
 
     def copy_bundle(self, items):
         """[(item, result)] for whole small files moved as one tar stream."""
@@ -404,30 +422,14 @@ class SshEngine(CopyEngine):
         return out
 
     def _push_bundle(self, items):
+        if len(_roots(items)) > 1:
+            return self._push_parts(items)
         spool = items[0]["root"]
         names = [in_spool(i) for i in items]
         proc = self.remote.session(self._bundle_cmd(spool, names), bufsize=len(self.buf))
-        ours, problems, sent = {}, {}, 0
-        # what tar says is read meanwhile: an error for each of 2,000 long names fills
-        # the pipes and the channel window, and a tar that cannot write its errors
-        # stops reading the stream we write
-        collect = _drain(proc)
-        try:
-            for item, name in zip(items, names):
-                try:
-                    digest, size = self._add(proc.stdin, item, name)
-                except TransferError as e:
-                    problems[item["slice"]] = str(e)
-                    continue
-                ours[item["slice"]] = digest
-                sent += size
-            proc.stdin.write(tar_end(sent))
-        except BrokenPipeError:
-            pass
-        finally:
-            _close(proc.stdin)
-            proc.stdin = None
-            out, err = collect()
+        ours, problems = {}, {}
+        out, err = _send(proc, lambda stdin: stdin.write(
+            tar_end(self._add_all(stdin, items, ours, problems))))
         if proc.returncode != 0:
             raise self._failed(proc.returncode, err, f"writing a bundle into {os.fsdecode(spool)}")
         theirs = {} if self.defer_verify else \
@@ -440,6 +442,48 @@ class SshEngine(CopyEngine):
             else:
                 got[item["slice"]] = ("", "", problems.get(item["slice"], ""))
         return got
+
+    def _push_parts(self, items):
+        """A bundle of files of several spools (defer_verify: finalize checks them at
+        rest): each spool's files as a tar archive of their own, built in memory (at most
+        PART_BYTES, see units) and sent as a part of parts_script's stream."""
+        by_root = {}
+        for item in items:
+            by_root.setdefault(item["root"], []).append(item)
+        roots = list(by_root)
+        script = parts_script(roots)
+        proc = self.remote.session(parts_cmd(len(script)), bufsize=len(self.buf))
+        ours, problems = {}, {}
+
+        def write(stdin):
+            stdin.write(script)
+            for number, root in enumerate(roots, 1):
+                part = io.BytesIO()
+                part.write(tar_end(self._add_all(part, by_root[root], ours, problems)))
+                with part.getbuffer() as data:
+                    stdin.write(b"%d %d\n" % (len(data), number))
+                    stdin.write(data)
+        _out, err = _send(proc, write)
+        if proc.returncode != 0:
+            raise self._failed(proc.returncode, err, f"writing a bundle into {len(roots)} "
+                                                     f"spools, the first "
+                                                     f"{os.fsdecode(roots[0])}")
+        return {i["slice"]: (ours[i["slice"]], None, "") if i["slice"] in ours else
+                ("", "", problems.get(i["slice"], "")) for i in items}
+
+    def _add_all(self, out, items, ours, problems):
+        """Each item's file into the tar stream `out` under its name in its spool; their
+        digests into `ours`, the reasons of those that could not be read into `problems`
+        (by slice id). Returns the bytes written."""
+        sent = 0
+        for item in items:
+            try:
+                ours[item["slice"]], size = self._add(out, item, in_spool(item))
+            except TransferError as e:
+                problems[item["slice"]] = str(e)
+                continue
+            sent += size
+        return sent
 
     def open_item(self, item):
         """The source of a whole small file in a bundle, opened as open_source opens a
@@ -518,12 +562,56 @@ class SshEngine(CopyEngine):
         return self._local_digest(item["spool"], 0, item["size"])
 
 
+def _roots(items):
+    """The spool directories of a bundle's files, in their order."""
+    return list(dict.fromkeys(i["root"] for i in items))
+
+
+def parts_script(roots):
+    """The remote side of a pushed bundle whose files are in several spools, read from
+    stdin ahead of the data (a copyjob's 1,500 spools would not fit in a command line):
+    for each part a line 'LENGTH NUMBER', then LENGTH bytes of tar unpacked into the
+    NUMBER-th spool with -C, as a one-spool bundle is (a spool removed meanwhile, by
+    `cancel`, is not made again). Each part is read whole whatever its tar does, so the
+    next line is where it should be; the exit code is 1 if any part failed."""
+    return (b"set -- " + b" ".join(q(word(r)) for r in roots) + b"\n"
+            b"umask 077\nfailed=0\n"
+            b"while read -r n i; do\n"
+            b"  eval \"d=\\${$i}\"\n"
+            b"  head -c \"$n\" | { tar -x -B -f - -C \"$d\" --no-same-owner "
+            b"--same-permissions; s=$?; cat >/dev/null; exit $s; } || failed=1\n"
+            b"done\n"
+            b"exit $failed\n")
+
+
+def parts_cmd(script_size):
+    """Run the parts_script that comes first on stdin (`script_size` bytes)."""
+    return b'eval "$(head -c %d)"' % script_size
+
+
 def pull_bundle_cmd(size, kind):
     """The remote side of a pulled bundle, in one session: stdin holds the NUL-separated
     names twice (`size` bytes each); out comes the tar stream of the first copy, then the
     digests of the second (re-read from the remote page cache)."""
     return (b"head -c " + str(size).encode() + b" | tar -c -f - --no-recursion --null "
             b"--verbatim-files-from -T -; xargs -0 -r " + sums_cmd(kind) + b" --")
+
+
+def _send(proc, write):
+    """write(stdin) of a session while what it prints is read (a remote tar that cannot
+    write its errors stops reading: an error for each of 2,000 long names fills the
+    pipes and the channel window); then stdin closed and (stdout, stderr) once it has
+    ended. A remote end that stopped reading leaves the reason to its exit code."""
+    collect = _drain(proc)
+    try:
+        write(proc.stdin)
+    except BrokenPipeError:
+        pass
+    finally:
+        _close(proc.stdin)
+        proc.stdin = None
+        got = collect()
+    return got
 
 
 def _drain(proc):

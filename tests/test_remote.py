@@ -3,6 +3,7 @@ here by a real sh, on local directories), find output, and the cksum digest."""
 import io
 import os
 import random
+import shutil
 import stat
 import subprocess
 import threading
@@ -11,7 +12,7 @@ import time
 import pytest
 import xxhash
 
-from hpcmove import plan, remote
+from hpcmove import plan, remote, states
 from hpcmove.errors import PlanError, TransferError
 from hpcmove_plugins.ssh import BadTar, Cksum, SshEngine, parallel_script, tar_files
 
@@ -432,14 +433,19 @@ def _stub_ssh(tmp_path, monkeypatch):
         if (tmp_path / "starts").exists() else 0
 
 
-@pytest.mark.parametrize("side, expect", [("src", 1), ("dst", 300)])
-def test_small_files_of_many_spools_are_bundled_when_pulled(side, expect):
+@pytest.mark.parametrize("engine, side, expect", [
+    ("ssh", "src", 1), ("ssh", "dst", 300), ("rsync", "src", 300), ("rsync", "dst", 300)])
+def test_small_files_of_many_spools_are_bundled_when_pulled(engine, side, expect):
     """A copyjob of 300 pairs into 300 directories has a spool in each: pulled, their
-    files come in one bundle (written here by each one's spool path); pushed, one remote
-    tar unpacks a bundle into one spool, so each directory has its own."""
+    files come in one bundle (written here by each one's spool path); pushed outside an
+    array task, one remote tar unpacks a bundle into one spool, so each directory has
+    its own. One rsync run moves a bundle between two directories, both ways."""
+    from hpcmove_plugins.rsync import RsyncEngine
     items = [{"slice": i, "root": b"/d%03d/.hpcmove-x.spool/t" % i, "offset": 0,
               "length": 100, "size": 100} for i in range(300)]
-    engine = SshEngine(remote={"host": "h", "socket": "/nonexistent", "side": side})
+    engine = {"ssh": SshEngine, "rsync": RsyncEngine}[engine](
+        remote={"host": "h", "socket": "/nonexistent", "side": side})
+    engine.defer_verify = True if engine.name == "rsync" else False
     units = engine.units(items)
     assert len(units) == expect
     assert sorted(i["slice"] for u in units for i in u) == list(range(300))
@@ -577,6 +583,91 @@ def test_a_pushed_bundle_whose_every_file_fails_there_ends_with_the_reason(
     t.join(60)
     assert got, "the pushed bundle did not finish"
     assert isinstance(got[0], TransferError) and "Not a directory" in str(got[0]), got[0]
+
+
+def _spool_items(base, dirs, files_each):
+    """Items of a push into one spool per directory of `dirs` under `base` (made), with
+    `files_each` small files each, the sources under base/src: (items, {spool: data})."""
+    os.makedirs(base / "src")
+    items, want = [], {}
+    for d, name in enumerate(dirs):
+        root = bytes(base) + b"/far/" + name + b"/.hpcmove-x.spool/t"
+        os.makedirs(root)
+        for k in range(files_each):
+            src = bytes(base) + b"/src/%d-%d" % (d, k)
+            with open(src, "wb") as f:
+                f.write(os.urandom(100 + d + k))
+            st = os.stat(src)
+            spool = root + b"/" + name + b"%d" % k
+            items.append({"slice": len(items), "src": src, "spool": spool, "root": root,
+                          "offset": 0, "length": st.st_size, "size": st.st_size,
+                          "mtime_ns": st.st_mtime_ns})
+            want[spool] = open(src, "rb").read()
+    return items, want
+
+
+HOSTILE_DIRS = [b"sp ace", b"qu'ote\"s", b"new\nline", b"$(touch PWNED)", b"-rf", b"caf\xe9",
+                b"semi;colon&"]
+
+
+def test_a_pushed_bundle_fills_many_spools_in_one_session(tmp_path, monkeypatch):
+    """300 spools of a few files each (a copyjob's pairs into 300 directories, hostile
+    names among them) go as one bundle, a part per spool, in one session started ahead:
+    each file lands in its own spool, nothing runs."""
+    starts = _stub_ssh(tmp_path, monkeypatch)
+    dirs = HOSTILE_DIRS + [b"dir %03d" % i for i in range(300 - len(HOSTILE_DIRS))]
+    items, want = _spool_items(tmp_path, dirs, 2)
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "dst",
+                               "sum": "xxh128"}, streams=1)
+    engine.defer_verify = True
+    (unit,) = engine.units(items)
+    engine.prepare(unit)
+    got = engine.copy_bundle(unit)
+    assert [r["state"] for _i, r in got] == [states.DONE] * 600, got[0]
+    assert starts() == 1
+    for spool, data in want.items():
+        assert open(spool, "rb").read() == data, spool
+    assert not (tmp_path / "PWNED").exists() and not os.path.exists("PWNED")
+
+
+def test_a_spool_removed_meanwhile_is_not_made_again_by_a_bundle_of_many(
+        tmp_path, monkeypatch):
+    """A part of a bundle whose spool is gone (`cancel` removed it) fails, and its tar
+    does not make it again; the parts after it are still unpacked, and the bundle ends
+    with the reason (its files are then tried alone)."""
+    _stub_ssh(tmp_path, monkeypatch)
+    items, want = _spool_items(tmp_path, [b"a", b"b", b"c"], 3)
+    gone = items[3]["root"]
+    shutil.rmtree(os.path.dirname(gone))
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "dst",
+                               "sum": "xxh128"})
+    engine.defer_verify = True
+    (unit,) = engine.units(items)
+    got = engine.copy_bundle(unit)
+    assert {r["state"] for _i, r in got} <= {states.WAIT, states.FAILED}
+    assert "No such file or directory" in got[0][1]["reason"], got[0][1]
+    assert not os.path.exists(os.path.dirname(gone))
+    for spool in (items[-1]["spool"], items[0]["spool"]):
+        assert open(spool, "rb").read() == want[spool]
+
+
+@pytest.mark.parametrize("defer, expect", [(True, 1), (False, 40)])
+def test_small_spools_of_a_push_share_bundles_only_when_checked_at_rest(defer, expect):
+    """In an array task (defer) a push's small spools share bundles; big ones keep their
+    own; outside (the remote digests named in the tar's command) a bundle is one spool."""
+    from hpcmove_plugins.ssh import PART_BYTES
+    items = [{"slice": i, "root": b"/d%02d/.hpcmove-x.spool/t" % (i // 5), "offset": 0,
+              "length": 1000, "size": 1000} for i in range(200)]
+    big = [{"slice": 1000 + i, "root": b"/big/.hpcmove-x.spool/t", "offset": 0,
+            "length": 4 << 20, "size": 4 << 20} for i in range(PART_BYTES // (4 << 20) + 1)]
+    engine = SshEngine(remote={"host": "h", "socket": "/nonexistent", "side": "dst"})
+    engine.defer_verify = defer
+    units = engine.units(items + big)
+    mixed = [u for u in units if u[0]["root"] != b"/big/.hpcmove-x.spool/t"]
+    assert len(mixed) == expect
+    assert [u for u in units if u not in mixed] == [big]
+    assert sorted(i["slice"] for u in units for i in u) == \
+        sorted(i["slice"] for i in items + big)
 
 
 def test_a_session_started_ahead_is_the_one_a_later_run_uses(tmp_path, monkeypatch):
