@@ -185,3 +185,40 @@ def test_a_newer_schema_is_refused(tmp_path):
     db.close()
     with pytest.raises(DatabaseError, match="newer than this hpcmove"):
         db.connect(url)
+
+
+def test_the_at_rest_check_goes_in_chunks_and_finds_a_changed_spool_file(url, tmp_path):
+    """finalize's integrity check asks the engine a chunk of slices at a time (a million
+    files' paths and digests at once cost 300 MB): every Done slice is still checked, a
+    spool file changed since its task copied it goes back to Wait, the rest are
+    recorded as verified."""
+    from hpcmove import plugins, recover
+    from hpcmove.plan import spool_path
+    job, _ = make_job(tmp_path, 7)
+    files = db.plain(job.files.order_by(db.File.index))
+    engine = plugins.make_engine({})
+    for f in files:
+        if f.kind == "file":
+            os.makedirs(os.path.dirname(spool_path(f.spool, f.dst)), exist_ok=True)
+            with open(spool_path(f.spool, f.dst), "wb") as out:
+                out.write(b"x" * 10)
+    digest = engine.digest(spool_path(files[1].spool, files[1].dst), 0, 10)
+    db.Slice.update(state=states.DONE, src_digest=digest).where(
+        db.Slice.job == job.id).execute()
+    slices = db.plain(db.Slice.select().where(db.Slice.job == job.id))
+    by_file = {}
+    for s in slices:
+        by_file.setdefault(s.file_id, []).append(s)
+    changed = files[4]
+    with open(spool_path(changed.spool, changed.dst), "r+b") as f:
+        f.write(b"y")
+    calls = []
+    real = engine.digests
+    engine.digests = lambda ranges: calls.append(len(ranges)) or real(ranges)
+    recover.check_integrity(engine, files, by_file, chunk=3)
+    assert calls == [3, 3, 1]
+    after = {s.file_id: s for s in db.Slice.select().where(db.Slice.job == job.id)}
+    assert after[changed.id].state == states.WAIT
+    assert "differs from the source" in after[changed.id].reason
+    assert all(s.state == states.DONE and s.dst_digest == digest
+               for f, s in after.items() if f != changed.id)
