@@ -6,6 +6,7 @@ import random
 import shutil
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -668,6 +669,34 @@ def test_small_spools_of_a_push_share_bundles_only_when_checked_at_rest(defer, e
     assert [u for u in units if u not in mixed] == [big]
     assert sorted(i["slice"] for u in units for i in u) == \
         sorted(i["slice"] for i in items + big)
+
+
+def test_a_pushed_rsync_bundle_makes_its_symlinks_in_memory_unless_tmpdir_is_set(
+        tmp_path, monkeypatch):
+    """The rsync engine's farm of symlinks (2,000 a bundle) goes where creating them
+    is cheap: TMPDIR when set (a site's or the batch system's choice), else /dev/shm
+    (on this machine's journaled root disk a symlink cost 0.9 ms: 15 CPU s of a
+    20,000-file push); the farm is gone afterwards."""
+    from hpcmove_plugins import rsync
+    made = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(rsync.tempfile, "mkdtemp",
+                        lambda **kw: made.append(real(**kw)) or made[-1])
+    monkeypatch.setattr(rsync.RsyncEngine, "_rsync", lambda self, *a, **kw: 0.0)
+    src = tmp_path / "f"
+    src.write_bytes(b"x")
+    st = src.stat()
+    item = {"slice": 0, "src": bytes(src), "spool": b"/spool/t/f", "root": b"/spool/t",
+            "offset": 0, "length": 1, "size": 1, "mtime_ns": st.st_mtime_ns}
+    engine = rsync.RsyncEngine(remote={"host": "h", "socket": "/s", "side": "dst"})
+    engine.defer_verify = True
+    monkeypatch.delenv("TMPDIR", raising=False)
+    engine._push_bundle([item])
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # as read when a task starts
+    engine._push_bundle([item])
+    assert [os.path.dirname(m) for m in made] == ["/dev/shm", str(tmp_path)]
+    assert not any(os.path.exists(m) for m in made)
 
 
 def test_a_session_started_ahead_is_the_one_a_later_run_uses(tmp_path, monkeypatch):
