@@ -192,6 +192,32 @@ def digest_cmd(path, offset, length, kind, mtime=False):
     return head + read_cmd(path, offset, length) + b" | " + sum_cmd(kind)
 
 
+CHECK_MARK = b"hpcmove-check"
+
+
+def pull_slice_cmd(path, offset, length, kind):
+    """A range's bytes on stdout and, meanwhile, on stderr a line 'hpcmove-check SIZE
+    MTIME DIGEST' (the file's lstat, the digest of the range read on its own), so that a
+    pulled slice takes one session, not two. The exit code is the data's, else the
+    check's."""
+    read = read_cmd(path, offset, length)
+    return (b"{ s=$(stat -c '%s %.9Y' -- " + q(word(path)) + b") && h=$(" + read + b" | "
+            + sum_cmd(kind) + b") && printf '" + CHECK_MARK + b" %s %s\\n' \"$s\" \"$h\" >&2; } & "
+            + read + b"; r=$?; wait $!; c=$?; [ $r -ne 0 ] && exit $r; exit $c")
+
+
+def parse_check(err, kind):
+    """((size, mtime_ns, digest) or None, the rest of stderr) from pull_slice_cmd's."""
+    found, rest = None, []
+    for line in err.splitlines(keepends=True):
+        words = line.split()
+        if words[:1] == [CHECK_MARK] and len(words) >= 4:
+            found = (int(words[1]), mtime_ns(words[2]), parse_digest(b" ".join(words[3:]), kind))
+        else:
+            rest.append(line)
+    return found, b"".join(rest)
+
+
 def digests_script(ranges, kind, parallel=4):
     """A script printing 'N DIGEST' for the N-th (path, offset, length), or 'N ERR'
     when unreadable; `parallel` ranges are read at once (the lines come in any order,

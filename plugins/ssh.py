@@ -19,7 +19,6 @@ import io
 import math
 import os
 import stat
-import subprocess
 import threading
 import time
 import zlib
@@ -28,8 +27,9 @@ import xxhash
 
 from hpcmove import states
 from hpcmove.errors import TransferError
-from hpcmove.remote import SESSIONS, AuthRequired, Remote, digest_cmd, digests_script, mtime_ns, \
-    parse_digest, parse_digests, parse_sums, q, read_cmd, sums_cmd, word, write_cmd
+from hpcmove.remote import SESSIONS, AuthRequired, Remote, digest_cmd, digests_script, \
+    parse_check, parse_digest, parse_digests, parse_sums, pull_slice_cmd, q, sums_cmd, word, \
+    write_cmd
 from hpcmove_plugins.copy import BUFFER, CopyEngine, SliceWork
 
 # Whole files up to this size travel in bundles: one tar stream and one session for many
@@ -211,30 +211,28 @@ class SshEngine(CopyEngine):
         return h.hexdigest(), parse_digest(out, self.kind)
 
     def _pull(self, work):
-        # the remote digest and the data: two sessions at once, their slots taken together
-        check, proc = self.remote.sessions(
-            digest_cmd(work.src, work.offset, work.length, self.kind, mtime=True),
-            read_cmd(work.src, work.offset, work.length))
-        for session in (check, proc):
-            _close(session.stdin)
-            session.stdin = None
-        try:
-            self._receive(work, proc)
-        finally:
-            out, err = check.communicate()
-        if check.returncode != 0:
-            raise self._failed(check.returncode, err, f"reading {os.fsdecode(work.src)}")
-        first, _, rest = out.partition(b"\n")
-        size, mtime = first.split()
-        if int(size) != work.size or mtime_ns(mtime) != work.mtime_ns:
+        # one session: the data on stdout, the file's lstat and the range's digest (read
+        # on its own meanwhile) on stderr
+        proc = self.remote.session(pull_slice_cmd(work.src, work.offset, work.length,
+                                                  self.kind))
+        _close(proc.stdin)
+        proc.stdin = None
+        found, err = self._receive(work, proc)
+        if found is None:
+            raise TransferError(f"on {self.remote.host}: no digest of "
+                                f"{os.fsdecode(work.src)}: {err.decode(errors='replace')}",
+                                transient=True)
+        size, mtime, digest = found
+        if size != work.size or mtime != work.mtime_ns:
             raise TransferError(f"source changed since it was planned: "
                                 f"{self.remote.host}:{os.fsdecode(work.src)}")
         if self.defer_verify:  # finalize's at-rest check reads it once, not twice
-            return parse_digest(rest, self.kind), None
-        return parse_digest(rest, self.kind), self._local_digest(work.dst, work.offset,
-                                                                 work.length)
+            return digest, None
+        return digest, self._local_digest(work.dst, work.offset, work.length)
 
     def _receive(self, work, proc):
+        """The session's stdout into the range of work.dst; (the check line parsed, the
+        rest of stderr) once it has ended well."""
         try:
             dst_fd = os.open(work.dst, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
@@ -260,11 +258,13 @@ class SshEngine(CopyEngine):
         finally:
             os.close(dst_fd)
             _out, err = proc.communicate()
+        found, err = parse_check(err, self.kind)
         if proc.returncode != 0:
             raise self._failed(proc.returncode, err, f"reading {os.fsdecode(work.src)}")
         if pos != end:
             raise TransferError(f"source changed (shorter than planned): "
                                 f"{self.remote.host}:{os.fsdecode(work.src)}")
+        return found, err
 
     def _local_digest(self, path, offset, length):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

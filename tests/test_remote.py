@@ -699,6 +699,32 @@ def test_a_pushed_rsync_bundle_makes_its_symlinks_in_memory_unless_tmpdir_is_set
     assert not any(os.path.exists(m) for m in made)
 
 
+def test_a_pulled_slice_comes_with_its_digest_and_lstat_in_one_session(tmp_path, monkeypatch):
+    """A pulled slice's data on stdout, the file's size and mtime and the range's digest
+    (read on its own meanwhile) on stderr: one session, not two. A source changed since
+    it was planned, or gone, ends with that reason; nothing runs for a hostile name."""
+    from hpcmove.plugins import SliceWork
+    starts = _stub_ssh(tmp_path, monkeypatch)
+    src = tmp_path / "$(touch PWNED) -x"
+    src.write_bytes(os.urandom(3 << 20))
+    st = src.stat()
+    dst = tmp_path / "spool"
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "src",
+                               "sum": "xxh128"})
+    work = SliceWork(bytes(src), bytes(dst), 1 << 20, 1 << 20, st.st_size, st.st_mtime_ns)
+    theirs, ours = engine.copy_slice(work)
+    data = src.read_bytes()[1 << 20:2 << 20]
+    assert theirs == ours == xxhash.xxh3_128(data).hexdigest()
+    assert dst.read_bytes()[1 << 20:2 << 20] == data
+    assert starts() == 1 and not (tmp_path / "PWNED").exists()
+    os.utime(src, ns=(st.st_mtime_ns, st.st_mtime_ns + 1))
+    with pytest.raises(TransferError, match="source changed since it was planned"):
+        engine.copy_slice(work)
+    src.unlink()
+    with pytest.raises(TransferError, match="No such file"):
+        engine.copy_slice(work)
+
+
 def test_a_session_started_ahead_is_the_one_a_later_run_uses(tmp_path, monkeypatch):
     starts = _stub_ssh(tmp_path, monkeypatch)
     r = remote.Remote("h", bytes(tmp_path / "sock"))
