@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """hpcmove against its peers, measured in one run: medians of interleaved rounds.
 
-  python bench/run.py [--groups floor,big,small,ssh,sshsmall,sshpull,million] [--size 2G]
+  python bench/run.py [--groups floor,big,small,ssh,sshsmall,sshpull,bigpull,million]
+                      [--size 2G]
                       [--files 20000]
                       [--entries 1000000] [--rounds 3] [--dir /var/tmp/hpcmove-bench]
                       [--slurm auto|yes|no] [--no-install] [--fresh-fs SIZE]
@@ -24,6 +25,7 @@ Groups (data sets are made once under --dir and reused):
   sshsmall the small tree to the sshd fixture: hpcmove (tar bundles), hpcmove
            --engine rsync (rsync bundles), rsync -a -e ssh.
   sshpull  the small tree from the sshd fixture: hpcmove (tar bundles), rsync -a -e ssh.
+  bigpull  the --size file from the sshd fixture: hpcmove (slices), scp.
   million  --entries empty files planned and recorded (bench/million.py's measure):
            submit time and peak RSS, `status`, `status --summary`.
 
@@ -405,7 +407,22 @@ def sshpull_rows(args, env, cleanup):
     return src, tree_bytes(src), rows
 
 
-SSH_GROUPS = {"ssh": ssh_rows, "sshsmall": sshsmall_rows, "sshpull": sshpull_rows}
+def bigpull_rows(args, env, cleanup):
+    ssh, senv, henv = _ssh_setup(args, env, cleanup)
+    if not ssh:
+        return None, 0, {}
+    src = make_file(os.path.join(args.dir, f"random-{args.size}.bin"), parse_size(args.size))
+    host, cfg = ssh["HPCMOVE_TEST_SSH_HOST"], ssh["HPCMOVE_TEST_SSH_CONFIG"]
+    rows = {
+        OURS: lambda d: timed(hpcmove(args, "--backend", "local", f"{host}:{src}", f"{d}/"),
+                              henv),
+        "scp": lambda d: timed(["scp", "-q", "-F", cfg, f"{host}:{src}", f"{d}/"], senv),
+    }
+    return src, parse_size(args.size), rows
+
+
+SSH_GROUPS = {"ssh": ssh_rows, "sshsmall": sshsmall_rows, "sshpull": sshpull_rows,
+              "bigpull": bigpull_rows}
 
 
 def cpu_seconds():
@@ -509,7 +526,7 @@ def fresh_fs(path, size):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--groups", default="floor,big,small,ssh,sshsmall,sshpull,million")
+    ap.add_argument("--groups", default="floor,big,small,ssh,sshsmall,sshpull,bigpull,million")
     ap.add_argument("--size", default="2G", help="the big file (and the ssh one)")
     ap.add_argument("--files", type=int, default=20_000, help="files in the small tree")
     ap.add_argument("--entries", type=int, default=1_000_000, help="entries for 'million'")

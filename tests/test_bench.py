@@ -15,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_local_groups_on_tiny_data(tmp_path):
     done = subprocess.run(
         [sys.executable, os.path.join(REPO, "bench", "run.py"), "--dir", str(tmp_path),
-         "--groups", "floor,big,small,ssh,sshsmall,sshpull,million", "--size", "64K", "--files", "12",
+         "--groups", "floor,big,small,ssh,sshsmall,sshpull,bigpull,million", "--size", "64K",
+         "--files", "12",
          "--entries", "30",
          "--rounds", "1", "--slurm", "no", "--no-install"],
         capture_output=True, text=True, timeout=300)
@@ -28,6 +29,7 @@ def test_bench_local_groups_on_tiny_data(tmp_path):
     assert "peer/hpcmove" in out and "CPU s" in out
     assert "\nfloor    hpcmove " in out
     assert "\nsshpull  hpcmove " in out and "\nsshpull  rsync -a -e ssh " in out
+    assert "\nbigpull  hpcmove " in out and "\nbigpull  scp " in out
     assert "million  submit 30 files" in out
     assert "status --summary" in out
     assert not os.path.exists(tmp_path / "dst")  # the bench cleans up its destination
