@@ -345,12 +345,25 @@ def _ssh_setup(args, env, cleanup):
     return ssh, senv, henv
 
 
-def ssh_rows(args, env, cleanup):
+def _with_sshd(args, env, cleanup, make_src):
+    """(make_src(), the sshd's host alias, its ssh config, the peers' env, hpcmove's
+    env), or None without the sshd."""
     ssh, senv, henv = _ssh_setup(args, env, cleanup)
     if not ssh:
+        return None
+    return make_src(), ssh["HPCMOVE_TEST_SSH_HOST"], ssh["HPCMOVE_TEST_SSH_CONFIG"], senv, henv
+
+
+def _file_and_sshd(args, env, cleanup):
+    return _with_sshd(args, env, cleanup, lambda: make_file(
+        os.path.join(args.dir, f"random-{args.size}.bin"), parse_size(args.size)))
+
+
+def ssh_rows(args, env, cleanup):
+    found = _file_and_sshd(args, env, cleanup)
+    if not found:
         return None, 0, {}
-    src = make_file(os.path.join(args.dir, f"random-{args.size}.bin"), parse_size(args.size))
-    host, cfg = ssh["HPCMOVE_TEST_SSH_HOST"], ssh["HPCMOVE_TEST_SSH_CONFIG"]
+    src, host, cfg, senv, henv = found
     name = os.path.basename(src)
 
     def cat(d):
@@ -368,13 +381,8 @@ def ssh_rows(args, env, cleanup):
 
 
 def _tree_and_sshd(args, env, cleanup):
-    """(the small tree, the sshd's host alias, its ssh config, the peers' env, hpcmove's
-    env), or None without the sshd."""
-    ssh, senv, henv = _ssh_setup(args, env, cleanup)
-    if not ssh:
-        return None
-    src = make_tree(os.path.join(args.dir, f"tree-{args.files}"), args.files) + "/"
-    return src, ssh["HPCMOVE_TEST_SSH_HOST"], ssh["HPCMOVE_TEST_SSH_CONFIG"], senv, henv
+    return _with_sshd(args, env, cleanup, lambda: make_tree(
+        os.path.join(args.dir, f"tree-{args.files}"), args.files) + "/")
 
 
 def sshsmall_rows(args, env, cleanup):
@@ -408,11 +416,10 @@ def sshpull_rows(args, env, cleanup):
 
 
 def bigpull_rows(args, env, cleanup):
-    ssh, senv, henv = _ssh_setup(args, env, cleanup)
-    if not ssh:
+    found = _file_and_sshd(args, env, cleanup)
+    if not found:
         return None, 0, {}
-    src = make_file(os.path.join(args.dir, f"random-{args.size}.bin"), parse_size(args.size))
-    host, cfg = ssh["HPCMOVE_TEST_SSH_HOST"], ssh["HPCMOVE_TEST_SSH_CONFIG"]
+    src, host, cfg, senv, henv = found
     rows = {
         OURS: lambda d: timed(hpcmove(args, "--backend", "local", f"{host}:{src}", f"{d}/"),
                               henv),
