@@ -9,7 +9,7 @@ import time
 
 import click
 
-from . import db, jobs, ssh
+from . import db, jobs, remote, ssh
 from .errors import HpcmoveError
 
 
@@ -58,6 +58,8 @@ def socket_open(host, node, ttl, ssh_options, here):
     """
     if node.startswith("-"):
         raise click.BadParameter(f"{node!r} is not a node name", param_hint="--on")
+    if not remote.valid_host(host):  # ssh would read `-oProxyCommand=...` as an option
+        raise click.BadParameter(f"{host!r} is not [user@]host", param_hint="[USER@]HOST")
     if not here and not ssh.is_here(node):
         sys.exit(_open_on(node, host, ttl, ssh_options))
     db.connect()

@@ -54,7 +54,15 @@ class Endpoint:
         return f"{self.host}:{p}" if self.host else p
 
 
-_HOST = re.compile(r"^(?:[A-Za-z0-9._+-]+@)?(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])$")
+# neither part may start with '-': ssh would read the word as an option
+_HOST = re.compile(r"^(?:[A-Za-z0-9._+][A-Za-z0-9._+-]*@)?"
+                   r"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])$")
+
+
+def valid_host(host):
+    """`[user@]host` as ssh and scp name a host, and nothing ssh could take for an
+    option."""
+    return bool(_HOST.match(host))
 
 
 def parse(arg):
@@ -67,7 +75,7 @@ def parse(arg):
     if colon <= 0 or (0 <= slash < colon):
         return Endpoint("", raw)
     host = os.fsdecode(raw[:colon])
-    if not _HOST.match(host):
+    if not valid_host(host):
         raise PlanError(f"not a valid remote host in {os.fsdecode(raw)!r}: {host!r}")
     path = raw[colon + 1:] or b"."
     return Endpoint(host, path)

@@ -154,6 +154,8 @@ def parse_ttl(text):
 def open_socket(host, ttl=DEFAULT_TTL, node="", extra_options=(), run=subprocess.run):
     """Start a ControlMaster for `host` here (interactive: agent or passphrase) and
     record it. Returns the db.ControlSocket row."""
+    if not remote.valid_host(host):
+        raise UsageError(f"not [user@]host: {host!r}")
     seconds = parse_ttl(ttl)
     if seconds <= 0:
         raise UsageError("--ttl must be positive")

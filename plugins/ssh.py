@@ -67,15 +67,25 @@ PERMANENT = (b"No space left on device", b"Disk quota exceeded", b"Read-only fil
              b"Permission denied", b"File too large", b"No such file or directory")
 
 
+# What ssh here prints when the sshd refused a session of a live master: sshd's
+# MaxSessions still counts sessions that are closing, so one sent into a connection that
+# just freed a slot can be refused. ssh then tries a connection of its own and, with no
+# credential in a batch job, adds "Permission denied (publickey)": the command never ran,
+# and the next attempt through the same master goes through.
+REFUSED = (b"Session open refused by peer", b"session request failed",
+           b"Control socket connect", b"mux_client_request_session: read from master failed")
+
+
 def remote_error(host, what, stderr, code):
     """A remote command's failure as a TransferError: its own words (the first two lines
     and the last: tar says it once per file of a bundle), transient unless they say that
-    no retry can help (PERMANENT)."""
+    no retry can help (PERMANENT) and do not come from a session the sshd refused."""
     lines = stderr.decode(errors="replace").strip().splitlines() or [f"exit {code}"]
     if len(lines) > 3:
         lines = lines[:2] + [f"... ({len(lines) - 3} more lines)", lines[-1]]
+    refused = any(r in stderr for r in REFUSED)
     return TransferError(f"on {host}: {what}: " + "\n".join(lines),
-                         transient=not any(p in stderr for p in PERMANENT))
+                         transient=refused or not any(p in stderr for p in PERMANENT))
 
 
 def new_sum(kind):

@@ -148,3 +148,19 @@ def test_then_is_refused_on_the_local_backend_before_anything_happens(runner, tm
     assert result.exit_code == 1
     assert "--then needs a batch system: the local backend" in result.output
     assert os.listdir(tmp_path / "d") == [] and not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("host", ["-oProxyCommand=touch PWNED", "-oProxyCommand=x@host",
+                                  "user@-host", "a b"])
+def test_socket_open_refuses_a_host_ssh_could_read_as_an_option(runner, tmp_path, monkeypatch,
+                                                                host):
+    """Nothing is started for such a host: a fake ssh first on PATH would leave a mark."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(f"#!/bin/sh\ntouch {tmp_path}/ssh-ran\n")
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("HPCMOVE_SOCKET_DIR", str(tmp_path / "s"))
+    result = runner.invoke(cli.cli, ["socket", "open", "--", host])
+    assert result.exit_code == 2 and "is not [user@]host" in result.output
+    assert not (tmp_path / "ssh-ran").exists() and not (tmp_path / "s").exists()

@@ -15,7 +15,8 @@ import xxhash
 
 from hpcmove import plan, remote, states
 from hpcmove.errors import PlanError, TransferError
-from hpcmove_plugins.ssh import BadTar, Cksum, SshEngine, parallel_script, tar_files
+from hpcmove_plugins.ssh import (BadTar, Cksum, SshEngine, parallel_script, remote_error,
+                                 tar_files)
 
 HOSTILE = [b"sp ace", b"qu'ote\"s", b"new\nline", b"$(touch PWNED)", b"`touch PWNED`",
            b"-rf", b"--help", b"caf\xe9", b"semi;colon&"]
@@ -36,9 +37,33 @@ def test_parse(arg, host, path):
     assert (e.host, e.path, e.remote) == (host, path, bool(host))
 
 
+@pytest.mark.parametrize("stderr, transient", [
+    # ssh's own words when the sshd refused a session of a live master (MaxSessions still
+    # counting closing ones); its fallback connection then has no credential
+    (b"mux_client_request_session: session request failed: Session open refused by peer\n"
+     b"ControlSocket /tmp/s already exists, disabling multiplexing\n"
+     b"user@host: Permission denied (publickey).\n", True),
+    (b"channel 3: open failed: administratively prohibited: open failed\n"
+     b"mux_client_request_session: read from master failed: Broken pipe\n"
+     b"Permission denied (publickey).\n", True),
+    # the remote tool's own permission error: no retry can mend it
+    (b"dd: failed to open '/store/x': Permission denied\n", False),
+    (b"tar: d/f: Cannot open: No space left on device\n", False),
+    (b"dd: error reading '/store/x': Input/output error\n", True),
+])
+def test_a_session_the_sshd_refused_is_retried_a_remote_permission_error_is_not(stderr,
+                                                                               transient):
+    e = remote_error("host", "writing x", stderr, 255)
+    assert e.transient is transient
+    assert str(e).startswith("on host: writing x: ")
+
+
 def test_parse_refuses_a_host_that_could_be_an_option():
     with pytest.raises(PlanError, match="not a valid remote host"):
         remote.parse("-oProxyCommand=x:/tmp")
+    with pytest.raises(PlanError, match="not a valid remote host"):
+        remote.parse("-oProxyCommand=x@host:/tmp")  # a user part ssh would read as -o
+    assert remote.parse("a-b.c_d+e@host:/tmp").host == "a-b.c_d+e@host"
 
 
 HOMES = {"alice": "/home/alice"}
