@@ -18,6 +18,7 @@ import getpass
 import glob
 import hashlib
 import os
+import re
 import socket as socketlib
 import stat
 import subprocess
@@ -151,6 +152,88 @@ def parse_ttl(text):
         raise UsageError(f"not a lifetime: {text!r} (e.g. 30m, 8h)") from None
 
 
+def cipher_options(chosen, builtin, cpu_has_aes):
+    """`-o Ciphers=...` putting AES-GCM first, or nothing: only on a CPU with AES
+    instructions (elsewhere chacha20, ssh's first choice, is faster), and only when the
+    ciphers ssh would offer for the host (`chosen`, from `ssh -G` with the user's options
+    and config) are ssh's built-in list: a user's or site's own choice stands."""
+    if not cpu_has_aes or not chosen or chosen != builtin:
+        return []
+    return ["-o", f"Ciphers={CIPHERS}"]
+
+
+def _ciphers(argv):
+    """The `ciphers` line of `ssh -G` for these options and host ('' if ssh will not
+    say)."""
+    try:
+        out = subprocess.run(["ssh", "-G", *argv], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    found = re.search(r"^ciphers (\S+)$", out, re.M)
+    return found.group(1) if found else ""
+
+
+def _cpu_has_aes():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return bool(re.search(r"^(flags|Features)\s*:.*\baes\b", f.read(), re.M))
+    except OSError:
+        return False
+
+
+def master_argv(path, host, seconds, extra_options=()):
+    """ssh's words for a control master: the user's options first (ssh keeps the first
+    value it is given for an option), then hpcmove's defaults."""
+    prefer = cipher_options(_ciphers([*extra_options, "--", host]),
+                            _ciphers(["-F", "/dev/null", "--", "x"]), _cpu_has_aes())
+    return ["ssh", "-M", "-S", path, *extra_options, "-o", f"ControlPersist={seconds}",
+            *prefer, "-o", "Compression=no", "-o", "ServerAliveInterval=30", "-f", "-N",
+            "--", host]
+
+
+# Ends a master at its TTL, however busy: ssh's ControlPersist only counts idle time, so
+# a socket that transfers keep using would outlive the lifetime its owner chose. Wakes
+# every 30 s, leaves once the master is gone, and ends only the process that
+# `ssh -O check` named when the socket was opened (and only while it is still an ssh).
+_WATCH = r"""
+pid=$1 path=$2 host=$3 until=$4
+while kill -0 "$pid" 2>/dev/null; do
+    now=$(date +%s)
+    if [ "$now" -ge "$until" ]; then
+        case $(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null) in
+            ssh*) ;;
+            *) exit 0 ;;
+        esac
+        ssh -S "$path" -O exit -- "$host" >/dev/null 2>&1
+        sleep 2
+        kill -0 "$pid" 2>/dev/null && kill "$pid"
+        exit 0
+    fi
+    left=$((until - now))
+    sleep $((left < 30 ? left : 30))
+done
+"""
+
+
+def master_pid(path, host):
+    """The pid `ssh -O check` names for the master behind `path` (None if none)."""
+    done = subprocess.run(["ssh", "-S", path, "-O", "check", "--", host],
+                          capture_output=True, text=True)
+    found = re.search(r"\(pid=(\d+)\)", done.stderr + done.stdout)
+    return int(found.group(1)) if found else None
+
+
+def watch_ttl(path, host, until):
+    """Start the detached watcher that ends the master behind `path` at `until`."""
+    pid = master_pid(path, host)
+    if pid is None:
+        return
+    subprocess.Popen(["sh", "-c", _WATCH, "hpcmove-socket-ttl", str(pid), path, host,
+                      str(int(until))], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+
+
 def open_socket(host, ttl=DEFAULT_TTL, node="", extra_options=(), run=subprocess.run):
     """Start a ControlMaster for `host` here (interactive: agent or passphrase) and
     record it. Returns the db.ControlSocket row."""
@@ -166,9 +249,7 @@ def open_socket(host, ttl=DEFAULT_TTL, node="", extra_options=(), run=subprocess
             raise SocketError(f"a control socket for {host} is already open at {path}; "
                               f"`hpcmove socket close {host}` first")
         os.unlink(path)  # a stale socket left by a master that died
-    argv = ["ssh", "-M", "-S", path, "-o", f"ControlPersist={seconds}", "-o",
-            f"Ciphers={CIPHERS}", "-o", "Compression=no", "-o", "ServerAliveInterval=30",
-            *extra_options, "-f", "-N", host]
+    argv = master_argv(path, host, seconds, extra_options)
     old = os.umask(0o077)
     try:
         done = run(argv)
@@ -179,6 +260,7 @@ def open_socket(host, ttl=DEFAULT_TTL, node="", extra_options=(), run=subprocess
                           f"(exit {done.returncode})")
     check_socket(path)
     now = time.time()
+    watch_ttl(path, host, now + seconds)
     db.ControlSocket.update(closed=True).where(
         db.ControlSocket.owner == getpass.getuser(), db.ControlSocket.path == os.fsencode(path),
         db.ControlSocket.closed == False).execute()  # noqa: E712 (peewee expression)

@@ -13,7 +13,7 @@ import time
 import pytest
 import xxhash
 
-from hpcmove import plan, remote, states
+from hpcmove import plan, remote, ssh, states
 from hpcmove.errors import PlanError, TransferError
 from hpcmove_plugins.ssh import (BadTar, Cksum, SshEngine, parallel_script, remote_error,
                                  tar_files)
@@ -56,6 +56,39 @@ def test_a_session_the_sshd_refused_is_retried_a_remote_permission_error_is_not(
     e = remote_error("host", "writing x", stderr, 255)
     assert e.transient is transient
     assert str(e).startswith("on host: writing x: ")
+
+
+def _ssh_g(tmp_path, config, *options):
+    """What real `ssh -G` says of the ciphers for a host under `config` and options."""
+    cfg = tmp_path / "config"
+    cfg.write_text(config)
+    return ssh._ciphers(["-F", str(cfg), *options, "--", "archive.example"])
+
+
+@pytest.mark.parametrize("config, options, prefer", [
+    ("", [], True),                                     # ssh's built-in list
+    ("Host *\n    Ciphers aes256-ctr\n", [], False),   # a user's or site's own choice
+    ("", ["-o", "Ciphers=chacha20-poly1305@openssh.com"], False),
+    ("Host other\n    Ciphers aes256-ctr\n", [], True),  # for another host only
+])
+def test_aes_gcm_is_preferred_only_over_sshs_own_cipher_list(tmp_path, config, options,
+                                                              prefer):
+    builtin = ssh._ciphers(["-F", "/dev/null", "--", "x"])
+    assert "aes128-gcm@openssh.com" in builtin
+    chosen = _ssh_g(tmp_path, config, *options)
+    want = ["-o", f"Ciphers={ssh.CIPHERS}"] if prefer else []
+    assert ssh.cipher_options(chosen, builtin, cpu_has_aes=True) == want
+    assert ssh.cipher_options(chosen, builtin, cpu_has_aes=False) == []
+
+
+def test_master_argv_puts_the_users_options_before_hpcmoves(monkeypatch):
+    """ssh keeps the first value it gets for an option."""
+    monkeypatch.setattr(ssh, "_ciphers", lambda argv: "same")
+    monkeypatch.setattr(ssh, "_cpu_has_aes", lambda: True)
+    argv = ssh.master_argv("/s/x.sock", "alice@h", 60, ["-o", "Compression=yes"])
+    assert argv.index("Compression=yes") < argv.index("Compression=no")
+    assert argv[argv.index("-S") + 1] == "/s/x.sock" and argv[-2:] == ["--", "alice@h"]
+    assert f"Ciphers={ssh.CIPHERS}" in argv and "ControlPersist=60" in argv
 
 
 def test_parse_refuses_a_host_that_could_be_an_option():

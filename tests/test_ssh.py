@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -664,6 +665,40 @@ def test_socket_of_another_user_or_open_directory_is_refused(sshd, area, tmp_pat
         assert os.listdir(area.root).count("far") == 0
     finally:
         subprocess.run(["rm", "-rf", sockets])
+
+
+def test_a_socket_ends_at_its_ttl_even_while_a_session_keeps_it_busy(local_remote, area):
+    """ssh's ControlPersist counts only idle time: a socket kept busy by a long transfer
+    would outlive the lifetime its owner chose. The watcher `socket open` starts ends the
+    master at the TTL, sessions and all, then leaves."""
+    hp, agent = local_remote
+    hp.run("socket", "open", "--ttl", "5s", HOST)
+    agent.kill()
+    path = json.loads(hp.run("socket", "list", "--json").stdout)[0]["path"]
+    assert _master_pids(path)
+    # a session that would last two minutes; without the watcher this times out
+    done = run_as_user(["ssh", "-S", path, "-o", "BatchMode=yes", HOST, "sleep 120"],
+                       hp.env, timeout=90)
+    assert done.returncode == 255, done.stderr
+    assert not os.path.exists(path)
+    assert json.loads(hp.run("socket", "list", "--json").stdout)[0]["state"] == "gone"
+    for _ in range(50):  # the watcher leaves with the master
+        if subprocess.run(["pgrep", "-f", f"hpcmove-socket-ttl .* {re.escape(path)} "],
+                          capture_output=True).returncode == 1:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the TTL watcher outlived its master")
+
+
+def test_socket_open_keeps_the_users_cipher_choice(local_remote, area):
+    """hpcmove prefers AES-GCM only where ssh would offer its built-in list: a cipher
+    the user names with -o is the one the master negotiates with the sshd."""
+    hp, _agent = local_remote
+    opened = hp.run("socket", "open", "--ttl", "5m", "-o", "LogLevel=DEBUG1",
+                    "-o", "Ciphers=aes256-ctr", HOST)
+    negotiated = re.findall(rb"kex: client->server cipher: (\S+)", opened.stderr)
+    assert negotiated == [b"aes256-ctr"], opened.stderr[-2000:]
 
 
 def _uid_gid(user):
