@@ -46,30 +46,37 @@ def socket_():
               help="How long the socket lives (ssh ControlPersist), e.g. 30m, 8h.")
 @click.option("-o", "ssh_options", multiple=True, metavar="OPTION",
               help="Further ssh option for the master, e.g. -o Port=2222.")
+@click.option("--connections", type=click.IntRange(1, ssh.MAX_CONNECTIONS), default=1,
+              show_default=True, help="SSH connections (masters) the transfer streams "
+              "spread over: each has a cipher process of its own at both ends. Each "
+              "asks for authentication once.")
 @click.option("--here", is_flag=True, hidden=True,
               help="Run on this machine as NODE (set when re-run there over ssh).")
-def socket_open(host, node, ttl, ssh_options, here):
+def socket_open(host, node, ttl, ssh_options, connections, here):
     """Open a control socket for HOST (your agent, or your passphrase).
 
     \b
     Examples:
       hpcmove socket open archive.example
       hpcmove socket open --on dtn1 --ttl 30m alice@archive.example
+      hpcmove socket open --connections 2 archive.example
     """
     if node.startswith("-"):
         raise click.BadParameter(f"{node!r} is not a node name", param_hint="--on")
     if not remote.valid_host(host):  # ssh would read `-oProxyCommand=...` as an option
         raise click.BadParameter(f"{host!r} is not [user@]host", param_hint="[USER@]HOST")
     if not here and not ssh.is_here(node):
-        sys.exit(_open_on(node, host, ttl, ssh_options))
+        sys.exit(_open_on(node, host, ttl, ssh_options, connections))
     db.connect()
     extra = [x for o in ssh_options for x in ("-o", o)]
-    row = _run(ssh.open_socket, host, ttl=ttl, node=node, extra_options=extra)
+    row = _run(ssh.open_socket, host, ttl=ttl, node=node, extra_options=extra,
+               connections=connections)
+    more = f", {connections} connections" if connections > 1 else ""
     click.echo(f"socket {row.id} for {host} on {row.node}: {os.fsdecode(row.path)} "
-               f"(until {time.strftime('%Y-%m-%d %H:%M', time.localtime(row.expires))})")
+               f"(until {time.strftime('%Y-%m-%d %H:%M', time.localtime(row.expires))}{more})")
 
 
-def _open_on(node, host, ttl, ssh_options):
+def _open_on(node, host, ttl, ssh_options, connections=1):
     """Run `socket open` on NODE over ssh, with a terminal for a passphrase prompt. The
     same interpreter (installs are shared between a site's nodes; a non-interactive
     shell there may not have hpcmove on its PATH) and the same database and socket
@@ -78,7 +85,8 @@ def _open_on(node, host, ttl, ssh_options):
     carried = [f"{k}={os.environ[k]}" for k in ("HPCMOVE_DB", "HPCMOVE_HOME",
                                                 "HPCMOVE_SOCKET_DIR") if os.environ.get(k)]
     words = ["env", *carried, sys.executable, "-m", "hpcmove", "socket", "open", "--here",
-             "--on", node, "--ttl", ttl, *[x for o in ssh_options for x in ("-o", o)], host]
+             "--on", node, "--ttl", ttl, "--connections", str(connections),
+             *[x for o in ssh_options for x in ("-o", o)], "--", host]
     tty = ["-t"] if sys.stdin.isatty() else []
     # ssh hands the remote shell one line: every word quoted
     return subprocess.run(["ssh", *tty, ssh.hop(node), "--", shlex.join(words)]).returncode
@@ -103,8 +111,9 @@ def socket_list(as_json, show_all):
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
+        more = f" (+{r['connections'] - 1})" if r["connections"] > 1 else ""
         click.echo(f"{r['id']:>4}  {r['state']:<6} {r['host']:<30} {r['node'] or '-':<10} "
-                   f"{r['seconds_left'] // 60:>5} min  {r['path']}")
+                   f"{r['seconds_left'] // 60:>5} min  {r['path']}{more}")
 
 
 @socket_.command("check")
@@ -141,7 +150,9 @@ def socket_close(ident):
 @click.command("auth", short_help="Open the socket again for an AuthRequired job; resume it.")
 @click.argument("job_id", metavar="JOB")
 @click.option("--ttl", default=ssh.DEFAULT_TTL, show_default=True, help="Lifetime of the socket.")
-def auth(job_id, ttl):
+@click.option("--connections", type=click.IntRange(1, ssh.MAX_CONNECTIONS), default=1,
+              show_default=True, help="SSH connections of the socket (see socket open).")
+def auth(job_id, ttl, connections):
     """Resume JOB, stopped in AuthRequired because its control socket went away.
 
     Opens the socket again (your agent or passphrase) unless a live one exists, then
@@ -162,10 +173,10 @@ def auth(job_id, ttl):
         path, node = ssh.choose(host)
     except ssh.SocketError:
         if ssh.is_here(node):
-            row = _run(ssh.open_socket, host, ttl=ttl, node=node)
+            row = _run(ssh.open_socket, host, ttl=ttl, node=node, connections=connections)
             path, node = os.fsdecode(row.path), row.node
         else:  # the tasks run there: the socket must live there too
-            if _open_on(node, host, ttl, ()):
+            if _open_on(node, host, ttl, (), connections):
                 raise click.ClickException(f"could not open a socket for {host} on {node}")
             path, node = _run(ssh.choose, host)
     job = _run(jobs.auth, job, path, node)

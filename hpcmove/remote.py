@@ -687,7 +687,7 @@ class Remote:
     machine, at most `sessions` (the sshd's MaxSessions) less CLOSING at once (Slots)."""
 
     def __init__(self, host, socket, via="", sessions=SESSIONS):
-        self.host, self.socket, self.via = host, socket, via
+        self.host, self.socket, self.via, self.sessions = host, socket, via, sessions
         self.slots = None if via or not socket else \
             Slots(socket, max(1, sessions - CLOSING))
 

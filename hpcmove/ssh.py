@@ -82,8 +82,21 @@ def check_socket(path):
 
 
 # A Unix socket's path holds 107 bytes, and ssh first binds a temporary name 17 bytes
-# longer than the socket's.
-MAX_PATH = 107 - 17
+# longer than the socket's; a further connection's socket adds ".N".
+MAX_PATH = 107 - 17 - 2
+MAX_CONNECTIONS = 9
+
+
+def connection_paths(path, count=MAX_CONNECTIONS):
+    """The sockets of a socket's connections: PATH, then PATH.2 ... PATH.count. Each is a
+    master of its own: streams spread over them get a cipher process each at both ends
+    (one connection's streams share one)."""
+    return [path] + [f"{path}.{k}" for k in range(2, count + 1)]
+
+
+def further_connections(path):
+    """The further connections of the socket at `path` that exist now (not checked)."""
+    return [p for p in connection_paths(os.fsdecode(path))[1:] if os.path.exists(p)]
 
 
 def socket_path(host, directory):
@@ -234,33 +247,47 @@ def watch_ttl(path, host, until):
                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
 
 
-def open_socket(host, ttl=DEFAULT_TTL, node="", extra_options=(), run=subprocess.run):
-    """Start a ControlMaster for `host` here (interactive: agent or passphrase) and
-    record it. Returns the db.ControlSocket row."""
-    if not remote.valid_host(host):
-        raise UsageError(f"not [user@]host: {host!r}")
-    seconds = parse_ttl(ttl)
-    if seconds <= 0:
-        raise UsageError("--ttl must be positive")
-    path = socket_path(host, socket_dir())
+def _start_master(path, host, seconds, extra_options, run):
+    """One master at `path` (interactive), ended at the TTL by its watcher."""
     if os.path.lexists(path):
-        if alive(path, host):
-            check_socket(path)
-            raise SocketError(f"a control socket for {host} is already open at {path}; "
-                              f"`hpcmove socket close {host}` first")
         os.unlink(path)  # a stale socket left by a master that died
-    argv = master_argv(path, host, seconds, extra_options)
     old = os.umask(0o077)
     try:
-        done = run(argv)
+        done = run(master_argv(path, host, seconds, extra_options))
     finally:
         os.umask(old)
     if done.returncode != 0 or not os.path.exists(path):
         raise SocketError(f"ssh could not open a control master for {host} "
                           f"(exit {done.returncode})")
     check_socket(path)
+    watch_ttl(path, host, time.time() + seconds)
+
+
+def open_socket(host, ttl=DEFAULT_TTL, node="", extra_options=(), run=subprocess.run,
+                connections=1):
+    """Start `connections` ControlMasters for `host` here (interactive: agent or
+    passphrase, once per connection) and record the socket. Returns the
+    db.ControlSocket row."""
+    if not remote.valid_host(host):
+        raise UsageError(f"not [user@]host: {host!r}")
+    if not 1 <= connections <= MAX_CONNECTIONS:
+        raise UsageError(f"--connections must be 1 to {MAX_CONNECTIONS}")
+    seconds = parse_ttl(ttl)
+    if seconds <= 0:
+        raise UsageError("--ttl must be positive")
+    path = socket_path(host, socket_dir())
+    if os.path.lexists(path) and alive(path, host):
+        check_socket(path)
+        raise SocketError(f"a control socket for {host} is already open at {path}; "
+                          f"`hpcmove socket close {host}` first")
+    _end_masters(host, further_connections(path))  # left by an earlier socket at this path
+    for each in connection_paths(path, connections):
+        try:
+            _start_master(each, host, seconds, extra_options, run)
+        except SocketError:
+            _end_masters(host, connection_paths(path, connections))
+            raise
     now = time.time()
-    watch_ttl(path, host, now + seconds)
     db.ControlSocket.update(closed=True).where(
         db.ControlSocket.owner == getpass.getuser(), db.ControlSocket.path == os.fsencode(path),
         db.ControlSocket.closed == False).execute()  # noqa: E712 (peewee expression)
@@ -285,9 +312,12 @@ def describe(row, check=True):
         state = "closed" if row.closed else ("live" if live else "gone")
     except remote.Unreachable:
         state = "unreachable"  # its node cannot be asked from here
+    # further connections are seen where the socket is kept (1 when that is elsewhere)
+    more = [] if hop(row.node) or state != "live" else further_connections(row.path)
     return {"id": row.id, "host": row.host, "node": row.node, "path": os.fsdecode(row.path),
             "opened": row.opened, "expires": row.expires,
-            "seconds_left": max(0, int(row.expires - now)), "state": state}
+            "seconds_left": max(0, int(row.expires - now)), "state": state,
+            "connections": 1 + len(more)}
 
 
 def find(ident):
@@ -307,14 +337,24 @@ def answers(row):
     return os.path.exists(row.path) and alive(row.path, row.host)
 
 
-def close_socket(row):
-    path, via = os.fsdecode(row.path), hop(row.node)
-    if via or os.path.exists(path):
-        subprocess.run(remote.through(via, ["ssh", "-S", path, "-O", "exit", row.host]),
+def _end_masters(host, paths, via=""):
+    """`ssh -O exit` the masters behind `paths` (on `via`: each that exists there), and
+    remove what is left here: the socket files and their session slots (remote.Slots)."""
+    if via:
+        script = 'h=$1; shift; for s; do [ -e "$s" ] && ssh -S "$s" -O exit -- "$h"; done'
+        subprocess.run(remote.through(via, ["sh", "-c", script, "sh", host, *paths]),
                        capture_output=True)
-    if not via:  # its session slots (remote.Slots)
-        for slot in glob.glob(glob.escape(path) + ".slot[0-9]*"):
-            os.unlink(slot)
+        return
+    for path in paths:
+        if os.path.exists(path):
+            subprocess.run(["ssh", "-S", path, "-O", "exit", "--", host], capture_output=True)
+        for left in glob.glob(glob.escape(path) + ".slot[0-9]*") + (
+                [path] if os.path.lexists(path) else []):
+            os.unlink(left)
+
+
+def close_socket(row):
+    _end_masters(row.host, connection_paths(os.fsdecode(row.path)), hop(row.node))
     db.ControlSocket.update(closed=True).where(db.ControlSocket.id == row.id).execute()
 
 

@@ -208,9 +208,22 @@ def _streams(engine, one, units, ahead=None):
         work.put(unit)
 
     prepared = set()
+    streaming = [width]  # streams still taking units
+
+    def leave(eng):
+        """A stream whose connection is gone (AuthRequired) leaves while another still
+        takes units: each further unit would only fail on it. The last one stays and
+        takes the rest, so that no unit is lost."""
+        if not getattr(eng, "gone", False):
+            return False
+        with work.mutex:
+            if streaming[0] > 1:
+                streaming[0] -= 1
+                return True
+        return False
 
     def stream(eng):
-        while True:
+        while not leave(eng):
             try:
                 unit = work.get_nowait()
             except queue.Empty:

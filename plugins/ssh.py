@@ -30,6 +30,7 @@ from hpcmove.errors import TransferError
 from hpcmove.remote import SESSIONS, AuthRequired, Remote, digest_cmd, digests_script, \
     parse_check, parse_digest, parse_digests, parse_sums, pull_slice_cmd, q, sums_cmd, word, \
     write_cmd
+from hpcmove.ssh import further_connections
 from hpcmove_plugins.copy import BUFFER, CopyEngine, SliceWork
 
 # Whole files up to this size travel in bundles: one tar stream and one session for many
@@ -112,6 +113,7 @@ class SshEngine(CopyEngine):
                              sessions=remote.get("sessions", SESSIONS))
         self.streams = max(1, int(streams))
         self.gone = False  # the socket died: later slices need not try
+        self._connections = None  # [Remote] of the socket's connections, on first fork
         # Pushed slices are read back on the remote host once, not twice: in an array
         # task (the worker sets this) the read-back is left to finalize's at-rest check,
         # which hashes every slice on the remote host before anything is placed.
@@ -123,11 +125,25 @@ class SshEngine(CopyEngine):
                    streams=options.get("streams", 3))
 
     def fork(self):
-        """An engine for one more concurrent stream (its own buffer)."""
+        """An engine for one more concurrent stream (its own buffer), on the socket's
+        next connection in turn (`socket open --connections N`): each further master
+        that answers when the first stream is added carries a share of the streams."""
         twin = type(self)(len(self.buf), self.bwlimit, streams=self.streams)
-        twin.side, twin.kind, twin.remote = self.side, self.kind, self.remote
+        twin.side, twin.kind = self.side, self.kind
         twin.defer_verify = self.defer_verify
+        if self._connections is None:
+            self._connections = [self.remote] + self._further_connections()
+            self._forks = 0
+        self._forks += 1
+        twin.remote = self._connections[self._forks % len(self._connections)]
         return twin
+
+    def _further_connections(self):
+        if not self.remote.socket or self.remote.via:
+            return []
+        found = [Remote(self.remote.host, os.fsencode(p), sessions=self.remote.sessions)
+                 for p in further_connections(self.remote.socket)]
+        return [r for r in found if r.alive()]
 
     # --- one slice ---------------------------------------------------------------
 

@@ -701,6 +701,44 @@ def test_socket_open_keeps_the_users_cipher_choice(local_remote, area):
     assert negotiated == [b"aes256-ctr"], opened.stderr[-2000:]
 
 
+def test_a_socket_of_two_connections_loses_only_the_slice_in_flight_on_the_one_that_dies(
+        local_remote, area):
+    """`socket open --connections 2`: the task's two streams go over two masters. The
+    second is killed mid-transfer: its stream leaves with the one slice it had in flight
+    (AuthRequired) and the other stream moves every slice left over the first master;
+    `auth` needs no credential while the first answers, and sends that one slice."""
+    hp, agent = local_remote
+    far = os.path.join(area.root, "far")
+    os.mkdir(far)
+    src = os.path.join(area.src, "big.bin")
+    with open(src, "wb") as f:
+        f.write(os.urandom(64 << 20))
+    area.own()
+    assert b"2 connections" in hp.run("socket", "open", "--connections", "2", "--ttl", "5m",
+                                      HOST).stdout
+    (row,) = json.loads(hp.run("socket", "list", "--json").stdout)
+    assert row["connections"] == 2 and _master_pids(row["path"] + ".2")
+    agent.kill()
+    job = hp.submit("--slice-size", "4M", "--bwlimit", "4M", "--streams", "2",
+                    "--stripe-width", "1", src, f"{HOST}:{far}/")
+    hp.wait_for(job, lambda s: sum(x["state"] == "Done" for x in s["files"][0]["slices"]) >= 2)
+    os.kill(min(_master_pids(row["path"] + ".2")), signal.SIGTERM)
+    s = hp.wait(job)
+    assert s["state"] == "AuthRequired", (s["reason"], log(hp, job))
+    states = sorted(x["state"] for x in s["files"][0]["slices"])
+    assert states == ["AuthRequired"] + ["Done"] * 15, log(hp, job)
+    assert not os.path.exists(os.path.join(far, "big.bin"))
+    hp.run("auth", job)  # the agent is gone: the first connection serves
+    s = hp.wait(job)
+    assert s["state"] == "Done", (s["reason"], log(hp, job))
+    assert same_file(src, os.path.join(far, "big.bin"))
+    db = sqlite3.connect(os.path.join(area.home, "hpcmove.db"))
+    assert [int(m.split()[0]) for (m,) in db.execute(
+        "SELECT message FROM event WHERE kind = 'retry'")] == [1]  # that slice alone
+    hp.run("socket", "close", HOST)
+    assert os.listdir(hp.env["HPCMOVE_SOCKET_DIR"]) == []  # both masters, every slot
+
+
 def _uid_gid(user):
     import pwd
     pw = pwd.getpwnam(user)

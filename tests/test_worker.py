@@ -1,5 +1,7 @@
 """The worker's retry rule: transient errors are retried a bounded number of times,
 permanent ones fail the slice at once with the engine's reason."""
+import collections
+
 import pytest
 
 from hpcmove import states, worker
@@ -49,3 +51,39 @@ def test_digest_mismatch_is_retried_then_waits_with_a_verification_reason():
     r = worker.copy_one(engine, ITEM)
     assert r["state"] == states.WAIT and "verification failed" in r["reason"]
     assert engine.calls == worker.RETRIES
+
+
+class Connection:
+    """A stream's engine on one of a socket's connections; `dies_after` units in, its
+    connection is gone (as the ssh engine's `gone`) and every unit after fails AUTH."""
+
+    def __init__(self, streams, plan, taken):
+        self.streams, self.plan, self.taken, self.gone = streams, plan, taken, False
+        self.dies_after = plan.pop(0) if plan else None
+
+    def fork(self):
+        return Connection(self.streams, self.plan, self.taken)
+
+    def one(self, unit):
+        if self.dies_after is not None and len(self.taken[id(self)]) >= self.dies_after:
+            self.gone = True
+        self.taken[id(self)].append(unit[0])
+        state = states.AUTH if self.gone else states.DONE
+        return [(unit[0], {"slice": unit[0], "state": state})]
+
+
+@pytest.mark.parametrize("plan, auth", [
+    ([1, None, None], 1),  # one connection of three dies: its unit in flight waits, no more
+    ([1, 2, 0], 3),        # all die: the last stream takes the rest, each waits AUTH
+])
+def test_a_stream_whose_connection_is_gone_leaves_the_rest_to_the_others(plan, auth):
+    taken = collections.defaultdict(list)
+    engine = Connection(3, list(plan), taken)
+    units = [[n] for n in range(40)]
+    results = list(worker._streams(engine, lambda eng, unit: eng.one(unit), units))
+    assert sorted(item for item, _r in results) == list(range(40))  # none lost
+    states_seen = collections.Counter(r["state"] for _i, r in results)
+    if auth == 1:
+        assert states_seen == {states.DONE: 39, states.AUTH: 1}
+    else:
+        assert states_seen[states.DONE] == 3 and states_seen[states.AUTH] == 37
