@@ -29,6 +29,13 @@ Groups (data sets are made once under --dir and reused):
   million  --entries empty files planned and recorded (bench/million.py's measure):
            submit time and peak RSS, `status`, `status --summary`.
 
+Every SSH row logs in as the testbed's unprivileged hpcmove-u2 (the local side runs as
+root): the peers through an ssh config the bench writes in --dir (-F), hpcmove through
+a control socket opened with -o User=... -o IdentityFile=...; --dir must be one
+hpcmove-u2 can enter. Each peer runs twice: with ssh's default cipher (what a user
+gets) and with -c aes128-gcm@openssh.com (the cipher hpcmove's control master prefers
+on a CPU with AES instructions), the issue's targets shown against both.
+
 --fresh-fs 40G makes --dir a journaled ext4 file system of its own (root; see fresh_fs).
 
 Every round runs each row of a group once, in turn (A B C A B C ...); round 0 warms
@@ -40,7 +47,10 @@ hpcmove's (above 1: hpcmove is faster), with the issue's targets. Missing tools 
 apt-get (fpart for fpsync) unless --no-install, in which case their rows are left out.
 """
 import argparse
+import functools
+import json
 import os
+import pwd
 import random
 import shlex
 import shutil
@@ -48,6 +58,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -56,6 +67,7 @@ sys.path.insert(0, HERE)
 import million  # noqa: E402  (bench/million.py, beside this file)
 
 OURS = "hpcmove"
+DEFAULT_DIR = "/var/tmp/hpcmove-bench"
 
 
 def parse_size(text):
@@ -120,14 +132,30 @@ def timed(argv, env=None, stdin=None):
     return seconds
 
 
-def fresh(path):
-    """An empty destination, and no dirty pages left by the previous row: without the
-    sync, each row pays for the writeback of the one before it."""
+def fresh(path, owner=None):
+    """An empty destination (belonging to `owner` when given), and no dirty pages left
+    by the previous row: without the sync, each row pays for the writeback of the one
+    before it."""
     if os.path.isdir(path):
         shutil.rmtree(path)
     os.makedirs(path)
+    if owner:
+        shutil.chown(path, owner, owner)
     os.sync()
     return path
+
+
+def written_as(path, owner, row):
+    """', written as OWNER' when all that `row` left in `path` belongs to `owner` (its
+    remote login); '' without an owner. Stops otherwise."""
+    if not owner:
+        return ""
+    uids = {os.lstat(os.path.join(d, name)).st_uid
+            for d, dirs, files in os.walk(path) for name in dirs + files}
+    if uids != {pwd.getpwnam(owner).pw_uid}:
+        raise SystemExit(f"bench: {row} left files of uids {sorted(uids)} in {path}, not "
+                         f"{owner}'s alone: it did not log in as {owner}")
+    return f", written as {owner}"
 
 
 def have(tool, package, args):
@@ -291,22 +319,35 @@ def tree_bytes(src):
     return sum(os.path.getsize(os.path.join(p, f)) for p, _, fs in os.walk(src) for f in fs)
 
 
-class Agent:
-    """An ssh-agent of our own holding the testbed key (it is passphrase-protected)."""
+# The SSH rows log in as an unprivileged account of the testbed, which has Debian's
+# startup files: root's ~/.bashrc here starts pyenv (~100 ms of CPU per remote command
+# against ~10 ms), a cost hpcmove's many sessions would pay and the peers' one hardly.
+REMOTE_USER = "hpcmove-u2"
+# hpcmove's control master prefers AES-GCM on a CPU with AES instructions; every peer
+# runs with ssh's default cipher (what a user gets) and again, under these names, on
+# hpcmove's.
+AES = "aes128-gcm@openssh.com"
+SAME_CIPHER = {"scp": "scp -c aes128-gcm", "ssh 'cat > f' stream": "cat stream, aes128-gcm",
+               "rsync -e ssh": "rsync, ssh aes128-gcm",
+               "rsync -a -e ssh": "rsync -a, ssh aes128-gcm"}
+PUSH_GROUPS = ("ssh", "sshsmall")  # their destinations must belong to REMOTE_USER
 
-    def __init__(self, ssh):
+
+class Agent:
+    """An ssh-agent of our own holding one testbed key (they are passphrase-protected)."""
+
+    def __init__(self, ssh, key):
         out = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True,
                              check=True).stdout
         self.env = {}
         for part in out.replace("\n", ";").split(";"):
             if "=" in part:
-                key, value = part.strip().split("=", 1)
-                self.env[key] = value
+                name, value = part.strip().split("=", 1)
+                self.env[name] = value
         askpass = os.path.join(ssh["dir"], "askpass")
         with open(askpass, "w") as f:
             f.write("#!/bin/sh\necho \"$HPCMOVE_TEST_SSH_PASSPHRASE\"\n")
         os.chmod(askpass, 0o700)
-        key = os.path.join(ssh["HPCMOVE_TEST_SSH_KEYS"], "root", "id_ed25519")
         subprocess.run(["ssh-add", "-q", key], check=True, stdin=subprocess.DEVNULL,
                        env=dict(os.environ, **self.env, SSH_ASKPASS=askpass,
                                 SSH_ASKPASS_REQUIRE="force", DISPLAY=":0",
@@ -316,42 +357,101 @@ class Agent:
         os.kill(int(self.env["SSH_AGENT_PID"]), 15)
 
 
+def remote_options(ssh):
+    """How every SSH row reaches the testbed: its address and host key, as REMOTE_USER
+    with that account's key."""
+    known = os.path.join(os.path.dirname(ssh["HPCMOVE_TEST_SSH_CONFIG"]), "known_hosts")
+    return [("HostName", "127.0.0.1"), ("Port", ssh["HPCMOVE_TEST_SSH_PORT"]),
+            ("User", REMOTE_USER),
+            ("IdentityFile", f"{ssh['HPCMOVE_TEST_SSH_KEYS']}/{REMOTE_USER}/id_ed25519"),
+            ("IdentitiesOnly", "yes"), ("UserKnownHostsFile", known),
+            ("StrictHostKeyChecking", "yes")]
+
+
+def peer_config(args, host, options):
+    """The peers' ssh config (for -F), in the bench dir: `host` with `options`."""
+    path = os.path.join(args.dir, "ssh_config")
+    with open(path, "w") as f:
+        f.write(f"Host {host}\n" + "".join(f"    {k} {v}\n" for k, v in options))
+    return path
+
+
+def open_socket(host, options, henv, cleanup):
+    """Open hpcmove's control socket for `host` with `options` (closed by cleanup);
+    returns its path."""
+    socket = [sys.executable, "-m", "hpcmove", "socket"]
+    subprocess.run([*socket, "close", host], env=henv, capture_output=True)
+    subprocess.run([*socket, "open", "--ttl", "2h",
+                    *[x for k, v in options for x in ("-o", f"{k}={v}")], host], env=henv,
+                   check=True, stdout=subprocess.DEVNULL)
+    cleanup.append(lambda: subprocess.run([*socket, "close", host], env=henv,
+                                          capture_output=True))
+    listed = subprocess.run([*socket, "list", "--json"], env=henv, capture_output=True,
+                            check=True, text=True).stdout
+    return [row["path"] for row in json.loads(listed) if row["host"] == host][-1]
+
+
+def check_logins(sshd, socket):
+    """Stop unless the peers' config and hpcmove's socket both log in as REMOTE_USER."""
+    for how, words in ((f"ssh -F {sshd.cfg}", ["-F", sshd.cfg]),
+                       ("hpcmove's control socket", ["-S", socket])):
+        who = subprocess.run(["ssh", *words, sshd.host, "id -un"], env=sshd.env,
+                             capture_output=True, text=True).stdout.strip()
+        if who != REMOTE_USER:
+            raise SystemExit(f"bench: {how} logs in as {who or 'no one'}, not {REMOTE_USER}")
+    print(f"bench: the SSH rows log in as {REMOTE_USER}", file=sys.stderr)
+
+
+def check_reachable(args, groups):
+    """Stop before any row runs unless REMOTE_USER can enter --dir (each directory down
+    to it): the remote side of the SSH rows reads and writes there as that account."""
+    if not set(groups) & SSH_GROUPS.keys() or not testbed_env("ssh"):
+        return
+    path = "/"
+    for part in args.dir.strip("/").split("/"):
+        path = os.path.join(path, part)
+        if subprocess.run(["runuser", "-u", REMOTE_USER, "--", "test", "-x", path]).returncode:
+            raise SystemExit(f"bench: {REMOTE_USER}, the account the SSH rows log in as, "
+                             f"cannot enter {path}: choose a --dir it can enter (e.g. "
+                             f"{DEFAULT_DIR}), or let it in (chmod o+x {shlex.quote(path)})")
+
+
+def share(args, src):
+    """Let REMOTE_USER read the data set `src` (a file or a tree under --dir)."""
+    top = os.path.join(args.dir, os.path.relpath(src, args.dir).split(os.sep)[0])
+    subprocess.run(["chmod", "-R", "a+rX", top], check=True)
+
+
 def _ssh_setup(args, env, cleanup):
-    """(testbed settings, env with our agent, hpcmove env with an open control socket)."""
+    """The testbed as the rows reach it (host, cfg: the peers' ssh config, env: theirs
+    with our agent, henv: hpcmove's with an open control socket), or None."""
     ssh = testbed_env("ssh")
     if not ssh:
         print("bench: ssh/testbed is not available; the ssh rows are left out", file=sys.stderr)
-        return None, None, None
+        return None
     ssh["dir"] = args.dir
-    agent = Agent(ssh)
+    options = remote_options(ssh)
+    agent = Agent(ssh, dict(options)["IdentityFile"])
     cleanup.append(agent.stop)
-    senv = dict(os.environ, **agent.env)
     import tempfile
     sockets = tempfile.mkdtemp(prefix="hm-bench-", dir="/tmp")  # socket paths must be short
     cleanup.append(lambda: shutil.rmtree(sockets, ignore_errors=True))
-    henv = dict(env, **agent.env, HPCMOVE_SOCKET_DIR=sockets)
     host = ssh["HPCMOVE_TEST_SSH_HOST"]
-    # the testbed host by options, as root's own ssh config does not name it
-    options = ["HostName=127.0.0.1", f"Port={ssh['HPCMOVE_TEST_SSH_PORT']}",
-               f"UserKnownHostsFile={os.path.dirname(ssh['HPCMOVE_TEST_SSH_CONFIG'])}"
-               "/known_hosts", "StrictHostKeyChecking=yes"]
-    subprocess.run([sys.executable, "-m", "hpcmove", "socket", "close", host], env=henv,
-                   capture_output=True)
-    subprocess.run([sys.executable, "-m", "hpcmove", "socket", "open", "--ttl", "2h",
-                    *[x for o in options for x in ("-o", o)], host], env=henv, check=True,
-                   stdout=subprocess.DEVNULL)
-    cleanup.append(lambda: subprocess.run([sys.executable, "-m", "hpcmove", "socket", "close",
-                                           host], env=henv, capture_output=True))
-    return ssh, senv, henv
+    sshd = types.SimpleNamespace(host=host, cfg=peer_config(args, host, options),
+                                 env=dict(os.environ, **agent.env),
+                                 henv=dict(env, **agent.env, HPCMOVE_SOCKET_DIR=sockets))
+    check_logins(sshd, open_socket(host, options, sshd.henv, cleanup))
+    return sshd
 
 
 def _with_sshd(args, env, cleanup, make_src):
-    """(make_src(), the sshd's host alias, its ssh config, the peers' env, hpcmove's
-    env), or None without the sshd."""
-    ssh, senv, henv = _ssh_setup(args, env, cleanup)
-    if not ssh:
-        return None
-    return make_src(), ssh["HPCMOVE_TEST_SSH_HOST"], ssh["HPCMOVE_TEST_SSH_CONFIG"], senv, henv
+    """_ssh_setup's namespace with src = make_src() (readable by REMOTE_USER), or None
+    without the sshd."""
+    sshd = _ssh_setup(args, env, cleanup)
+    if sshd:
+        sshd.src = make_src()
+        share(args, sshd.src)
+    return sshd
 
 
 def _file_and_sshd(args, env, cleanup):
@@ -359,73 +459,91 @@ def _file_and_sshd(args, env, cleanup):
         os.path.join(args.dir, f"random-{args.size}.bin"), parse_size(args.size)))
 
 
-def ssh_rows(args, env, cleanup):
-    found = _file_and_sshd(args, env, cleanup)
-    if not found:
-        return None, 0, {}
-    src, host, cfg, senv, henv = found
-    name = os.path.basename(src)
-
-    def cat(d):
-        with open(src, "rb") as f:
-            return timed(["ssh", "-F", cfg, host, "cat > " + shlex.quote(f"{d}/{name}")], senv,
-                         stdin=f)
-    rows = {
-        OURS: lambda d: timed(hpcmove(args, "--backend", "local", src, f"{host}:{d}/"), henv),
-        "scp": lambda d: timed(["scp", "-q", "-F", cfg, src, f"{host}:{d}/"], senv),
-        "rsync -e ssh": lambda d: timed(["rsync", "--whole-file", "-e", f"ssh -F {cfg}", src,
-                                         f"{host}:{d}/"], senv),
-        "ssh 'cat > f' stream": cat,
-    }
-    return src, parse_size(args.size), rows
-
-
 def _tree_and_sshd(args, env, cleanup):
     return _with_sshd(args, env, cleanup, lambda: make_tree(
         os.path.join(args.dir, f"tree-{args.files}"), args.files) + "/")
 
 
-def sshsmall_rows(args, env, cleanup):
-    found = _tree_and_sshd(args, env, cleanup)
-    if not found:
-        return None, 0, {}
-    src, host, cfg, senv, henv = found
-    rows = {
-        OURS: lambda d: timed(hpcmove(args, "--backend", "local", src, f"{host}:{d}/"), henv),
-        f"{OURS} --engine rsync": lambda d: timed(hpcmove(args, "--backend", "local",
-                                                          "--engine", "rsync", src,
-                                                          f"{host}:{d}/"), henv),
-        "rsync -a -e ssh": lambda d: timed(["rsync", "-a", "-e", f"ssh -F {cfg}", src,
-                                            f"{host}:{d}/"], senv),
-    }
-    return src, tree_bytes(src), rows
+def _ends(sshd, d, push):
+    """Source and destination words of a push from src into `d`, or a pull the other way."""
+    return [sshd.src, f"{sshd.host}:{d}/"] if push else [f"{sshd.host}:{sshd.src}", f"{d}/"]
 
 
-def sshpull_rows(args, env, cleanup):
-    found = _tree_and_sshd(args, env, cleanup)
-    if not found:
+def _ours(args, sshd, push, *more):
+    return lambda d: timed(hpcmove(args, "--backend", "local", *more, *_ends(sshd, d, push)),
+                           sshd.henv)
+
+
+def _both_ciphers(sshd, runs):
+    """Each peer's row with ssh's default cipher, and under its SAME_CIPHER name with
+    hpcmove's: `runs` maps a row name to run(d, ssh_options)."""
+    rows = {}
+    for name, run in runs.items():
+        rows[name] = functools.partial(run, options=["-F", sshd.cfg])
+        rows[SAME_CIPHER[name]] = functools.partial(run, options=["-F", sshd.cfg, "-c", AES])
+    return rows
+
+
+def _rsync(sshd, push, flag):
+    return lambda d, options: timed(["rsync", flag, "-e", shlex.join(["ssh", *options]),
+                                     *_ends(sshd, d, push)], sshd.env)
+
+
+def _cat(sshd, d, options):
+    """One `ssh host 'cat > f' < f` stream."""
+    with open(sshd.src, "rb") as f:
+        target = shlex.quote(f"{d}/{os.path.basename(sshd.src)}")
+        return timed(["ssh", *options, sshd.host, "cat > " + target], sshd.env, stdin=f)
+
+
+def file_peers(sshd, push):
+    """The peers of a group moving the --size file: scp; on a push also rsync and one
+    cat stream."""
+    runs = {"scp": lambda d, options: timed(["scp", "-q", *options, *_ends(sshd, d, push)],
+                                            sshd.env)}
+    if push:
+        runs["rsync -e ssh"] = _rsync(sshd, push, "--whole-file")
+        runs["ssh 'cat > f' stream"] = functools.partial(_cat, sshd)
+    return _both_ciphers(sshd, runs)
+
+
+def tree_peers(sshd, push):
+    """The peer of a group moving the small tree: rsync -a -e ssh."""
+    return _both_ciphers(sshd, {"rsync -a -e ssh": _rsync(sshd, push, "-a")})
+
+
+def _file_group(args, env, cleanup, push):
+    sshd = _file_and_sshd(args, env, cleanup)
+    if not sshd:
         return None, 0, {}
-    src, host, cfg, senv, henv = found
-    rows = {
-        OURS: lambda d: timed(hpcmove(args, "--backend", "local", f"{host}:{src}", f"{d}/"),
-                              henv),
-        "rsync -a -e ssh": lambda d: timed(["rsync", "-a", "-e", f"ssh -F {cfg}",
-                                            f"{host}:{src}", f"{d}/"], senv),
-    }
-    return src, tree_bytes(src), rows
+    return sshd.src, parse_size(args.size), {OURS: _ours(args, sshd, push),
+                                             **file_peers(sshd, push)}
+
+
+def ssh_rows(args, env, cleanup):
+    return _file_group(args, env, cleanup, push=True)
 
 
 def bigpull_rows(args, env, cleanup):
-    found = _file_and_sshd(args, env, cleanup)
-    if not found:
+    return _file_group(args, env, cleanup, push=False)
+
+
+def _tree_group(args, env, cleanup, push, engines):
+    """hpcmove with each of `engines` (extra submit words by row name), and the peers."""
+    sshd = _tree_and_sshd(args, env, cleanup)
+    if not sshd:
         return None, 0, {}
-    src, host, cfg, senv, henv = found
-    rows = {
-        OURS: lambda d: timed(hpcmove(args, "--backend", "local", f"{host}:{src}", f"{d}/"),
-                              henv),
-        "scp": lambda d: timed(["scp", "-q", "-F", cfg, f"{host}:{src}", f"{d}/"], senv),
-    }
-    return src, parse_size(args.size), rows
+    ours = {name: _ours(args, sshd, push, *more) for name, more in engines.items()}
+    return sshd.src, tree_bytes(sshd.src), {**ours, **tree_peers(sshd, push)}
+
+
+def sshsmall_rows(args, env, cleanup):
+    return _tree_group(args, env, cleanup, True,
+                       {OURS: (), f"{OURS} --engine rsync": ("--engine", "rsync")})
+
+
+def sshpull_rows(args, env, cleanup):
+    return _tree_group(args, env, cleanup, False, {OURS: ()})
 
 
 SSH_GROUPS = {"ssh": ssh_rows, "sshsmall": sshsmall_rows, "sshpull": sshpull_rows,
@@ -440,23 +558,25 @@ def cpu_seconds():
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
 
 
-def measure(group, src, rows, args):
+def measure(group, src, rows, args, owner=None):
     """({row: [seconds per counted round]}, {row: [CPU seconds]}), rows interleaved,
-    round 0 not counted."""
+    round 0 not counted. `owner`: the account a push logs in as, who must own the
+    destination before each row and all it holds after."""
     times = {name: [] for name in rows}
     cpus = {name: [] for name in rows}
     dst = os.path.join(args.dir, "dst")
     for round_ in range(args.rounds + 1):
         for name, run in rows.items():
-            fresh(dst)
+            fresh(dst, owner)
             warm(src)
             before = cpu_seconds()
             t = run(dst)
             used = cpu_seconds() - before
+            note = written_as(dst, owner, f"{group} {name}")
             if round_:
                 times[name].append(t)
                 cpus[name].append(used)
-            print(f"{group} round {round_} {name}: {t:.2f} s, {used:.1f} CPU s",
+            print(f"{group} round {round_} {name}: {t:.2f} s, {used:.1f} CPU s{note}",
                   file=sys.stderr, flush=True)
     shutil.rmtree(dst, ignore_errors=True)
     return times, cpus
@@ -476,6 +596,9 @@ TARGETS = {
     ("sshsmall", "rsync -a -e ssh"): (">= 1x (as fast)", lambda ours, m: m >= ours),
     ("sshpull", "rsync -a -e ssh"): (">= 1x (as fast)", lambda ours, m: m >= ours),
 }
+# the same targets against each peer on hpcmove's cipher
+TARGETS.update({(group, SAME_CIPHER[peer]): target for (group, peer), target in TARGETS.items()
+                if group in SSH_GROUPS and peer in SAME_CIPHER})
 
 
 def table(results):
@@ -531,6 +654,25 @@ def fresh_fs(path, size):
     subprocess.run(["mount", "-o", "loop", image, path], check=True)
 
 
+def run_groups(args, env, groups, cleanup):
+    """({group: (bytes, measure's medians)}, the million group's lines)."""
+    results, extra = {}, []
+    for group in groups:
+        if group == "million":
+            extra = million_lines(run_million(args, env))
+            continue
+        if group in SSH_GROUPS:
+            src, size, rows = SSH_GROUPS[group](args, env, cleanup)
+        elif group in GROUPS:
+            src, size, rows = GROUPS[group](args, env)
+        else:
+            raise SystemExit(f"bench: unknown group {group!r}")
+        if rows:
+            owner = REMOTE_USER if group in PUSH_GROUPS else None
+            results[group] = (size, measure(group, src, rows, args, owner))
+    return results, extra
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", default="floor,big,small,ssh,sshsmall,sshpull,bigpull,million")
@@ -538,7 +680,7 @@ def main():
     ap.add_argument("--files", type=int, default=20_000, help="files in the small tree")
     ap.add_argument("--entries", type=int, default=1_000_000, help="entries for 'million'")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--dir", default="/var/tmp/hpcmove-bench")
+    ap.add_argument("--dir", default=DEFAULT_DIR)
     ap.add_argument("--slurm", choices=("auto", "yes", "no"), default="auto")
     ap.add_argument("--no-install", action="store_true", help="never apt-get install")
     ap.add_argument("--fresh-fs", metavar="SIZE",
@@ -557,20 +699,10 @@ def main():
     env = dict(os.environ, HPCMOVE_HOME=home)
     groups = args.groups.split(",")
     load = os.getloadavg()
-    results, cleanup, extra = {}, [], []
+    check_reachable(args, groups)
+    cleanup = []
     try:
-        for group in groups:
-            if group == "million":
-                extra = million_lines(run_million(args, env))
-                continue
-            if group in SSH_GROUPS:
-                src, size, rows = SSH_GROUPS[group](args, env, cleanup)
-            elif group in GROUPS:
-                src, size, rows = GROUPS[group](args, env)
-            else:
-                raise SystemExit(f"bench: unknown group {group!r}")
-            if rows:
-                results[group] = (size, measure(group, src, rows, args))
+        results, extra = run_groups(args, env, groups, cleanup)
     finally:
         for stop in reversed(cleanup):  # last made, first undone: the control socket is
             stop()                      # closed before its directory is removed

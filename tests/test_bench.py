@@ -3,33 +3,122 @@
 The real run (2 GiB, 20,000 files, a million entries) is `python bench/run.py`; its
 table is in bench/README.md. Here every local group runs one counted round; peers
 that are not installed are left out (--no-install), as is Slurm; the SSH groups use
-the ssh testbed that tests/run brings up.
+the ssh testbed that tests/run brings up, and log in there as hpcmove-u2, so the bench
+runs in a directory under /var/tmp that account can enter (pytest's own is closed to it).
 """
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REMOTE_USER = "hpcmove-u2"
+SSHD_LOG = "/var/lib/hpcmove-sshd/sshd.log"
+# the peers of each SSH group, with ssh's default cipher and with hpcmove's
+SSH_ROWS = {
+    "ssh": ("scp", "scp -c aes128-gcm", "rsync -e ssh", "rsync, ssh aes128-gcm",
+            "ssh 'cat > f' stream", "cat stream, aes128-gcm"),
+    "sshsmall": ("hpcmove --engine rsync", "rsync -a -e ssh", "rsync -a, ssh aes128-gcm"),
+    "sshpull": ("rsync -a -e ssh", "rsync -a, ssh aes128-gcm"),
+    "bigpull": ("scp", "scp -c aes128-gcm"),
+}
+PUSHES = ("ssh", "sshsmall")
 
 
-def test_bench_local_groups_on_tiny_data(tmp_path):
-    done = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "run.py"), "--dir", str(tmp_path),
-         "--groups", "floor,big,small,ssh,sshsmall,sshpull,bigpull,million", "--size", "64K",
-         "--files", "12",
-         "--entries", "30",
+def bench(where, groups, timeout=300):
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "run.py"), "--dir", where,
+         "--groups", groups, "--size", "64K", "--files", "12", "--entries", "30",
          "--rounds", "1", "--slurm", "no", "--no-install"],
-        capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+        capture_output=True, text=True, timeout=timeout)
+
+
+def open_dir():
+    """A new directory under /var/tmp that the SSH rows' account can enter."""
+    top = tempfile.mkdtemp(prefix="hpcmove-bench-test-", dir="/var/tmp")
+    os.chmod(top, 0o755)
+    return top
+
+
+@pytest.fixture
+def bench_dir():
+    top = open_dir()
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def run():
+    """One run of every group: (the bench's dir, its result, sshd's log meanwhile)."""
+    top = open_dir()
+    try:
+        start = os.path.getsize(SSHD_LOG) if os.path.exists(SSHD_LOG) else 0
+        done = bench(top, "floor,big,small,ssh,sshsmall,sshpull,bigpull,million")
+        with open(SSHD_LOG, errors="replace") as f:
+            f.seek(start)
+            log = f.read()
+        assert done.returncode == 0, done.stderr
+        yield top, done, log
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_bench_every_group_on_tiny_data(run):
+    top, done, _ = run
     out = done.stdout
-    for row in ("hpcmove", "cp", "rsync + rsync -c", "copy engine alone", "cp -a", "rsync -a", "create+rename floor",
-                "scp", "rsync -e ssh", "ssh 'cat > f' stream", "hpcmove --engine rsync",
-                "rsync -a -e ssh"):
+    for row in ("hpcmove", "cp", "rsync + rsync -c", "copy engine alone", "cp -a", "rsync -a",
+                "create+rename floor"):
         assert f" {row} " in out, out
+    for group, rows in SSH_ROWS.items():
+        for row in ("hpcmove", *rows):
+            assert f"\n{group:8} {row} " in out, out
     assert "peer/hpcmove" in out and "CPU s" in out
     assert "\nfloor    hpcmove " in out
-    assert "\nsshpull  hpcmove " in out and "\nsshpull  rsync -a -e ssh " in out
-    assert "\nbigpull  hpcmove " in out and "\nbigpull  scp " in out
     assert "million  submit 30 files" in out
     assert "status --summary" in out
-    assert not os.path.exists(tmp_path / "dst")  # the bench cleans up its destination
+    assert not os.path.exists(os.path.join(top, "dst"))  # the bench cleans up its destination
+
+
+def test_bench_targets_against_both_ciphers(run):
+    _, done, _ = run
+    targets = {"ssh": {"scp": ">= 1.5x faster", "scp -c aes128-gcm": ">= 1.5x faster",
+                       "ssh 'cat > f' stream": "hpcmove <= 1.2x",
+                       "cat stream, aes128-gcm": "hpcmove <= 1.2x"},
+               "sshsmall": {"rsync -a -e ssh": ">= 1x", "rsync -a, ssh aes128-gcm": ">= 1x"},
+               "sshpull": {"rsync -a -e ssh": ">= 1x", "rsync -a, ssh aes128-gcm": ">= 1x"}}
+    lines = done.stdout.splitlines()
+    for group, rows in targets.items():
+        for row, target in rows.items():
+            line = next(x for x in lines if x.startswith(f"{group:8} {row} "))
+            assert f"  {target}" in line, line
+
+
+def test_bench_ssh_rows_log_in_as_the_unprivileged_account(run):
+    top, done, log = run
+    err = done.stderr
+    # every SSH group asks `id -un` through the peers' config and hpcmove's socket ...
+    assert err.count(f"bench: the SSH rows log in as {REMOTE_USER}\n") == len(SSH_ROWS), err
+    # ... and what each push left at its destination belongs to that account
+    for group in PUSHES:
+        for row in ("hpcmove", *SSH_ROWS[group]):
+            line = err.split(f"\n{group} round 1 {row}: ", 1)[1].split("\n", 1)[0]
+            assert line.endswith(f", written as {REMOTE_USER}"), line
+    assert f"Accepted publickey for {REMOTE_USER} from 127.0.0.1" in log  # sshd's word
+    with open(os.path.join(top, "ssh_config")) as f:
+        config = f.read()
+    assert f"    User {REMOTE_USER}\n" in config
+    assert f"/keys/{REMOTE_USER}/id_ed25519\n" in config
+
+
+def test_bench_stops_when_the_remote_account_cannot_enter_dir(bench_dir):
+    closed = os.path.join(bench_dir, "closed")
+    os.mkdir(closed, 0o700)
+    done = bench(os.path.join(closed, "bench"), "ssh", timeout=120)
+    assert done.returncode != 0
+    assert f"{REMOTE_USER}, the account the SSH rows log in as, cannot enter {closed}:" \
+        in done.stderr, done.stderr
+    assert "choose a --dir" in done.stderr
+    assert not os.listdir(os.path.join(closed, "bench"))  # stopped before any row
