@@ -20,12 +20,14 @@ Groups (data sets are made once under --dir and reused):
            and the floor of any all-or-nothing copy (create, write, rename each file;
            two processes, no verification).
   ssh      the --size file to the project's sshd fixture (ssh/testbed, loopback):
-           hpcmove (local backend, through a control socket it opens once), scp,
+           hpcmove (local backend, through a control socket it opens once; again
+           through a socket of two connections, `socket open --connections 2`), scp,
            rsync -e ssh, one `ssh host 'cat > f' < f` stream.
   sshsmall the small tree to the sshd fixture: hpcmove (tar bundles), hpcmove
            --engine rsync (rsync bundles), rsync -a -e ssh.
   sshpull  the small tree from the sshd fixture: hpcmove (tar bundles), rsync -a -e ssh.
-  bigpull  the --size file from the sshd fixture: hpcmove (slices), scp.
+  bigpull  the --size file from the sshd fixture: hpcmove (slices; one connection and
+           two), scp.
   million  --entries empty files planned and recorded (bench/million.py's measure):
            submit time and peak RSS, `status`, `status --summary`.
 
@@ -376,12 +378,11 @@ def peer_config(args, host, options):
     return path
 
 
-def open_socket(host, options, henv, cleanup):
-    """Open hpcmove's control socket for `host` with `options` (closed by cleanup);
-    returns its path."""
+def open_socket(host, options, henv, cleanup, connections=1):
+    """Open hpcmove's control socket for `host` with `options` and `connections` masters
+    (closed by cleanup); returns its path."""
     socket = [sys.executable, "-m", "hpcmove", "socket"]
-    subprocess.run([*socket, "close", host], env=henv, capture_output=True)
-    subprocess.run([*socket, "open", "--ttl", "2h",
+    subprocess.run([*socket, "open", "--ttl", "2h", "--connections", str(connections),
                     *[x for k, v in options for x in ("-o", f"{k}={v}")], host], env=henv,
                    check=True, stdout=subprocess.DEVNULL)
     cleanup.append(lambda: subprocess.run([*socket, "close", host], env=henv,
@@ -433,15 +434,26 @@ def _ssh_setup(args, env, cleanup):
     options = remote_options(ssh)
     agent = Agent(ssh, dict(options)["IdentityFile"])
     cleanup.append(agent.stop)
-    import tempfile
-    sockets = tempfile.mkdtemp(prefix="hm-bench-", dir="/tmp")  # socket paths must be short
-    cleanup.append(lambda: shutil.rmtree(sockets, ignore_errors=True))
     host = ssh["HPCMOVE_TEST_SSH_HOST"]
     sshd = types.SimpleNamespace(host=host, cfg=peer_config(args, host, options),
-                                 env=dict(os.environ, **agent.env),
-                                 henv=dict(env, **agent.env, HPCMOVE_SOCKET_DIR=sockets))
-    check_logins(sshd, open_socket(host, options, sshd.henv, cleanup))
+                                 env=dict(os.environ, **agent.env), henv=dict(env, **agent.env))
+    for _ in range(10):  # sockets for the host left by an earlier run that was killed
+        if subprocess.run([sys.executable, "-m", "hpcmove", "socket", "close", host],
+                          env=sshd.henv, capture_output=True).returncode:
+            break
+    # one socket of one connection and one of two, each in a directory of its own (the
+    # path is per host); a row names its socket with -S
+    sshd.sockets = {n: open_socket(host, options, dict(sshd.henv, HPCMOVE_SOCKET_DIR=_temp_dir(
+        cleanup)), cleanup, connections=n) for n in (1, 2)}
+    check_logins(sshd, sshd.sockets[1])
     return sshd
+
+
+def _temp_dir(cleanup):
+    import tempfile
+    path = tempfile.mkdtemp(prefix="hm-bench-", dir="/tmp")  # socket paths must be short
+    cleanup.append(lambda: shutil.rmtree(path, ignore_errors=True))
+    return path
 
 
 def _with_sshd(args, env, cleanup, make_src):
@@ -469,8 +481,9 @@ def _ends(sshd, d, push):
     return [sshd.src, f"{sshd.host}:{d}/"] if push else [f"{sshd.host}:{sshd.src}", f"{d}/"]
 
 
-def _ours(args, sshd, push, *more):
-    return lambda d: timed(hpcmove(args, "--backend", "local", *more, *_ends(sshd, d, push)),
+def _ours(args, sshd, push, *more, connections=1):
+    return lambda d: timed(hpcmove(args, "--backend", "local", "-S",
+                                   sshd.sockets[connections], *more, *_ends(sshd, d, push)),
                            sshd.henv)
 
 
@@ -516,8 +529,10 @@ def _file_group(args, env, cleanup, push):
     sshd = _file_and_sshd(args, env, cleanup)
     if not sshd:
         return None, 0, {}
-    return sshd.src, parse_size(args.size), {OURS: _ours(args, sshd, push),
-                                             **file_peers(sshd, push)}
+    return sshd.src, parse_size(args.size), {
+        OURS: _ours(args, sshd, push),
+        f"{OURS}, 2 connections": _ours(args, sshd, push, connections=2),
+        **file_peers(sshd, push)}
 
 
 def ssh_rows(args, env, cleanup):

@@ -19,11 +19,11 @@ REMOTE_USER = "hpcmove-u2"
 SSHD_LOG = "/var/lib/hpcmove-sshd/sshd.log"
 # the peers of each SSH group, with ssh's default cipher and with hpcmove's
 SSH_ROWS = {
-    "ssh": ("scp", "scp -c aes128-gcm", "rsync -e ssh", "rsync, ssh aes128-gcm",
-            "ssh 'cat > f' stream", "cat stream, aes128-gcm"),
+    "ssh": ("hpcmove, 2 connections", "scp", "scp -c aes128-gcm", "rsync -e ssh",
+            "rsync, ssh aes128-gcm", "ssh 'cat > f' stream", "cat stream, aes128-gcm"),
     "sshsmall": ("hpcmove --engine rsync", "rsync -a -e ssh", "rsync -a, ssh aes128-gcm"),
     "sshpull": ("rsync -a -e ssh", "rsync -a, ssh aes128-gcm"),
-    "bigpull": ("scp", "scp -c aes128-gcm"),
+    "bigpull": ("hpcmove, 2 connections", "scp", "scp -c aes128-gcm"),
 }
 PUSHES = ("ssh", "sshsmall")
 
