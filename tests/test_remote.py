@@ -1,5 +1,6 @@
 """The pure side of remote endpoints: parsing, quoting, the generated shell text (run
 here by a real sh, on local directories), find output, and the cksum digest."""
+import errno
 import io
 import os
 import random
@@ -781,6 +782,44 @@ def test_a_pulled_slice_comes_with_its_digest_and_lstat_in_one_session(tmp_path,
     src.unlink()
     with pytest.raises(TransferError, match="No such file"):
         engine.copy_slice(work)
+
+
+@pytest.mark.parametrize("splice", ["kernel", "refused"])
+@pytest.mark.parametrize("side", ["dst", "src"])
+def test_slice_data_moves_by_splice_or_through_the_buffer_where_splice_is_refused(
+        tmp_path, monkeypatch, side, splice):
+    """A pushed and a pulled slice (3 MiB at an odd offset, several buffers) arrive
+    whole through the stand-in ssh, moved by splice(2), or copied through the buffer
+    where the kernel or file system refuses splice (EINVAL), which the engine then
+    stops trying."""
+    from hpcmove.plugins import SliceWork
+    _stub_ssh(tmp_path, monkeypatch)
+    calls = []
+    real = os.splice
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        if splice == "refused":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, "splice", spy)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(os.urandom(5 << 20))
+    st = src.stat()
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": side,
+                               "sum": "xxh128"})
+    work = SliceWork(bytes(src), bytes(dst), 12345, 3 << 20, st.st_size, st.st_mtime_ns)
+    if side == "dst":
+        dst.write_bytes(b"")
+    theirs, ours = engine.copy_slice(work)
+    data = src.read_bytes()[12345:12345 + (3 << 20)]
+    assert theirs == ours == xxhash.xxh3_128(data).hexdigest()
+    assert dst.read_bytes()[12345:12345 + (3 << 20)] == data
+    assert len(calls) > (1 if splice == "kernel" else 0) and engine.splice is (
+        splice == "kernel")
+    if splice == "refused":
+        assert len(calls) == 1  # tried once
 
 
 def test_a_session_started_ahead_is_the_one_a_later_run_uses(tmp_path, monkeypatch):
