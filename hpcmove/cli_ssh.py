@@ -9,7 +9,7 @@ import time
 
 import click
 
-from . import db, jobs, remote, ssh
+from . import db, jobs, policy, remote, ssh
 from .errors import HpcmoveError
 
 
@@ -42,14 +42,15 @@ def socket_():
 @click.argument("host", metavar="[USER@]HOST")
 @click.option("--on", "node", default="", metavar="NODE",
               help="The node the transfer tasks run on (a DTN); their tasks are pinned to it.")
-@click.option("--ttl", default=ssh.DEFAULT_TTL, show_default=True,
-              help="How long the socket lives (ssh ControlPersist), e.g. 30m, 8h.")
+@click.option("--ttl", default=None, help="How long the socket lives, e.g. 30m, 8h "
+              f"[default: the site's remote.socket_ttl, else {ssh.DEFAULT_TTL}; at most "
+              "its remote.max_socket_ttl].")
 @click.option("-o", "ssh_options", multiple=True, metavar="OPTION",
               help="Further ssh option for the master, e.g. -o Port=2222.")
-@click.option("--connections", type=click.IntRange(1, ssh.MAX_CONNECTIONS), default=1,
-              show_default=True, help="SSH connections (masters) the transfer streams "
-              "spread over: each has a cipher process of its own at both ends. Each "
-              "asks for authentication once.")
+@click.option("--connections", type=click.IntRange(1, ssh.MAX_CONNECTIONS), default=None,
+              help="SSH connections (masters) the transfer streams spread over: each has "
+              "a cipher process of its own at both ends. Each asks for authentication "
+              "once [default: the site's remote.connections, else 1].")
 @click.option("--here", is_flag=True, hidden=True,
               help="Run on this machine as NODE (set when re-run there over ssh).")
 def socket_open(host, node, ttl, ssh_options, connections, here):
@@ -65,12 +66,14 @@ def socket_open(host, node, ttl, ssh_options, connections, here):
         raise click.BadParameter(f"{node!r} is not a node name", param_hint="--on")
     if not remote.valid_host(host):  # ssh would read `-oProxyCommand=...` as an option
         raise click.BadParameter(f"{host!r} is not [user@]host", param_hint="[USER@]HOST")
-    if not here and not ssh.is_here(node):
-        sys.exit(_open_on(node, host, ttl, ssh_options, connections))
+    site = _run(policy.load_site)
+    ttl, connections = _run(ssh.settings, site, host, ttl, connections)
+    if not here and not ssh.is_here(node):  # the node checks the policy there too
+        sys.exit(_open_on(node, host, f"{ttl}s", ssh_options, connections))
     db.connect()
     extra = [x for o in ssh_options for x in ("-o", o)]
-    row = _run(ssh.open_socket, host, ttl=ttl, node=node, extra_options=extra,
-               connections=connections)
+    row = _run(ssh.open_socket, host, ttl=f"{ttl}s", node=node, extra_options=extra,
+               connections=connections, site=site)
     more = f", {connections} connections" if connections > 1 else ""
     click.echo(f"socket {row.id} for {host} on {row.node}: {os.fsdecode(row.path)} "
                f"(until {time.strftime('%Y-%m-%d %H:%M', time.localtime(row.expires))}{more})")
@@ -149,9 +152,9 @@ def socket_close(ident):
 
 @click.command("auth", short_help="Open the socket again for an AuthRequired job; resume it.")
 @click.argument("job_id", metavar="JOB")
-@click.option("--ttl", default=ssh.DEFAULT_TTL, show_default=True, help="Lifetime of the socket.")
-@click.option("--connections", type=click.IntRange(1, ssh.MAX_CONNECTIONS), default=1,
-              show_default=True, help="SSH connections of the socket (see socket open).")
+@click.option("--ttl", default=None, help="Lifetime of the socket (see socket open).")
+@click.option("--connections", type=click.IntRange(1, ssh.MAX_CONNECTIONS), default=None,
+              help="SSH connections of the socket (see socket open).")
 def auth(job_id, ttl, connections):
     """Resume JOB, stopped in AuthRequired because its control socket went away.
 
@@ -176,7 +179,9 @@ def auth(job_id, ttl, connections):
             row = _run(ssh.open_socket, host, ttl=ttl, node=node, connections=connections)
             path, node = os.fsdecode(row.path), row.node
         else:  # the tasks run there: the socket must live there too
-            if _open_on(node, host, ttl, (), connections):
+            ttl, connections = _run(ssh.settings, _run(policy.load_site), host, ttl,
+                                    connections)
+            if _open_on(node, host, f"{ttl}s", (), connections):
                 raise click.ClickException(f"could not open a socket for {host} on {node}")
             path, node = _run(ssh.choose, host)
     job = _run(jobs.auth, job, path, node)

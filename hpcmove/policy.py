@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .errors import UsageError
-from .units import parse_size
+from .units import parse_lifetime, parse_size
 
 POLICY_PATH = "/etc/hpcmove/policy.toml"
 
@@ -115,6 +115,9 @@ class Site:
     limits: dict = field(default_factory=dict)
     allowed_roots: list = field(default_factory=list)  # empty: no restriction
     allowed_hosts: list = field(default_factory=list)
+    socket_ttl: str = ""  # `socket open`'s default lifetime ('' = hpcmove's, 1h)
+    max_socket_ttl: int = 0  # seconds a control socket may live at most (0 = no cap)
+    socket_connections: int = 0  # `socket open`'s default connections (0 = 1)
     size_table: list = field(default_factory=list)  # [(min_size, slice_size, stripe_width)]
     template_dir: str = "/etc/hpcmove/templates"
     locked_templates: list = field(default_factory=list)
@@ -162,9 +165,7 @@ def parse_site(data, path):
     paths = data.get("paths", {})
     _check_keys(paths, {"allowed_roots"}, "paths.", path)
     site.allowed_roots = [os.path.realpath(_str(p)) for p in paths.get("allowed_roots", [])]
-    remote = data.get("remote", {})
-    _check_keys(remote, {"allowed_hosts"}, "remote.", path)
-    site.allowed_hosts = [_str(h) for h in remote.get("allowed_hosts", [])]
+    _parse_remote(site, data.get("remote", {}), path)
     for i, row in enumerate(data.get("size_table", [])):
         _check_keys(row, {"min_size", "slice_size", "stripe_width"}, f"size_table[{i}].", path)
         try:
@@ -178,6 +179,34 @@ def parse_site(data, path):
     site.template_dir = templates.get("site_dir", site.template_dir)
     site.locked_templates = list(templates.get("locked", []))
     return site
+
+
+REMOTE_KEYS = {"allowed_hosts", "socket_ttl", "max_socket_ttl", "connections"}
+
+
+def _parse_remote(site, remote, path):
+    _check_keys(remote, REMOTE_KEYS, "remote.", path)
+
+    def get(key, convert, default):
+        try:
+            return convert(remote.get(key, default))
+        except (ValueError, TypeError, UsageError) as e:
+            raise PolicyError(f"{path}: remote.{key}: {e}") from None
+
+    site.allowed_hosts = get("allowed_hosts", lambda v: [_str(h) for h in v], [])
+    if get("socket_ttl", _lifetime, "1h") <= 0:
+        raise PolicyError(f"{path}: remote.socket_ttl must be positive")
+    site.socket_ttl = remote.get("socket_ttl", "")
+    site.max_socket_ttl = get("max_socket_ttl", _lifetime, "0s")
+    if site.max_socket_ttl and get("socket_ttl", _lifetime, "0s") > site.max_socket_ttl:
+        raise PolicyError(f"{path}: remote.socket_ttl is above remote.max_socket_ttl")
+    site.socket_connections = get("connections", _int, 0)
+    if not 0 <= site.socket_connections <= 9:
+        raise PolicyError(f"{path}: remote.connections must be 1 to 9")
+
+
+def _lifetime(v):
+    return parse_lifetime(_str(v))
 
 
 def _read_toml(path):

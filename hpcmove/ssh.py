@@ -24,9 +24,9 @@ import stat
 import subprocess
 import time
 
-from . import db, remote
+from . import db, policy, remote
 from .errors import UsageError
-from .units import parse_duration
+from .units import parse_lifetime
 
 DEFAULT_TTL = "1h"  # short: a live socket opens the host without a credential
 # AES-GCM runs on the CPU's AES instructions: on the order of twice chacha20's rate on
@@ -153,16 +153,7 @@ def hop(node):
     return _slurm_host(node) or node
 
 
-def parse_ttl(text):
-    """'90s', '30m', '8h', '1d' (as ssh's ControlPersist), or Slurm's time syntax."""
-    t = str(text).strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        if t and t[-1] in units:
-            return int(t[:-1]) * units[t[-1]]
-        return parse_duration(t) or 0
-    except ValueError:
-        raise UsageError(f"not a lifetime: {text!r} (e.g. 30m, 8h)") from None
+parse_ttl = parse_lifetime
 
 
 def cipher_options(chosen, builtin, cpu_has_aes):
@@ -263,18 +254,34 @@ def _start_master(path, host, seconds, extra_options, run):
     watch_ttl(path, host, time.time() + seconds)
 
 
-def open_socket(host, ttl=DEFAULT_TTL, node="", extra_options=(), run=subprocess.run,
-                connections=1):
-    """Start `connections` ControlMasters for `host` here (interactive: agent or
-    passphrase, once per connection) and record the socket. Returns the
-    db.ControlSocket row."""
+def settings(site, host, ttl=None, connections=None):
+    """(TTL in seconds, connections) for a socket to `host` under the site policy: the
+    user's choice, else the site's [remote] socket_ttl and connections, else hpcmove's;
+    a host outside remote.allowed_hosts or a TTL above remote.max_socket_ttl is
+    refused (a live socket opens the host to anything running as the user there)."""
     if not remote.valid_host(host):
         raise UsageError(f"not [user@]host: {host!r}")
-    if not 1 <= connections <= MAX_CONNECTIONS:
-        raise UsageError(f"--connections must be 1 to {MAX_CONNECTIONS}")
-    seconds = parse_ttl(ttl)
+    policy.check_host(site, host.rpartition("@")[2])
+    seconds = parse_ttl(ttl or site.socket_ttl or DEFAULT_TTL)
     if seconds <= 0:
         raise UsageError("--ttl must be positive")
+    if site.max_socket_ttl and seconds > site.max_socket_ttl:
+        raise policy.PolicyError(
+            f"a socket may live at most {site.max_socket_ttl // 60} min at this site "
+            f"(remote.max_socket_ttl in {site.path}); asked for {seconds // 60} min")
+    connections = connections or site.socket_connections or 1
+    if not 1 <= connections <= MAX_CONNECTIONS:
+        raise UsageError(f"--connections must be 1 to {MAX_CONNECTIONS}")
+    return seconds, connections
+
+
+def open_socket(host, ttl=None, node="", extra_options=(), run=subprocess.run,
+                connections=None, site=None):
+    """Start ControlMasters for `host` here (interactive: agent or passphrase, once per
+    connection) and record the socket; TTL and connections as `settings` says. Returns
+    the db.ControlSocket row."""
+    seconds, connections = settings(policy.load_site() if site is None else site, host,
+                                    ttl, connections)
     path = socket_path(host, socket_dir())
     if os.path.lexists(path) and alive(path, host):
         check_socket(path)

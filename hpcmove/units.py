@@ -1,4 +1,4 @@
-"""Parsing and printing sizes. Pure."""
+"""Parsing and printing sizes and durations. Pure."""
 import re
 
 from .errors import UsageError
@@ -53,3 +53,16 @@ def parse_duration(text):
         else:
             raise UsageError(f"not a time: {text!r}")
     return ((days * 24 + h) * 60 + m) * 60 + s
+
+
+def parse_lifetime(text):
+    """'90s', '30m', '8h', '1d' (as ssh's ControlPersist), or Slurm's time syntax ->
+    seconds."""
+    t = str(text).strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if t and t[-1] in units:
+            return int(t[:-1]) * units[t[-1]]
+        return parse_duration(t) or 0
+    except ValueError:
+        raise UsageError(f"not a lifetime: {text!r} (e.g. 30m, 8h)") from None

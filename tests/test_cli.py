@@ -1,7 +1,10 @@
 """The CLI in-process: help everywhere, dry runs that touch nothing, clear errors."""
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from click.testing import CliRunner
@@ -164,3 +167,64 @@ def test_socket_open_refuses_a_host_ssh_could_read_as_an_option(runner, tmp_path
     result = runner.invoke(cli.cli, ["socket", "open", "--", host])
     assert result.exit_code == 2 and "is not [user@]host" in result.output
     assert not (tmp_path / "ssh-ran").exists() and not (tmp_path / "s").exists()
+
+
+FAKE_SSH = r'''#!/usr/bin/env python3
+"""A stand-in ssh: `-M` "opens" a master by binding a Unix socket at -S (and logs its
+words), `-O check` answers while that socket is there, `-O exit` removes it."""
+import os, socket, sys
+args = sys.argv[1:]
+path = args[args.index("-S") + 1] if "-S" in args else ""
+if "-G" in args:
+    sys.exit(0)
+if "-O" in args:
+    op = args[args.index("-O") + 1]
+    if op == "exit" and os.path.exists(path):
+        os.unlink(path)
+    if op == "check" and os.path.exists(path):
+        sys.stderr.write("Master running (pid=4194305)\n")  # above Linux's pid_max
+        sys.exit(0)
+    sys.exit(0 if op == "exit" else 255)
+with open(os.environ["FAKE_SSH_LOG"], "a") as log:
+    log.write(" ".join(args) + "\n")
+socket.socket(socket.AF_UNIX).bind(path)
+'''
+
+
+@pytest.fixture
+def fake_ssh(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(FAKE_SSH.replace("/usr/bin/env python3", sys.executable))
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SSH_LOG", str(tmp_path / "masters"))
+    sockets = tempfile.mkdtemp(prefix="hm-", dir="/tmp")  # a socket's path is short
+    monkeypatch.setenv("HPCMOVE_SOCKET_DIR", sockets)
+    yield lambda: (tmp_path / "masters").read_text().splitlines() \
+        if (tmp_path / "masters").exists() else []
+    shutil.rmtree(sockets)
+
+
+def test_socket_open_follows_the_site_policy(runner, tmp_path, monkeypatch, fake_ssh):
+    """The site's [remote] socket_ttl and connections are the defaults; a longer --ttl
+    than max_socket_ttl, or a host outside allowed_hosts, starts nothing."""
+    (tmp_path / "policy.toml").write_text(
+        "[remote]\nallowed_hosts = ['*.example.org']\nsocket_ttl = '30m'\n"
+        "max_socket_ttl = '2h'\nconnections = 2\n")
+    monkeypatch.setenv("HPCMOVE_POLICY", str(tmp_path / "policy.toml"))
+    result = runner.invoke(cli.cli, ["socket", "open", "--ttl", "3h", "a.example.org"])
+    assert result.exit_code == 1 and "remote.max_socket_ttl" in result.output
+    result = runner.invoke(cli.cli, ["socket", "open", "evil.example.com"])
+    assert result.exit_code == 1 and "remote.allowed_hosts" in result.output
+    assert fake_ssh() == []
+    result = runner.invoke(cli.cli, ["socket", "open", "alice@a.example.org"])
+    assert result.exit_code == 0 and "2 connections" in result.output, result.output
+    masters = fake_ssh()
+    assert len(masters) == 2 and all("ControlPersist=1800" in m for m in masters)
+    result = runner.invoke(cli.cli, ["socket", "list", "--json"])
+    (row,) = json.loads(result.output)
+    assert (row["state"], row["connections"]) == ("live", 2)
+    assert 1700 < row["seconds_left"] <= 1800
+    runner.invoke(cli.cli, ["socket", "close", "alice@a.example.org"])
+    assert os.listdir(os.environ["HPCMOVE_SOCKET_DIR"]) == []

@@ -77,6 +77,12 @@ def test_unlimited_bwlimit_is_capped_by_the_site(tmp_path):
     ("[limits]\nlocked = ['nope']\n", "limits.locked names unknown key 'nope'"),
     ("[[size_table]]\nmin_size = '1G'\n", "size_table[0]"),
     ("[defaults\n", "line 1"),
+    ("[remote]\nsocket_ttl = 'soon'\n", "remote.socket_ttl: not a lifetime"),
+    ("[remote]\nmax_socket_ttl = 7200\n", "remote.max_socket_ttl: expected a string"),
+    ("[remote]\nsocket_ttl = '8h'\nmax_socket_ttl = '2h'\n",
+     "remote.socket_ttl is above remote.max_socket_ttl"),
+    ("[remote]\nconnections = 12\n", "remote.connections must be 1 to 9"),
+    ("[remote]\nttl = '1h'\n", "unknown key remote.ttl"),
 ])
 def test_broken_policy_errors_name_the_key_or_line(tmp_path, text, message):
     with pytest.raises(policy.PolicyError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -214,3 +220,18 @@ def test_per_user_bandwidth_is_shared_by_the_jobs_tasks(env, monkeypatch):
     assert result.exit_code == 0, result.output
     db.connect()
     assert json.loads(db.Job.select().first().options)["bwlimit"] == (100 << 20) // 4
+
+
+def test_sockets_take_the_sites_lifetime_and_connections_within_its_cap(tmp_path):
+    """A live socket opens the host to anything running as the user on that node: the
+    site sets how long one lives by default and at most, and which hosts it may reach."""
+    from hpcmove import ssh
+    site = site_from("[remote]\nallowed_hosts = ['*.example.org']\nsocket_ttl = '30m'\n"
+                     "max_socket_ttl = '2h'\nconnections = 2\n", tmp_path)
+    assert ssh.settings(site, "alice@a.example.org") == (1800, 2)
+    assert ssh.settings(site, "a.example.org", "2h", 1) == (7200, 1)
+    with pytest.raises(policy.PolicyError, match="at most 120 min.*remote.max_socket_ttl"):
+        ssh.settings(site, "a.example.org", "3h")
+    with pytest.raises(policy.PolicyError, match="remote.allowed_hosts"):
+        ssh.settings(site, "evil.example.com")
+    assert ssh.settings(policy.Site(), "evil.example.com") == (3600, 1)  # no policy
