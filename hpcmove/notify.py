@@ -13,7 +13,9 @@ import subprocess
 import sys
 from email.message import EmailMessage
 
-from . import db, policy, report, states
+from . import db, policy, states
+# `report` (and the job machinery it reads through) is imported where mail is written:
+# every array task imports this module for job_began, and starts ~45 ms sooner without.
 from .errors import HpcmoveError, UsageError
 from .units import human
 
@@ -82,6 +84,7 @@ def compose(job, event, to, data, message=""):
     msg["Subject"] = subject(job, data, event)
     msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies
     msg["X-Hpcmove-Job"] = f"{job.label} {event}"
+    from . import report
     body = (message + "\n\n" if message else "") + report.text(data)
     # paths that are not UTF-8 carry surrogates; show them as U+FFFD in mail
     msg.set_content(body.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
@@ -122,6 +125,7 @@ def notify(job, event, *, to=None, types=None, data=None, message="", env=os.env
         types = parse_mail_types(types)
     if not wanted(types, event):
         return False
+    from . import report
     send(compose(job, event, to, data or report.head(job), message), env)
     return True
 
@@ -146,6 +150,7 @@ def job_ended(job, stream=None):
     job_id = getattr(job, "id", job)
     current = db.Job.get_by_id(job_id)
     written = []
+    from . import report
     _never_raise(job_id, "report", lambda: written.append(report.write_report(current)))
     if stream is not None and written:
         stream.write(report.text(written[0]))
