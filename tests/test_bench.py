@@ -1,4 +1,4 @@
-"""bench/run.py on tiny data, so the benchmark cannot rot (seconds, not minutes).
+"""bench/run.py (and bench/stream.py) on tiny data, so the benchmarks cannot rot.
 
 The real run (2 GiB, 20,000 files, a million entries) is `python bench/run.py`; its
 table is in bench/README.md. Here every local group runs one counted round; peers
@@ -122,3 +122,15 @@ def test_bench_stops_when_the_remote_account_cannot_enter_dir(bench_dir):
         in done.stderr, done.stderr
     assert "choose a --dir" in done.stderr
     assert not os.listdir(os.path.join(closed, "bench"))  # stopped before any row
+
+
+def test_stream_bench_sends_a_file_both_ways(tmp_path):
+    """bench/stream.py: one stream's sending CPU with splice and with the copy."""
+    done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "stream.py"),
+                           "--size", "3M", "--rounds", "1", "--dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "one stream of 3M into cat, medians of 1 rounds"
+    assert [line.split()[0] for line in lines[1:]] == ["splice", "copy"]
+    assert all("CPU s sending" in line for line in lines[1:])
