@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from . import cli_ops, cli_ssh, db, jobs, notify, plugins, policy, progress, states
+from . import cli_ops, cli_ssh, db, jobs, notify, plugins, policy, progress, ssh, states
 from .errors import HpcmoveError, UsageError
 from .units import human, parse_size
 
@@ -177,7 +177,8 @@ def policy_show(as_json):
             "size_table": [{"min_size": m, "slice_size": s, "stripe_width": w}
                            for m, s, w in site.size_table],
             "template_dirs": list(_run(jobs.template_dirs, site)),
-            "locked_templates": site.locked_templates, "notes": eff.notes}
+            "locked_templates": site.locked_templates, "notes": eff.notes,
+            "sockets": _socket_policy(site)}
     if as_json:
         click.echo(json.dumps(data, indent=1))
         return
@@ -191,6 +192,16 @@ def policy_show(as_json):
         click.echo(f"allowed roots: {', '.join(site.allowed_roots)}")
     if site.allowed_hosts:
         click.echo(f"allowed hosts: {', '.join(site.allowed_hosts)}")
+    sockets = _socket_policy(site)
+    cap = sockets["max_ttl"] and f", at most {sockets['max_ttl'] // 60} min"
+    click.echo(f"control sockets: --ttl {sockets['ttl']}{cap or ''}, "
+               f"--connections {sockets['connections']}")
+
+
+def _socket_policy(site):
+    """What `socket open` and `auth` take by default under the site policy."""
+    return {"ttl": site.socket_ttl or ssh.DEFAULT_TTL, "max_ttl": site.max_socket_ttl,
+            "connections": site.socket_connections or 1}
 
 
 @policy_.command("check")

@@ -160,6 +160,14 @@ def test_policy_show_reports_sources(env, monkeypatch):
     assert s["rate"]["source"] == "built-in"
     text = CliRunner().invoke(cli.cli, ["policy", "show"]).output
     assert "xfer" in text and str(env / "site.toml") in text
+    assert "control sockets: --ttl 1h, --connections 1" in text
+    (env / "site.toml").write_text("[remote]\nsocket_ttl = '30m'\nmax_socket_ttl = '8h'\n"
+                                   "connections = 2\n")
+    result = CliRunner().invoke(cli.cli, ["policy", "show", "--json"])
+    assert json.loads(result.output)["sockets"] == {"ttl": "30m", "max_ttl": 28800,
+                                                    "connections": 2}
+    text = CliRunner().invoke(cli.cli, ["policy", "show"]).output
+    assert "control sockets: --ttl 30m, at most 480 min, --connections 2" in text
 
 
 def test_policy_check_rejects_a_broken_file(env):
