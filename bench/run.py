@@ -59,6 +59,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -450,7 +451,6 @@ def _ssh_setup(args, env, cleanup):
 
 
 def _temp_dir(cleanup):
-    import tempfile
     path = tempfile.mkdtemp(prefix="hm-bench-", dir="/tmp")  # socket paths must be short
     cleanup.append(lambda: shutil.rmtree(path, ignore_errors=True))
     return path

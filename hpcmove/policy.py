@@ -194,11 +194,12 @@ def _parse_remote(site, remote, path):
             raise PolicyError(f"{path}: remote.{key}: {e}") from None
 
     site.allowed_hosts = get("allowed_hosts", lambda v: [_str(h) for h in v], [])
-    if get("socket_ttl", _lifetime, "1h") <= 0:
-        raise PolicyError(f"{path}: remote.socket_ttl must be positive")
     site.socket_ttl = remote.get("socket_ttl", "")
-    site.max_socket_ttl = get("max_socket_ttl", _lifetime, "0s")
-    if site.max_socket_ttl and get("socket_ttl", _lifetime, "0s") > site.max_socket_ttl:
+    ttl = get("socket_ttl", _lifetime, "")
+    if "socket_ttl" in remote and ttl <= 0:
+        raise PolicyError(f"{path}: remote.socket_ttl must be positive")
+    site.max_socket_ttl = get("max_socket_ttl", _lifetime, "")
+    if site.max_socket_ttl and ttl > site.max_socket_ttl:
         raise PolicyError(f"{path}: remote.socket_ttl is above remote.max_socket_ttl")
     site.socket_connections = get("connections", _int, 0)
     if not 0 <= site.socket_connections <= 9:

@@ -186,11 +186,18 @@ def _cpu_has_aes():
         return False
 
 
-def master_argv(path, host, seconds, extra_options=()):
+def preferred_ciphers(host, extra_options=()):
+    """cipher_options for `host` with these options, as ssh -G and this CPU say."""
+    return cipher_options(_ciphers([*extra_options, "--", host]),
+                          _ciphers(["-F", "/dev/null", "--", "x"]), _cpu_has_aes())
+
+
+def master_argv(path, host, seconds, extra_options=(), prefer=None):
     """ssh's words for a control master: the user's options first (ssh keeps the first
-    value it is given for an option), then hpcmove's defaults."""
-    prefer = cipher_options(_ciphers([*extra_options, "--", host]),
-                            _ciphers(["-F", "/dev/null", "--", "x"]), _cpu_has_aes())
+    value it is given for an option), then hpcmove's defaults (`prefer`: the cipher
+    option, asked of ssh when not given)."""
+    if prefer is None:
+        prefer = preferred_ciphers(host, extra_options)
     return ["ssh", "-M", "-S", path, *extra_options, "-o", f"ControlPersist={seconds}",
             *prefer, "-o", "Compression=no", "-o", "ServerAliveInterval=30", "-f", "-N",
             "--", host]
@@ -238,13 +245,13 @@ def watch_ttl(path, host, until):
                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
 
 
-def _start_master(path, host, seconds, extra_options, run):
+def _start_master(path, host, seconds, extra_options, prefer, run):
     """One master at `path` (interactive), ended at the TTL by its watcher."""
     if os.path.lexists(path):
         os.unlink(path)  # a stale socket left by a master that died
     old = os.umask(0o077)
     try:
-        done = run(master_argv(path, host, seconds, extra_options))
+        done = run(master_argv(path, host, seconds, extra_options, prefer))
     finally:
         os.umask(old)
     if done.returncode != 0 or not os.path.exists(path):
@@ -288,9 +295,10 @@ def open_socket(host, ttl=None, node="", extra_options=(), run=subprocess.run,
         raise SocketError(f"a control socket for {host} is already open at {path}; "
                           f"`hpcmove socket close {host}` first")
     _end_masters(host, further_connections(path))  # left by an earlier socket at this path
+    prefer = preferred_ciphers(host, extra_options)
     for each in connection_paths(path, connections):
         try:
-            _start_master(each, host, seconds, extra_options, run)
+            _start_master(each, host, seconds, extra_options, prefer, run)
         except SocketError:
             _end_masters(host, connection_paths(path, connections))
             raise

@@ -118,6 +118,7 @@ class SshEngine(CopyEngine):
         self.streams = max(1, int(streams))
         self.gone = False  # the socket died: later slices need not try
         self._connections = None  # [Remote] of the socket's connections, on first fork
+        self._forks = 0
         # Pushed slices are read back on the remote host once, not twice: in an array
         # task (the worker sets this) the read-back is left to finalize's at-rest check,
         # which hashes every slice on the remote host before anything is placed.
@@ -137,7 +138,6 @@ class SshEngine(CopyEngine):
         twin.defer_verify = self.defer_verify
         if self._connections is None:
             self._connections = [self.remote] + self._further_connections()
-            self._forks = 0
         self._forks += 1
         twin.remote = self._connections[self._forks % len(self._connections)]
         return twin
