@@ -416,13 +416,13 @@ def rows(query):
     return proxy.obj.execute_sql(*query.sql()).fetchall()
 
 
-def insert_plan(job, plan):
-    """Record every entry and slice of `plan` under `job`, in one transaction."""
+def insert_plan(job, plan, state=states.SUBMITTED):
+    """Record every entry and slice of `plan` under `job`, in `state`, in one transaction."""
     with atomic():
         bulk_insert(File, ("job", "index", "kind", "src", "dst", "spool", "size", "mode",
                            "mtime_ns", "link_target", "link_to", "state", "reason", "checksum"),
                     ((job.id, e.index, e.kind, e.src, e.dst, e.spool, e.size, e.mode,
-                      e.mtime_ns, e.link_target, e.link_to, states.SUBMITTED, "", "")
+                      e.mtime_ns, e.link_target, e.link_to, state, "", "")
                      for e in plan.entries))
         # read back through the cursor: peewee's row iteration cost 0.1-0.2 s per 20,000
         ids = dict(rows(File.select(File.index, File.id).where(File.job == job.id)))
@@ -430,7 +430,7 @@ def insert_plan(job, plan):
                             "attempts", "seconds", "src_digest", "dst_digest", "reason",
                             "skipped"),
                     ((job.id, ids[s.entry], s.index, s.offset, s.length, s.task,
-                      states.SUBMITTED, "", 0, 0.0, "", "", "", False) for s in plan.slices))
+                      state, "", 0, 0.0, "", "", "", False) for s in plan.slices))
         slice_ids = {(f_index, s_index): sid for sid, f_index, s_index in
                      rows(Slice.select(Slice.id, File.index, Slice.index).join(File)
                            .where(Slice.job == job.id))}

@@ -166,8 +166,8 @@ class SshEngine(CopyEngine):
     def _bundle_cmd(self, spool, names):
         # tar sets each file's mode and mtime from its header (see tar_header), so that
         # placement need not touch 20,000 inodes a second time
-        cmd = (b"umask 077 && tar -x -B -f - -C " + q(word(spool)) + b" --no-same-owner "
-               b"--same-permissions")
+        cmd = (b"umask 077 && tar -x -B -b " + TAR_READ_BLOCKS + b" -f - -C " + q(word(spool))
+               + b" --no-same-owner --same-permissions")
         if not self.defer_verify:  # else finalize's at-rest check hashes them there, once
             cmd += (b" && cd " + q(word(spool)) + b" && " + sums_cmd(self.kind) + b" -- "
                     + b" ".join(q(n) for n in names))
@@ -651,7 +651,8 @@ def parts_script(roots):
             b"umask 077\nfailed=0\n"
             b"while read -r n i; do\n"
             b"  eval \"d=\\${$i}\"\n"
-            b"  head -c \"$n\" | { tar -x -B -f - -C \"$d\" --no-same-owner "
+            b"  head -c \"$n\" | { tar -x -B -b " + TAR_READ_BLOCKS + b" -f - -C \"$d\" "
+            b"--no-same-owner "
             b"--same-permissions; s=$?; cat >/dev/null; exit $s; } || failed=1\n"
             b"done\n"
             b"exit $failed\n")
@@ -666,7 +667,8 @@ def pull_bundle_cmd(size, kind):
     """The remote side of a pulled bundle, in one session: stdin holds the NUL-separated
     names twice (`size` bytes each); out comes the tar stream of the first copy, then the
     digests of the second (re-read from the remote page cache)."""
-    return (b"head -c " + str(size).encode() + b" | tar -c -f - --no-recursion --null "
+    return (b"head -c " + str(size).encode() + b" | tar -c -b " + TAR_WRITE_BLOCKS +
+            b" -f - --no-recursion --null "
             b"--verbatim-files-from -T -; xargs -0 -r " + sums_cmd(kind) + b" --")
 
 
@@ -741,6 +743,14 @@ def bundles(items, streams, min_files=BUNDLE_MIN_FILES):
 
 
 TAR_RECORD = 20 * 512  # a tar archive ends with two zero blocks, padded to a record
+# Remote tar's record sizes, in 512-byte blocks. Unpacking a push reads 1 MiB at a time
+# (-B: whatever the pipe gives) and so writes a small file in one write(2), not one per
+# 10 KiB: 20,000 files of 1-64 KiB took 84,000 writes and 68,000 reads with tar's default
+# of 20 blocks, 21,000 and 700 with 2048 (about 0.2 CPU s less on the remote host). A
+# pulled bundle's archive is written 128 KiB at a time: its last record is padded with
+# zeros that travel, so not 1 MiB.
+TAR_READ_BLOCKS = b"2048"
+TAR_WRITE_BLOCKS = b"256"
 
 
 def parallel_script(commands, parallel=4):
