@@ -259,11 +259,11 @@ def fail(job, files, problems):
 
 
 def finish(job, files, slices_by_file):
-    with db.atomic():
+    with db.atomic():  # the files and the job Done in one commit: whoever sees Done sees all
         db.bulk_update(db.File, ("state", "reason", "checksum"), (
             (states.DONE, "", file_checksum(slices_by_file[f.id]) if f.kind == FILE else "",
              f.id) for f in files))
-    db.set_job_state(job, states.DONE)
+        db.set_job_state(job, states.DONE)
 
 
 def run(path):

@@ -3,6 +3,7 @@
 Pure apart from reading the source trees (lstat/scandir); no database, no
 scheduler, no writes. Every path is bytes, so names that are not UTF-8 survive.
 """
+import functools
 import heapq
 import math
 import os
@@ -105,9 +106,8 @@ def spool_path(spool, dst):
     layout under <spool>/t (the spool sits in the directory its destinations are named
     from). A directory that does not exist at the destination is then placed with all
     it holds by one rename, not one rename per file."""
-    tree = spool + b"/" + SPOOL_TREE
-    base, path = os.path.dirname(spool), dst
-    prefix = base.rstrip(b"/") + b"/"
+    tree, base, prefix = _spool_parts(spool)
+    path = dst
     if path.startswith(prefix) and b"/." not in path and b"//" not in path:
         rel = path[len(prefix):].rstrip(b"/")  # already in normal form: most entries
         return tree + b"/" + rel if rel else tree
@@ -127,6 +127,14 @@ def spool_path(spool, dst):
                              f"{os.fsdecode(base)}")
         rel = path[len(prefix):]
     return tree + b"/" + rel if rel else tree
+
+
+@functools.lru_cache(maxsize=64)
+def _spool_parts(spool):
+    """(its tree, the directory it sits in, that directory as a prefix): a job has few
+    spools and finalize asks for 20,000 files' spool paths several times."""
+    base = os.path.dirname(spool)
+    return spool + b"/" + SPOOL_TREE, base, base.rstrip(b"/") + b"/"
 
 
 def _norm(path):

@@ -20,10 +20,12 @@ FLUSH_SECONDS = 1.0  # results are written in batches, not one transaction per s
 
 
 class Recorder:
-    """Buffers slice results and writes them in one transaction at a time."""
+    """Buffers slice results and writes them in one transaction at a time; `before`, if
+    given, is called (once) before the first write: what must be in the database first."""
 
-    def __init__(self, host):
+    def __init__(self, host, before=None):
         self.host, self.pending, self.last = host, [], time.monotonic()
+        self.before = before
 
     def add(self, result):
         self.pending.append(result)
@@ -31,6 +33,9 @@ class Recorder:
             self.flush()
 
     def flush(self):
+        if self.before:
+            self.before, before = None, self.before
+            before()
         if not self.pending:
             return
         with db.atomic():
@@ -107,24 +112,58 @@ def skip_many(engine, items):
             for item in items if item["slice"] in found]
 
 
+def _mine(job_id, task):
+    return (db.Slice.job == job_id) & (db.Slice.task == task)
+
+
+def done_slices(job_id, task):
+    """The ids of this task's slices already Done (a requeued task skips them)."""
+    return {sid for (sid,) in db.Slice.select(db.Slice.id).where(
+        _mine(job_id, task), db.Slice.state == states.DONE).tuples()}
+
+
 def start_task(job_id, task, host):
     """Mark the job, and the files and slices of this task, Active; return the ids of its
-    slices already Done (a requeued task skips them). By the slices' task number, one
-    statement per table: every slice not Done is in exactly one task file, the one of its
-    number (retry and catch-up renumber the slices they resubmit). Lists of 10,000 ids
-    cost 0.3-0.5 s of SQL building per task, holding the database's write lock while the
-    job's other tasks waited to start."""
-    mine = (db.Slice.job == job_id) & (db.Slice.task == task)
+    slices already Done. By the slices' task number, one statement per table: every
+    slice not Done is in exactly one task file, the one of its number (retry and catch-up
+    renumber the slices they resubmit). Lists of 10,000 ids cost 0.3-0.5 s of SQL
+    building per task, holding the database's write lock while the job's other tasks
+    waited to start."""
+    mine = _mine(job_id, task)
     with db.atomic():
         began = db.try_job_state(job_id, states.ACTIVE)
-        done = {sid for (sid,) in db.Slice.select(db.Slice.id).where(
-            mine, db.Slice.state == states.DONE).tuples()}
+        done = done_slices(job_id, task)
         db.bulk_state(db.Slice, "slice", mine, states.ACTIVE, host=host)
         db.bulk_state(db.File, "file", db.File.id.in_(
             db.Slice.select(db.Slice.file).where(mine)), states.ACTIVE)
     if began:  # this task moved the job to Active: the first to start; mail after commit
         notify.job_began(job_id)
     return done
+
+
+def start_meanwhile(job_id, task, host):
+    """start_task in a thread of its own (its own database connection), so that the
+    task's first units move while it waits for the write lock (the job's other tasks
+    start at the same moment) and writes; returns a function that waits for it and
+    raises what it raised. Results are recorded only after it (Recorder's `before`):
+    Pending -> Active -> Done, as the table has it."""
+    failed = []
+
+    def start():
+        try:
+            start_task(job_id, task, host)
+        except BaseException as e:  # raised again in the thread that waits
+            failed.append(e)
+        finally:
+            db.close()  # this thread's connection
+    thread = threading.Thread(target=start, name="start-task", daemon=True)
+    thread.start()
+
+    def wait():
+        thread.join()
+        if failed:
+            raise failed[0]
+    return wait
 
 
 def hand_back(items, done):
@@ -144,14 +183,15 @@ def run(path, task):
     db.connect()
     job = db.Job.get(db.Job.jobdir == os.fsencode(path))
     host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    done = start_task(job.id, task, host)
+    done = done_slices(job.id, task)  # a read: it does not wait for the write lock
+    started = start_meanwhile(job.id, task, host)
     options = json.loads(job.options)
     engine = plugins.make_engine(options)
     if hasattr(engine, "defer_verify"):  # finalize hashes every slice at rest anyway
         engine.defer_verify = True
     retries, backoff = options.get("retries", RETRIES), options.get("retry_backoff", 0.5)
     skip_existing = options.get("skip_existing", False)
-    recorder = Recorder(host)
+    recorder = Recorder(host, before=started)
 
     def one(eng, unit):
         """[(item, result)] of one unit of work; result None: handed back (paused)."""
@@ -185,7 +225,7 @@ def run(path, task):
             continue
         failed += result["state"] != states.DONE
         recorder.add(result)
-    recorder.flush()
+    recorder.flush()  # waits for start_task first, also when there was nothing to record
     if handed:
         hand_back(handed, done)
         return 0

@@ -153,6 +153,30 @@ def test_then_is_refused_on_the_local_backend_before_anything_happens(runner, tm
     assert os.listdir(tmp_path / "d") == [] and not (tmp_path / "home").exists()
 
 
+def test_a_manifest_that_cannot_be_written_fails_the_job_and_leaves_no_rows(runner, tmp_path,
+                                                                          monkeypatch):
+    """The plan's rows, the manifest and the job's move to Pending are one transaction:
+    when the manifest cannot be written the job is Failed with the reason, no file or
+    slice row is left, and nothing was started."""
+    from hpcmove import jobdir
+    from hpcmove.errors import HpcmoveError
+
+    def full(*_args):
+        raise HpcmoveError("no space left for the manifest")
+    monkeypatch.setattr(jobdir, "write_manifest", full)
+    (tmp_path / "f").write_bytes(b"x")
+    (tmp_path / "d").mkdir()
+    result = runner.invoke(cli.cli, ["submit", "--backend", "local", str(tmp_path / "f"),
+                                     str(tmp_path / "d")])
+    assert result.exit_code != 0
+    assert "no space left for the manifest" in result.output
+    db.connect()
+    (job,) = db.Job.select()
+    assert job.state == "Failed" and "no space left for the manifest" in job.reason
+    assert db.File.select().count() == 0 and db.Slice.select().count() == 0
+    assert not job.array_id and os.listdir(tmp_path / "d") == []
+
+
 @pytest.mark.parametrize("host", ["-oProxyCommand=touch PWNED", "-oProxyCommand=x@host",
                                   "user@-host", "a b"])
 def test_socket_open_refuses_a_host_ssh_could_read_as_an_option(runner, tmp_path, monkeypatch,

@@ -105,6 +105,34 @@ def test_a_task_starts_its_own_slices_by_number(url, tmp_path):
     assert db.Job.get_by_id(job.id).state == states.ACTIVE
 
 
+def test_a_task_records_results_only_after_its_start_in_a_thread(url, tmp_path,
+                                                                    monkeypatch):
+    """The worker marks its slices Active in a thread of its own while the first units
+    move; the first flush of results waits for it (Pending -> Active -> Done), and what
+    it raised is raised there."""
+    job, _ = make_job(tmp_path, 4)
+    db.bulk_state(db.Slice, "slice", db.Slice.job == job.id, states.PENDING)
+    db.bulk_state(db.File, "file", db.File.job == job.id, states.PENDING)
+    db.set_job_state(job, states.PENDING)
+    task = db.Slice.select().first().task
+    mine = [s.id for s in db.Slice.select().where(db.Slice.task == task)]
+    rec = worker.Recorder("dtn9", before=worker.start_meanwhile(job.id, task, "dtn9"))
+    for n, sid in enumerate(mine):  # Wait may only follow Active: written too soon, lost
+        rec.add({"slice": sid, "state": states.WAIT if n == 0 else states.DONE,
+                 "seconds": 0.1, "attempts": 1, "src": "ab", "dst": "ab", "reason": ""})
+    rec.flush()
+    got = {s.id: s.state for s in db.Slice.select().where(db.Slice.id.in_(mine))}
+    assert got == {sid: states.WAIT if n == 0 else states.DONE for n, sid in enumerate(mine)}
+    assert db.Job.get_by_id(job.id).state == states.ACTIVE
+
+    def refused(*_args):
+        raise RuntimeError("the database refused")
+    monkeypatch.setattr(worker, "start_task", refused)
+    rec = worker.Recorder("dtn9", before=worker.start_meanwhile(job.id, task, "dtn9"))
+    with pytest.raises(RuntimeError, match="the database refused"):
+        rec.flush()
+
+
 def test_database_file_is_private(tmp_path):
     path = tmp_path / "sub" / "jobs.db"
     db.connect(f"sqlite:///{path}")
