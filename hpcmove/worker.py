@@ -143,10 +143,15 @@ def start_task(job_id, task, host):
 
 def start_meanwhile(job_id, task, host):
     """start_task in a thread of its own (its own database connection), so that the
-    task's first units move while it waits for the write lock (the job's other tasks
-    start at the same moment) and writes; returns a function that waits for it and
+    task's first units move while it waits for SQLite's one write lock (the job's other
+    tasks start at the same moment) and writes; returns a function that waits for it and
     raises what it raised. Results are recorded only after it (Recorder's `before`):
-    Pending -> Active -> Done, as the table has it."""
+    Pending -> Active -> Done, as the table has it. A database server locks rows, not
+    the database, and counts connections (a second one per task could pass its limit
+    when a large array starts): there start_task runs here, at once."""
+    if not db.is_sqlite(db.proxy.obj):
+        start_task(job_id, task, host)
+        return lambda: None
     failed = []
 
     def start():

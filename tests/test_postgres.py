@@ -121,6 +121,26 @@ def test_64_tasks_record_at_the_same_moment_in_postgres(pg_url, tmp_path):
         db.close()
 
 
+def test_a_task_starts_in_its_own_connection_only_on_sqlite(pg_url, tmp_path):
+    """On the server a task marks its slices Active at once, in its one connection (a
+    second connection per task could pass the server's limit as a large array starts)."""
+    from hpcmove import worker
+    db.connect(pg_url)
+    try:
+        job, _ = make_job(tmp_path, 4)
+        db.bulk_state(db.Slice, "slice", db.Slice.job == job.id, states.PENDING)
+        db.bulk_state(db.File, "file", db.File.job == job.id, states.PENDING)
+        db.set_job_state(job, states.PENDING)
+        task = db.Slice.select().where(db.Slice.job == job.id).first().task
+        mine = db.Slice.select().where(db.Slice.job == job.id, db.Slice.task == task)
+        wait = worker.start_meanwhile(job.id, task, "dtn9")
+        assert {s.state for s in mine} == {states.ACTIVE}  # before anything waited
+        wait()
+        assert db.Job.get_by_id(job.id).state == states.ACTIVE
+    finally:
+        db.close()
+
+
 def test_a_user_command_never_creates_or_alters_the_shared_schema(tmp_path, pg_url):
     from hpcmove.errors import DatabaseError
     env_url = pg_url.replace("/hpcmove?", "/postgres?")  # a database without the schema
