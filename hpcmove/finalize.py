@@ -106,12 +106,20 @@ def _set_meta(path, f, symlink=False):
 
 def conflicts(files):
     """What would stop placement half-way, found before anything is placed: a file whose
-    destination is a directory, a directory whose destination is something else."""
-    problems = {}
+    destination is a directory, a directory whose destination is something else. Files
+    come parents first, so what lies under a directory absent at the destination is
+    absent too and not looked up (a pull into a new directory: 22 lstat, not 20,000)."""
+    problems, absent = {}, set()
     for f in files:
+        if os.path.dirname(f.dst.rstrip(b"/")) in absent:
+            if f.kind == DIR:
+                absent.add(f.dst.rstrip(b"/"))
+            continue
         try:
             st = os.lstat(f.dst)
         except FileNotFoundError:
+            if f.kind == DIR:
+                absent.add(f.dst.rstrip(b"/"))
             continue
         except OSError as e:
             problems[f.id] = f"{_name(f.dst)}: cannot place: {e.strerror}"

@@ -27,3 +27,30 @@ def test_conflicts_are_found_before_anything_is_placed(tmp_path):
     assert "occupied: cannot place: destination is a directory" in problems[1]
     assert (tmp_path / "d" / "small").read_bytes() == b"old"
     assert os.listdir(tmp_path / "d" / "occupied") == ["x"]
+
+
+def _tree_rows(tmp_path):
+    src = tmp_path / "src" / "t"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    for name in ("a", "sub/b", "sub/deeper/c"):
+        (src / name).write_bytes(b"x")
+    (tmp_path / "dst").mkdir()
+    p = plan_pairs([(bytes(src), bytes(tmp_path / "dst" / "t"))], Options(), "t")
+    return [Row(e, i) for i, e in enumerate(p.entries)]
+
+
+def test_conflicts_do_not_look_below_a_directory_absent_at_the_destination(tmp_path,
+                                                                             monkeypatch):
+    """Into a new directory only that directory is looked up; below an existing one
+    every entry is, and a conflict deep down is still found."""
+    rows = _tree_rows(tmp_path)
+    looked, lstat = [], os.lstat
+    monkeypatch.setattr(os, "lstat", lambda p, *a, **k: looked.append(p) or lstat(p, *a, **k))
+    assert finalize.conflicts(rows) == {}
+    assert looked == [bytes(tmp_path / "dst" / "t")]
+    (tmp_path / "dst" / "t" / "sub" / "deeper" / "c").mkdir(parents=True)
+    looked.clear()
+    problems = finalize.conflicts(rows)
+    assert len(looked) == len(rows)
+    (bad,) = problems.values()
+    assert bad.endswith("deeper/c: cannot place: destination is a directory")
