@@ -7,7 +7,6 @@ with afterok never start.
 
 Usage (from the rendered finalize script): python -m hpcmove.finalize JOBDIR
 """
-import concurrent.futures
 import os
 import shutil
 import stat
@@ -15,7 +14,7 @@ import sys
 
 import xxhash
 
-from . import db, notify, plugins, profiling, recover, remote, states
+from . import db, notify, plugins, profiling, recover, remote, states, worker
 from .errors import HpcmoveError
 from .plan import DIR, FILE, HARDLINK, SYMLINK, hardlink_tmp, spool_path
 
@@ -111,15 +110,16 @@ def conflicts(files):
     absent too and not looked up (a pull into a new directory: 22 lstat, not 20,000)."""
     problems, absent = {}, set()
     for f in files:
-        if os.path.dirname(f.dst.rstrip(b"/")) in absent:
+        path = f.dst.rstrip(b"/")
+        if os.path.dirname(path) in absent:
             if f.kind == DIR:
-                absent.add(f.dst.rstrip(b"/"))
+                absent.add(path)
             continue
         try:
             st = os.lstat(f.dst)
         except FileNotFoundError:
             if f.kind == DIR:
-                absent.add(f.dst.rstrip(b"/"))
+                absent.add(path)
             continue
         except OSError as e:
             problems[f.id] = f"{_name(f.dst)}: cannot place: {e.strerror}"
@@ -291,7 +291,7 @@ def run(path):
     if any(s.state != states.DONE for ss in slices_by_file.values() for s in ss):
         tasks = _task_states(job)
     elif far and far.side == "src":  # the tasks read the sources for the last time unless
-        stats = _meanwhile(far.source_stats, files)  # a retry reads them again
+        stats = worker.meanwhile(far.source_stats, files)  # a retry reads them again
     copied = recover.run(job, files, slices_by_file, lambda s: task_reason(s, tasks))
     try:
         remote_stats = None
@@ -325,15 +325,6 @@ def run(path):
     finish(job, files, slices_by_file)
     notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
     return 0
-
-
-def _meanwhile(fn, *args):
-    """Start fn(*args) in a thread; returns a function that waits for its result (or
-    raises its exception)."""
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    future = pool.submit(fn, *args)
-    pool.shutdown(wait=False)
-    return future.result
 
 
 def _place_here(files, job, slices_by_file):

@@ -3,6 +3,7 @@
 Usage (from the rendered transfer script): python -m hpcmove.worker JOBDIR TASK
 Exit status 0 when every slice of the task is Done, 1 otherwise.
 """
+import concurrent.futures
 import json
 import queue
 import threading
@@ -152,23 +153,22 @@ def start_meanwhile(job_id, task, host):
     if not db.is_sqlite(db.proxy.obj):
         start_task(job_id, task, host)
         return lambda: None
-    failed = []
 
     def start():
         try:
             start_task(job_id, task, host)
-        except BaseException as e:  # raised again in the thread that waits
-            failed.append(e)
         finally:
             db.close()  # this thread's connection
-    thread = threading.Thread(target=start, name="start-task", daemon=True)
-    thread.start()
+    return meanwhile(start)
 
-    def wait():
-        thread.join()
-        if failed:
-            raise failed[0]
-    return wait
+
+def meanwhile(fn, *args):
+    """Start fn(*args) in a thread; returns a function that waits for its result (or
+    raises its exception)."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)
+    return future.result
 
 
 def hand_back(items, done):
