@@ -24,6 +24,7 @@ from .paths import data_dir
 proxy = pw.DatabaseProxy()
 SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 120_000
+CACHE_KIB = 256 << 10  # at most, as a transaction needs it
 
 
 class PathField(pw.BlobField):
@@ -151,8 +152,12 @@ def connect(url=None, manage_schema=True):
             path = sqlite_path(url)
             if path:
                 _private_file(path)
+            # cache_size: a job's rows (40,000 for 20,000 files) stay in this connection's
+            # cache until its commit; spilled, they would take the exclusive lock early
+            # and stop every reader (the job's tasks start while submit inserts them)
             db = db_url.connect(url, lock_type="IMMEDIATE", pragmas={
-                "busy_timeout": BUSY_TIMEOUT_MS, "foreign_keys": 1})
+                "busy_timeout": BUSY_TIMEOUT_MS, "foreign_keys": 1,
+                "cache_size": -CACHE_KIB})
         else:
             db = db_url.connect(url)
         proxy.initialize(db)
@@ -416,25 +421,45 @@ def rows(query):
     return proxy.obj.execute_sql(*query.sql()).fetchall()
 
 
-def insert_plan(job, plan, state=states.SUBMITTED):
-    """Record every entry and slice of `plan` under `job`, in `state`, in one transaction."""
+def reserve_ids(model, n):
+    """Ids for `n` rows of `model` not yet written, so that a job's manifest can name
+    its files and slices before (on SQLite: while) they are inserted. SQLite: the n after
+    the largest, safe under the write lock that every transaction here takes at its
+    BEGIN (call inside atomic()); a server: n values of the table's own sequence."""
+    if n == 0:
+        return []
+    database = proxy.obj
+    if is_sqlite(database):
+        (top,), = rows(model.select(pw.fn.MAX(model.id)))
+        return range((top or 0) + 1, (top or 0) + 1 + n)
+    table = f'"{model._meta.table_name}"'
+    cursor = database.execute_sql("SELECT nextval(pg_get_serial_sequence(%s, 'id')) "
+                                  "FROM generate_series(1, %s)", (table, n))
+    return sorted(i for (i,) in cursor)
+
+
+def reserve_plan(plan):
+    """(file ids by entry, slice ids by position in plan.slices) for insert_plan."""
+    return reserve_ids(File, len(plan.entries)), reserve_ids(Slice, len(plan.slices))
+
+
+def insert_plan(job, plan, state=states.SUBMITTED, ids=None):
+    """Record every entry and slice of `plan` under `job`, in `state`, in one transaction,
+    with the ids of reserve_plan (`ids`, else reserved here). Returns the ids."""
     with atomic():
-        bulk_insert(File, ("job", "index", "kind", "src", "dst", "spool", "size", "mode",
+        file_ids, slice_ids = ids or reserve_plan(plan)
+        bulk_insert(File, ("id", "job", "index", "kind", "src", "dst", "spool", "size", "mode",
                            "mtime_ns", "link_target", "link_to", "state", "reason", "checksum"),
-                    ((job.id, e.index, e.kind, e.src, e.dst, e.spool, e.size, e.mode,
+                    ((i, job.id, e.index, e.kind, e.src, e.dst, e.spool, e.size, e.mode,
                       e.mtime_ns, e.link_target, e.link_to, state, "", "")
-                     for e in plan.entries))
-        # read back through the cursor: peewee's row iteration cost 0.1-0.2 s per 20,000
-        ids = dict(rows(File.select(File.index, File.id).where(File.job == job.id)))
-        bulk_insert(Slice, ("job", "file", "index", "offset", "length", "task", "state", "host",
-                            "attempts", "seconds", "src_digest", "dst_digest", "reason",
-                            "skipped"),
-                    ((job.id, ids[s.entry], s.index, s.offset, s.length, s.task,
-                      state, "", 0, 0.0, "", "", "", False) for s in plan.slices))
-        slice_ids = {(f_index, s_index): sid for sid, f_index, s_index in
-                     rows(Slice.select(Slice.id, File.index, Slice.index).join(File)
-                           .where(Slice.job == job.id))}
-    return ids, slice_ids
+                     for i, e in zip(file_ids, plan.entries)))
+        bulk_insert(Slice, ("id", "job", "file", "index", "offset", "length", "task", "state",
+                            "host", "attempts", "seconds", "src_digest", "dst_digest",
+                            "reason", "skipped"),
+                    ((i, job.id, file_ids[s.entry], s.index, s.offset, s.length, s.task,
+                      state, "", 0, 0.0, "", "", "", False)
+                     for i, s in zip(slice_ids, plan.slices)))
+    return file_ids, slice_ids
 
 
 __all__ = ["Job", "File", "Slice", "Event", "connect", "close", "IllegalTransition"]

@@ -11,12 +11,13 @@ import os
 import shutil
 import stat
 import sys
+from types import SimpleNamespace
 
 import xxhash
 
-from . import db, notify, plugins, profiling, recover, remote, states, worker
+from . import db, jobdir, notify, plugins, profiling, recover, remote, states, worker
 from .errors import HpcmoveError
-from .plan import DIR, FILE, HARDLINK, SYMLINK, hardlink_tmp, spool_path
+from .plan import DIR, FILE, HARDLINK, SYMLINK, hardlink_tmp, spool_path, spool_root
 
 
 def file_checksum(slices):
@@ -276,12 +277,15 @@ def finish(job, files, slices_by_file):
 
 def run(path):
     db.connect()
-    job = db.Job.get(db.Job.jobdir == path)
+    with db.atomic():  # SQLite: waits for a `submit` still recording the job's rows
+        job = db.Job.get(db.Job.jobdir == path)
     files = db.plain(job.files.order_by(db.File.index))
     far = remote.of_job(job)  # the remote side of a push or pull, or None
     if job.state in (states.CANCELLING, states.CANCELLED):
         _remove_spools(far, files)
         return 1
+    if not files and job.state in (states.SUBMITTED, states.FAILED):
+        return _unrecorded(job, far)
     if far and far.side == "dst":
         far.start_checks()  # their sessions start while the rows are read
     slices_by_file = {}
@@ -325,6 +329,23 @@ def run(path):
     finish(job, files, slices_by_file)
     notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
     return 0
+
+
+def _unrecorded(job, far):
+    """The chain ran, but the job's rows were never committed: on SQLite the tasks start
+    while `submit` records them, and that command failed (then the job is Failed already
+    and the chain was cancelled, unless that failed too) or was killed (the job is still
+    Submitted). Nothing is placed; the spools the tasks filled (named by the manifest)
+    go, and the job fails saying why."""
+    roots = {spool_root(item["spool"], job.token) for item in jobdir.read_all(job.jobdir)}
+    _remove_spools(far, [SimpleNamespace(spool=root) for root in sorted(roots)])
+    if job.state == states.SUBMITTED:
+        db.set_job_state(job, states.FAILED, reason="submission did not complete: the "
+                                                    "submitting command ended before it "
+                                                    "recorded the job's files; nothing was "
+                                                    "placed")
+    notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
+    return 1
 
 
 def _place_here(files, job, slices_by_file):

@@ -42,19 +42,20 @@ def manifest_item(slice_id, file_id, src, spool_path, offset, length, size, mtim
 
 def write_manifest(path, plan, file_ids, slice_ids):
     """The work of every array task: tasks/<index>.jsonl, one slice a line with all the
-    worker needs. Written as it is built (plan.slices are in task order), so a job of
-    a million files never holds a million dicts at once."""
+    worker needs; `file_ids` by entry, `slice_ids` in plan.slices' order (db.reserve_plan).
+    Written as it is built (plan.slices are in task order), so a job of a million files
+    never holds a million dicts at once."""
     clear_tasks(path)
     out, current = None, None
     try:
-        for s in plan.slices:
+        for s, slice_id in zip(plan.slices, slice_ids):
             if s.task != current:
                 if out:
                     out.close()
                 current, out = s.task, open(_task_file(path, s.task), "w")
             e = plan.entries[s.entry]
             out.write(json.dumps(manifest_item(
-                slice_ids[(s.entry, s.index)], file_ids[s.entry], e.src, e.spool_path,
+                slice_id, file_ids[s.entry], e.src, e.spool_path,
                 s.offset, s.length, e.size, e.mtime_ns, e.dst)) + "\n")
     finally:
         if out:
@@ -91,6 +92,14 @@ def read_task(path, task):
         item["src"], item["spool"] = _dec(item["src"]), _dec(item["spool"])
         item["dst"] = _dec(item.get("dst", ""))
     return items
+
+
+def read_all(path):
+    """Every task's items, task after task."""
+    tasks = os.path.join(os.fsencode(path), b"tasks")
+    for name in sorted(os.listdir(tasks)):
+        if name.endswith(b".jsonl"):
+            yield from read_task(path, int(name[:-len(b".jsonl")]))
 
 
 def write_scripts(path, scripts):

@@ -336,48 +336,93 @@ def _mail_types(text):
 
 def _record_and_submit(the_plan, options, backend, width, made=None):
     """Record the job, write its manifest and submit it; `made` (the remote spools being
-    made meanwhile) is waited for before anything runs."""
+    made meanwhile) is waited for before anything runs.
+
+    The rows go in Pending, with the job, in the transaction that writes the manifest:
+    one commit, and a manifest that cannot be written leaves no rows behind. On SQLite
+    that transaction holds the database's one write lock from its start, so the chain is
+    submitted inside it, before the rows are inserted: the tasks start moving data at
+    once, and what they record (start_task first) queues behind this commit. A server
+    database shows uncommitted rows to no one: there the chain goes after the commit."""
     path = jobdir.create(the_plan.token)
     job = db.Job.create(token=the_plan.token, owner=getpass.getuser(), backend=backend,
                         jobdir=path, move=options.move, stripe_width=width,
                         slice_size=options.slice_size, n_tasks=the_plan.n_tasks,
                         bytes_total=the_plan.bytes_total, options=json.dumps(asdict(options)))
+    early = db.is_sqlite(db.proxy.obj)
+    sent = None
     try:
-        # the rows go in Pending, with the job, in the transaction that writes the
-        # manifest: one commit, and no second pass over 40,000 rows to move them from
-        # Submitted; a manifest that cannot be written leaves no rows behind
         with db.atomic():
-            file_ids, slice_ids = db.insert_plan(job, the_plan, states.PENDING)
-            jobdir.write_manifest(path, the_plan, file_ids, slice_ids)
+            ids = db.reserve_plan(the_plan)
+            jobdir.write_manifest(path, the_plan, *ids)
+            if early:
+                if made:
+                    made()
+                sent = _send_chain(job, options, the_plan.n_tasks, width)
+            db.insert_plan(job, the_plan, states.PENDING, ids)
             db.set_job_state(job, states.PENDING)
-        if made:
-            made()
-    except HpcmoveError as e:
-        db.set_job_state(job, states.FAILED, reason=f"submission failed: {e}")
+            if sent:
+                _record_chain(job, sent[0])
+        if not early:
+            if made:
+                made()
+            sent = _send_chain(job, options, the_plan.n_tasks, width)
+            _record_chain(job, sent[0])
+    except BaseException as e:
+        if sent and early:  # its tasks run, with no rows to record into: stop them first
+            _stop_chain(job.backend, sent[0])
+        try:
+            db.set_job_state(job, states.FAILED,
+                             reason=f"submission failed: {e or type(e).__name__}")
+        except Exception:  # the database itself may be what failed; say why, not this
+            pass
         raise
-    job, scripts = _submit_chain(job, options, the_plan.n_tasks, width)
-    return Submission(job, the_plan, scripts)
+    if options.then:
+        _submit_then(job, options.then, sent[0].final_id)
+    return Submission(db.Job.get_by_id(job.id), the_plan, sent[1])
 
 
-def _submit_chain(job, options, n_tasks, width):
-    """Render the scripts for `n_tasks` tasks and submit transfer array + final job."""
+def _send_chain(job, options, n_tasks, width):
+    """Render the scripts for `n_tasks` tasks and submit transfer array + final job:
+    (backends.Submitted, scripts)."""
     path = job.jobdir
-    try:
-        settings = _script_settings(options, job.label, path, db.default_url())
-        scripts = render.render(settings, n_tasks, width, options.template_dirs)
-        written = jobdir.write_scripts(path, scripts)
-        spec = SubmitSpec(path, written, n_tasks, width, options.dependency,
-                          logs={"transfer": jobdir.log_path(path, "transfer-%A_%a.out"),
-                                "finalize": jobdir.log_path(path, "finalize-%j.out"),
-                                "feed": jobdir.log_path(path, "feed-%j.out")},
-                          label=job.label)
-        submitted = plugins.backend(job.backend).submit(spec)
-    except HpcmoveError as e:
-        db.set_job_state(job, states.FAILED, reason=f"submission failed: {e}")
-        raise
+    settings = _script_settings(options, job.label, path, db.default_url())
+    scripts = render.render(settings, n_tasks, width, options.template_dirs)
+    written = jobdir.write_scripts(path, scripts)
+    spec = SubmitSpec(path, written, n_tasks, width, options.dependency,
+                      logs={"transfer": jobdir.log_path(path, "transfer-%A_%a.out"),
+                            "finalize": jobdir.log_path(path, "finalize-%j.out"),
+                            "feed": jobdir.log_path(path, "feed-%j.out")},
+                      label=job.label)
+    return plugins.backend(job.backend).submit(spec), scripts
+
+
+def _record_chain(job, submitted):
     db.Job.update(array_id=submitted.array_id, final_id=submitted.final_id).where(
         db.Job.id == job.id).execute()
     db.event(job.id, "submit", f"array {submitted.array_id}, final {submitted.final_id}")
+
+
+def _stop_chain(backend_name, submitted, timeout=60.0):
+    """Cancel a chain submitted for a job whose recording then failed; a courtesy that
+    never hides why (the caller raises that)."""
+    ids = [i for i in (submitted.array_id, submitted.final_id) if i]
+    try:
+        backend = plugins.backend(backend_name)
+        backend.cancel(ids)
+        backend.wait_gone(ids, timeout)
+    except Exception as e:
+        print(f"hpcmove: batch jobs {', '.join(ids)} may still run: {e}", file=sys.stderr)
+
+
+def _submit_chain(job, options, n_tasks, width):
+    """Submit the chain of a recorded job (a retry's); a refusal fails the job."""
+    try:
+        submitted, scripts = _send_chain(job, options, n_tasks, width)
+    except HpcmoveError as e:
+        db.set_job_state(job, states.FAILED, reason=f"submission failed: {e}")
+        raise
+    _record_chain(job, submitted)
     if options.then:
         _submit_then(job, options.then, submitted.final_id)
     return db.Job.get_by_id(job.id), scripts

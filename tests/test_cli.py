@@ -1,10 +1,12 @@
 """The CLI in-process: help everywhere, dry runs that touch nothing, clear errors."""
+import glob
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -175,6 +177,122 @@ def test_a_manifest_that_cannot_be_written_fails_the_job_and_leaves_no_rows(runn
     assert job.state == "Failed" and "no space left for the manifest" in job.reason
     assert db.File.select().count() == 0 and db.Slice.select().count() == 0
     assert not job.array_id and os.listdir(tmp_path / "d") == []
+
+
+def _spooled(dst):
+    """Bytes the tasks have written into the job's spool under `dst` so far."""
+    total = 0
+    for spool in glob.glob(os.path.join(glob.escape(str(dst)), ".hpcmove-*.spool")):
+        for root, _dirs, names in os.walk(spool):
+            for name in names:
+                try:
+                    total += os.lstat(os.path.join(root, name)).st_size
+                except FileNotFoundError:
+                    pass
+    return total
+
+
+def _tree(root, n=40, size=64 << 10):
+    root.mkdir()
+    for i in range(n):
+        (root / f"f{i:02d}").write_bytes(os.urandom(size))
+
+
+def _after_data(dst, then):
+    """An insert_plan that first waits (20 s at most) for the tasks to move data, then
+    calls then(*args); records what it saw."""
+    seen = []
+
+    def insert(*args, **kwargs):
+        deadline = time.monotonic() + 20
+        while not _spooled(dst) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        seen.append(_spooled(dst))
+        return then(*args, **kwargs)
+    return insert, seen
+
+
+def test_tasks_move_data_while_submit_records_the_rows(runner, tmp_path, monkeypatch):
+    """On SQLite the chain is submitted inside the transaction that records the plan (it
+    holds the one write lock): the tasks copy while the rows go in, and what they record
+    waits for that commit, so the job still goes Submitted -> Pending -> Active -> Done."""
+    _tree(tmp_path / "src")
+    (tmp_path / "d").mkdir()
+    insert, seen = _after_data(tmp_path / "d", db.insert_plan)
+    monkeypatch.setattr(db, "insert_plan", insert)
+    result = runner.invoke(cli.cli, ["submit", "--backend", "local", "--wait",
+                                     "--stripe-width", "2", str(tmp_path / "src"),
+                                     str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert seen[0] > 0  # data moved before a row of the plan was written
+    (job,) = db.Job.select()
+    assert job.state == "Done"
+    assert [e.message for e in job.events.where(db.Event.kind == "state")
+            .order_by(db.Event.id)] == ["Submitted -> Pending", "Active -> Done"]
+    assert {s.state for s in job.slices} == {"Done"} and {f.state for f in job.files} == {"Done"}
+    for i in range(40):
+        name = f"f{i:02d}"
+        assert (tmp_path / "d" / "src" / name).read_bytes() == \
+            (tmp_path / "src" / name).read_bytes()
+
+
+def test_a_plan_not_recorded_after_its_tasks_started_stops_them(runner, tmp_path,
+                                                                monkeypatch):
+    """The rows cannot be written once the tasks run (the disk is full): the chain is
+    cancelled, its spool removed, the job Failed with the reason and no rows left; nothing
+    reaches the destination, later either."""
+    from hpcmove.errors import HpcmoveError
+
+    def full(*_args, **_kwargs):
+        raise HpcmoveError("database or disk is full")
+    _tree(tmp_path / "src", n=400)
+    (tmp_path / "d").mkdir()
+    insert, seen = _after_data(tmp_path / "d", full)
+    monkeypatch.setattr(db, "insert_plan", insert)
+    result = runner.invoke(cli.cli, ["submit", "--backend", "local", str(tmp_path / "src"),
+                                     str(tmp_path / "d")])
+    assert result.exit_code != 0 and "database or disk is full" in result.output
+    assert seen[0] > 0
+    (job,) = db.Job.select()
+    assert job.state == "Failed" and "database or disk is full" in job.reason
+    assert db.File.select().count() == 0 and db.Slice.select().count() == 0
+    time.sleep(1.0)  # a task still running would write again into a new spool
+    assert os.listdir(tmp_path / "d") == []
+    assert os.listdir(tmp_path / "src") and len(os.listdir(tmp_path / "src")) == 400
+
+
+KILLED_SUBMIT = r'''
+import glob, os, signal, sys, time
+from hpcmove import cli, db
+dst = sys.argv[2]
+def killed(*args, **kwargs):  # the tasks run, nothing of the plan is recorded: SIGKILL
+    while not [p for p in glob.glob(os.path.join(dst, ".hpcmove-*.spool", "**"),
+                                    recursive=True) if os.path.isfile(p) and os.path.getsize(p)]:
+        time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGKILL)
+db.insert_plan = killed
+cli.cli(["submit", "--backend", "local", sys.argv[1], dst])
+'''
+
+
+def test_a_submit_killed_before_recording_its_plan_leaves_nothing(runner, tmp_path):
+    """`submit` killed after the tasks started but before the plan's rows were committed:
+    the finalize finds the job still Submitted, removes the spool the tasks filled and
+    fails the job saying why; nothing is placed."""
+    _tree(tmp_path / "src", n=200)
+    (tmp_path / "d").mkdir()
+    done = subprocess.run([sys.executable, "-c", KILLED_SUBMIT, str(tmp_path / "src"),
+                           str(tmp_path / "d")], env=dict(os.environ), timeout=60,
+                          cwd=tmp_path)  # not the checkout: the installed hpcmove
+    assert done.returncode == -9
+    db.connect()
+    (job,) = db.Job.select()
+    deadline = time.monotonic() + 60
+    while job.state == "Submitted" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = db.Job.get_by_id(job.id)
+    assert job.state == "Failed" and "submission did not complete" in job.reason
+    assert os.listdir(tmp_path / "d") == []
 
 
 @pytest.mark.parametrize("host", ["-oProxyCommand=touch PWNED", "-oProxyCommand=x@host",

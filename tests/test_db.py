@@ -13,7 +13,7 @@ from hpcmove.plan import Options, plan
 
 def make_job(tmp_path, n_files=64):
     src = tmp_path / "src"
-    src.mkdir()
+    src.mkdir(parents=True)
     for i in range(n_files):
         (src / f"f{i}").write_bytes(b"x" * 10)
     (tmp_path / "dst").mkdir()
@@ -67,6 +67,29 @@ def plain_matches_models(job):
             assert got == want and all(type(got[k]) is type(want[k]) for k in want)
             if hasattr(row, "file_id"):
                 assert row.file_id == model.file_id and row.job_id == model.job_id
+
+
+def reserved_ids_hold(tmp_path):
+    """A plan's rows carry the ids given out before they were written (the manifest
+    names them): files by entry, slices in plan order, each slice under its file; the
+    next job's ids and the table's own next id do not collide with them."""
+    job, the_plan = make_job(tmp_path / "a", 3)
+    files = list(db.File.select().where(db.File.job == job.id).order_by(db.File.index))
+    slices = list(db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.id))
+    assert len(files) == len(the_plan.entries) and len(slices) == len(the_plan.slices)
+    assert [f.index for f in files] == [e.index for e in the_plan.entries]
+    by_index = {f.index: f.id for f in files}
+    for row, s in zip(slices, the_plan.slices):
+        assert row.file_id == by_index[s.entry] and (row.index, row.offset) == (s.index, s.offset)
+    second, _ = make_job(tmp_path / "b", 3)
+    assert not {f.id for f in second.files} & set(by_index.values())
+    assert not {s.id for s in second.slices} & {s.id for s in slices}
+    fresh = db.File.create(job=job, index=99, kind="dir", src=b"s", dst=b"d", spool=b"p")
+    assert fresh.id not in set(by_index.values()) | {f.id for f in second.files}
+
+
+def test_a_plans_ids_are_given_out_before_its_rows_go_in(url, tmp_path):
+    reserved_ids_hold(tmp_path)
 
 
 def test_plain_rows_are_the_models_values(url, tmp_path):

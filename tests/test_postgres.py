@@ -11,7 +11,7 @@ import pytest
 
 from conftest import Hpcmove, run_as_user
 from hpcmove import db, states
-from test_db import make_job, plain_matches_models, _record_task
+from test_db import make_job, plain_matches_models, reserved_ids_hold, _record_task
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +87,14 @@ def test_plain_rows_are_the_models_values_in_postgres(pg_url, tmp_path):
                                                        db.File.index == 1).execute()
         db.Slice.update(skipped=True).where(db.Slice.job == job.id, db.Slice.index == 0).execute()
         plain_matches_models(job)
+    finally:
+        db.close()
+
+
+def test_a_plans_ids_come_from_the_tables_sequences_in_postgres(pg_url, tmp_path):
+    db.connect(pg_url)
+    try:
+        reserved_ids_hold(tmp_path)
     finally:
         db.close()
 
