@@ -340,16 +340,18 @@ def _record_and_submit(the_plan, options, backend, width, made=None):
 
     The rows go in Pending, with the job, in the transaction that writes the manifest:
     one commit, and a manifest that cannot be written leaves no rows behind. On SQLite
-    that transaction holds the database's one write lock from its start, so the chain is
-    submitted inside it, before the rows are inserted: the tasks start moving data at
-    once, and what they record (start_task first) queues behind this commit. A server
-    database shows uncommitted rows to no one: there the chain goes after the commit."""
+    that transaction holds the database's one write lock from its start, so a chain that
+    starts at once here (the local backend) is submitted inside it, before the rows are
+    inserted: the tasks move data meanwhile, and what they record (start_task first)
+    queues behind this commit. Otherwise the chain goes after the commit: a server
+    database shows uncommitted rows to no one, and a scheduler's answer can take minutes
+    on a busy controller, while every other job's tasks would wait on the lock."""
     path = jobdir.create(the_plan.token)
     job = db.Job.create(token=the_plan.token, owner=getpass.getuser(), backend=backend,
                         jobdir=path, move=options.move, stripe_width=width,
                         slice_size=options.slice_size, n_tasks=the_plan.n_tasks,
                         bytes_total=the_plan.bytes_total, options=json.dumps(asdict(options)))
-    early = db.is_sqlite(db.proxy.obj)
+    early = db.is_sqlite(db.proxy.obj) and plugins.backend(backend).submits_at_once
     sent = None
     try:
         with db.atomic():

@@ -236,6 +236,39 @@ def test_tasks_move_data_while_submit_records_the_rows(runner, tmp_path, monkeyp
             (tmp_path / "src" / name).read_bytes()
 
 
+def test_a_scheduler_is_asked_only_after_the_rows_are_committed(runner, tmp_path,
+                                                                monkeypatch):
+    """A backend that asks a scheduler (sbatch may wait minutes on a busy controller) is
+    never called while the job database's write lock is held: the plan's rows are
+    committed first, visible to any other connection, and the lock is free."""
+    import sqlite3
+
+    from hpcmove import plugins
+    from hpcmove.backends.local import LocalBackend
+    seen = []
+
+    class Scheduler(LocalBackend):  # the local runner, but announced as a scheduler
+        submits_at_once = False
+
+        def submit(self, spec):
+            other = sqlite3.connect(db.sqlite_path(db.default_url()), timeout=0.5)
+            try:
+                with other:  # BEGIN IMMEDIATE fails at once while submit holds the lock
+                    other.execute("BEGIN IMMEDIATE")
+                    seen.append(other.execute("SELECT count(*) FROM slice").fetchone()[0])
+            finally:
+                other.close()
+            return super().submit(spec)
+    monkeypatch.setattr(plugins, "backend", lambda name: Scheduler())
+    _tree(tmp_path / "src", n=30)
+    (tmp_path / "d").mkdir()
+    result = runner.invoke(cli.cli, ["submit", "--backend", "local", "--wait",
+                                     str(tmp_path / "src"), str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert seen == [30]
+    assert len(os.listdir(tmp_path / "d" / "src")) == 30
+
+
 def test_a_plan_not_recorded_after_its_tasks_started_stops_them(runner, tmp_path,
                                                                 monkeypatch):
     """The rows cannot be written once the tasks run (the disk is full): the chain is

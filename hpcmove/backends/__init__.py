@@ -83,6 +83,9 @@ class Backend:
     # True: running tasks are asked to stop between slices (a flag in the job dir);
     # False: hold() stops them where they are.
     pause_by_flag = False
+    # True: submit() starts processes here and returns at once (no scheduler to ask),
+    # so it may run while the job database's write lock is held (see jobs.py)
+    submits_at_once = False
 
     def submit(self, spec):
         """Start the transfer array and the dependent final job; return their ids."""

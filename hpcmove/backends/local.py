@@ -26,6 +26,7 @@ def _alive(pid):
 class LocalBackend(Backend):
     name = "local"
     pause_by_flag = False
+    submits_at_once = True
 
     def submit(self, spec):
         if spec.dependency:
