@@ -25,12 +25,16 @@ def create(token):
     return path
 
 
+# Paths go into the manifest as UTF-8 with surrogateescape, whatever the locale of the
+# process that writes or reads it (a login node's and a DTN's may differ); any bytes
+# round-trip. The codec's own calls: os.fsdecode/fsencode cost twice as much, and a
+# manifest holds three paths for each of up to a million slices.
 def _enc(p):
-    return os.fsdecode(p)
+    return p if isinstance(p, str) else p.decode("utf-8", "surrogateescape")
 
 
 def _dec(p):
-    return os.fsencode(p)
+    return p.encode("utf-8", "surrogateescape")
 
 
 def manifest_item(slice_id, file_id, src, spool_path, offset, length, size, mtime_ns,

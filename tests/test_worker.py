@@ -87,3 +87,40 @@ def test_a_stream_whose_connection_is_gone_leaves_the_rest_to_the_others(plan, a
         assert states_seen == {states.DONE: 39, states.AUTH: 1}
     else:
         assert states_seen[states.DONE] == 3 and states_seen[states.AUTH] == 37
+
+
+READ_TASK = """
+import sys
+from hpcmove import jobdir
+assert sys.getfilesystemencoding() == "ascii", sys.getfilesystemencoding()
+sys.stdout.buffer.write(b"\\0".join(i["src"] + b"|" + i["spool"] for i in jobdir.read_task(
+    sys.argv[1].encode(), 0)))
+"""
+
+
+def test_a_manifest_reads_back_the_same_bytes_under_any_locale(tmp_path):
+    """Written under UTF-8 (a login node), read where the file system encoding is ASCII
+    (a batch job in the C locale without UTF-8 mode): every name the same bytes."""
+    import os
+    import subprocess
+    import sys
+    from hpcmove import jobdir
+    from hpcmove.plan import Options, plan
+    names = ["caf\u00e9", "\udcff-not-utf8", "plain", "\u65e5\u672c"]
+    (tmp_path / "src").mkdir()
+    for name in names:
+        (tmp_path / "src" / name).write_bytes(b"x")
+    (tmp_path / "dst").mkdir()
+    the_plan = plan([str(tmp_path / "src")], str(tmp_path / "dst"), Options(stripe_width=1),
+                    "abcdef123456")
+    path = bytes(tmp_path / "job")
+    os.makedirs(path + b"/tasks")
+    jobdir.write_manifest(path, the_plan, range(1, 100), range(1, 100))
+    env = dict(os.environ, LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    done = subprocess.run([sys.executable, "-c", READ_TASK, path], env=env, cwd=tmp_path,
+                          capture_output=True)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    want = [the_plan.entries[s.entry].src + b"|" + the_plan.entries[s.entry].spool_path
+            for s in the_plan.slices]
+    assert done.stdout.split(b"\0") == want
+    assert {os.path.basename(w.split(b"|")[0]) for w in want} == {os.fsencode(n) for n in names}
