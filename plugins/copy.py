@@ -13,6 +13,7 @@ task with SIGBUS; finalize then finds the source changed and fails the file, as 
 would for any source changed during the transfer.
 """
 import errno
+import json
 import mmap
 import os
 import time
@@ -25,9 +26,45 @@ from hpcmove.errors import TransferError
 BUFFER = 1 << 20  # fits in L2: read, hash and write from cache-hot memory
 MAP_MIN = 8 << 20  # data runs at least this long are read through mmap
 MAP_WINDOW = 64 << 20  # mapped at a time
+# finalize's re-check of what is at rest hashes in forked helpers from this much on
+HELPERS, HELPER_MIN_RANGES, HELPER_MIN_BYTES = 4, 1000, 256 << 20
 # Errors worth retrying in the task; everything else fails the file at once.
 TRANSIENT = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE,
              errno.EBUSY, errno.ECONNRESET, errno.EREMOTEIO}
+
+
+def _fork_digests(engine, ranges):
+    """engine._digests(ranges) in a forked child; returns a function that waits for the
+    child and returns its list (a child that died: each range 'unreadable (...)', so
+    the check sends those slices again rather than trusting them)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only hashing, then gone without running any cleanup
+        code = 1
+        try:
+            # no inherited descriptor but its pipe (an ssh session's stdin held open
+            # here would keep that session from seeing its end)
+            os.closerange(3, write_fd)
+            os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
+            data = json.dumps(engine._digests(ranges)).encode()
+            with os.fdopen(write_fd, "wb") as out:
+                out.write(data)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+
+    def collect():
+        with os.fdopen(read_fd, "rb") as f:
+            data = f.read()
+        _pid, status = os.waitpid(pid, 0)
+        try:
+            if os.waitstatus_to_exitcode(status) == 0:
+                return json.loads(data)
+        except ValueError:
+            pass
+        return [f"unreadable (the hashing helper ended with status {status})"] * len(ranges)
+    return collect
 
 
 @dataclass
@@ -165,7 +202,23 @@ class CopyEngine:
 
     def digests(self, ranges):
         """digest() of each (path, offset, length[, file size]); 'unreadable (...)' where
-        it fails."""
+        it fails. Many ranges are shared with forked helpers, one per CPU this process
+        may use (at most HELPERS): one Python thread hashes 20,000 small files in 0.25 s,
+        two threads take longer (the GIL), two processes 0.15 s."""
+        helpers = min(HELPERS, len(os.sched_getaffinity(0))) - 1
+        if helpers < 1 or len(ranges) < HELPER_MIN_RANGES and \
+                sum(r[2] for r in ranges) < HELPER_MIN_BYTES:
+            return self._digests(ranges)
+        n = min(helpers + 1, len(ranges))
+        shares = [ranges[i::n] for i in range(n)]  # interleaved: like sizes in each share
+        children = [_fork_digests(self, share) for share in shares[1:]]
+        got = [self._digests(shares[0])] + [collect() for collect in children]
+        out = [None] * len(ranges)
+        for i, share in enumerate(got):
+            out[i::n] = share
+        return out
+
+    def _digests(self, ranges):
         out = []
         for path, offset, length, *_size in ranges:
             try:

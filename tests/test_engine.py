@@ -282,3 +282,62 @@ def test_file_system_without_mmap_is_read(tmp_path, monkeypatch):
     src.write_bytes(data)
     s, d = CopyEngine().copy_slice(work_for(src, dst, 0, len(data)))
     assert s == d == xxh(data)
+
+
+def test_many_digests_are_shared_with_forked_helpers_in_order(tmp_path, monkeypatch):
+    """finalize's re-check of thousands of spool files hashes in forked helpers (one per
+    CPU it may use): the same digests in the same order as one process computes them,
+    a range that cannot be read still 'unreadable (reason)', and more than one process
+    did the work."""
+    import hpcmove_plugins.copy as copy_mod
+    files = []
+    for i in range(60):
+        path = tmp_path / f"f{i:02d}"
+        path.write_bytes(os.urandom(100 + i * 37))
+        files.append(path)
+    ranges = [(bytes(p), 0, p.stat().st_size, p.stat().st_size) for p in files]
+    ranges.insert(7, (bytes(tmp_path / "gone"), 0, 10, 10))
+    ranges.append((bytes(files[3]), 50, 40, files[3].stat().st_size))  # a part of a file
+    engine = CopyEngine()
+    alone = engine._digests(ranges)
+    pids = tmp_path / "pids"
+    real = CopyEngine.digest
+
+    def digest(self, path, offset, length):
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(self, path, offset, length)
+    monkeypatch.setattr(CopyEngine, "digest", digest)
+    monkeypatch.setattr(copy_mod, "HELPER_MIN_RANGES", 10)
+    monkeypatch.setattr(copy_mod.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    shared = engine.digests(ranges)
+    assert shared == alone
+    assert shared[7].startswith("unreadable (") and "gone" in shared[7]
+    assert shared[-1] == xxh(files[3].read_bytes()[50:90])
+    assert len(set(pids.read_text().split())) == 3
+
+
+def test_a_helper_that_dies_leaves_its_ranges_unverified(tmp_path, monkeypatch):
+    """A helper killed before it answers: its ranges come back 'unreadable (...)' (sent
+    again by the check), never an empty or made-up digest."""
+    import signal
+
+    import hpcmove_plugins.copy as copy_mod
+    paths = []
+    for i in range(20):
+        (tmp_path / f"f{i}").write_bytes(b"x" * i)
+        paths.append(tmp_path / f"f{i}")
+    ranges = [(bytes(p), 0, p.stat().st_size, p.stat().st_size) for p in paths]
+    parent = os.getpid()
+    real = CopyEngine.digest
+
+    def digest(self, path, offset, length):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, path, offset, length)
+    monkeypatch.setattr(CopyEngine, "digest", digest)
+    monkeypatch.setattr(copy_mod, "HELPER_MIN_RANGES", 10)
+    monkeypatch.setattr(copy_mod.os, "sched_getaffinity", lambda pid: {0, 1})
+    got = CopyEngine().digests(ranges)
+    assert got[0::2] == [xxh(p.read_bytes()) for p in paths[0::2]]
+    assert all(g.startswith("unreadable (the hashing helper ended") for g in got[1::2])
