@@ -432,9 +432,10 @@ def reserve_ids(model, n):
     if is_sqlite(database):
         (top,), = rows(model.select(pw.fn.MAX(model.id)))
         return range((top or 0) + 1, (top or 0) + 1 + n)
-    table = f'"{model._meta.table_name}"'
-    cursor = database.execute_sql("SELECT nextval(pg_get_serial_sequence(%s, 'id')) "
-                                  "FROM generate_series(1, %s)", (table, n))
+    p = database.param
+    cursor = database.execute_sql(f"SELECT nextval(pg_get_serial_sequence({p}, 'id')) "
+                                  f"FROM generate_series(1, {p})",
+                                  (f'"{model._meta.table_name}"', n))
     return sorted(i for (i,) in cursor)
 
 

@@ -353,22 +353,23 @@ def _record_and_submit(the_plan, options, backend, width, made=None):
                         bytes_total=the_plan.bytes_total, options=json.dumps(asdict(options)))
     early = db.is_sqlite(db.proxy.obj) and plugins.backend(backend).submits_at_once
     sent = None
+
+    def send():
+        if made:
+            made()
+        return _send_chain(job, options, the_plan.n_tasks, width)
     try:
         with db.atomic():
             ids = db.reserve_plan(the_plan)
             jobdir.write_manifest(path, the_plan, *ids)
             if early:
-                if made:
-                    made()
-                sent = _send_chain(job, options, the_plan.n_tasks, width)
+                sent = send()
             db.insert_plan(job, the_plan, states.PENDING, ids)
             db.set_job_state(job, states.PENDING)
-            if sent:
+            if early:
                 _record_chain(job, sent[0])
         if not early:
-            if made:
-                made()
-            sent = _send_chain(job, options, the_plan.n_tasks, width)
+            sent = send()
             _record_chain(job, sent[0])
     except BaseException as e:
         if sent and early:  # its tasks run, with no rows to record into: stop them first
