@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import xxhash
 
 from . import db, jobdir, notify, plugins, profiling, recover, remote, states, worker
+from .backends.local_runner import AFTER_TASKS, GO
 from .errors import HpcmoveError
 from .plan import DIR, FILE, HARDLINK, SYMLINK, hardlink_tmp, spool_path, spool_root
 
@@ -45,28 +46,37 @@ def task_reason(s, tasks):
             f"ended {state}{where}")
 
 
-def source_problem(f, remote_stats=None):
-    """Why a source is no longer what was copied; None when it is. `remote_stats` holds
-    {file id: (size, mtime_ns) or None} for sources on a remote host."""
-    if remote_stats is not None:
-        st = remote_stats.get(f.id)
-        if st is None:
-            return f"source vanished during transfer: {_name(f.src)}"
-        size, mtime = st
-    else:
-        try:
-            st = os.lstat(f.src)
-        except OSError as e:
-            return f"source vanished during transfer: {_name(f.src)} ({e.strerror})"
-        size, mtime = st.st_size, st.st_mtime_ns
+def source_stats(files):
+    """{file id: (size, mtime_ns), or why lstat failed} of the local regular sources."""
+    out = {}
+    for f in files:
+        if f.kind == FILE:
+            try:
+                st = os.lstat(f.src)
+            except OSError as e:
+                out[f.id] = e.strerror
+                continue
+            out[f.id] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def source_problem(f, stats):
+    """Why a source is no longer what was copied; None when it is. `stats` holds {file
+    id: (size, mtime_ns)}, or for a source that is gone None (a remote host's) or the
+    reason (source_stats)."""
+    st = stats.get(f.id)
+    if st is None or isinstance(st, str):
+        why = f" ({st})" if st else ""
+        return f"source vanished during transfer: {_name(f.src)}{why}"
+    size, mtime = st
     if f.kind == FILE and (size != f.size or mtime != f.mtime_ns):
         return f"source changed during transfer: {_name(f.src)}"
     return None
 
 
-def check(files, slices_by_file, remote_stats=None):
+def check(files, slices_by_file, stats):
     """({file id: reason} that failed for good, {file id: reason} on hold,
-    {file id: reason} waiting for authentication)."""
+    {file id: reason} waiting for authentication). `stats`: see source_problem."""
     failed, held, auth = {}, {}, {}
     for f in files:
         if f.kind != FILE:
@@ -77,7 +87,7 @@ def check(files, slices_by_file, remote_stats=None):
             auth[f.id] = f"{_name(f.src)}: " + next(s.reason for s in slices
                                                     if s.state == states.AUTH)
             continue
-        source = source_problem(f, remote_stats)
+        source = source_problem(f, stats)
         if source:
             bad.insert(0, source)
         if bad:
@@ -291,17 +301,16 @@ def run(path):
     slices_by_file = {}
     for s in db.plain(db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.index)):
         slices_by_file.setdefault(s.file_id, []).append(s)
+    stat_sources = far.source_stats if far and far.side == "src" else source_stats
     tasks, stats = {}, None
     if any(s.state != states.DONE for ss in slices_by_file.values() for s in ss):
         tasks = _task_states(job)
-    elif far and far.side == "src":  # the tasks read the sources for the last time unless
-        stats = worker.meanwhile(far.source_stats, files)  # a retry reads them again
+    else:  # the tasks read the sources for the last time (unless a retry reads them
+        stats = worker.meanwhile(stat_sources, files)  # again): stat them meanwhile
     copied = recover.run(job, files, slices_by_file, lambda s: task_reason(s, tasks))
     try:
-        remote_stats = None
-        if far and far.side == "src":
-            remote_stats = stats() if stats and not copied else far.source_stats(files)
-        problems, held, auth = check(files, slices_by_file, remote_stats)
+        problems, held, auth = check(files, slices_by_file, stats() if stats and not copied
+                                     else stat_sources(files))
         if not problems and not auth and not held and far and far.side == "dst":
             # all or nothing, on the remote host
             problems = far.place(files, far.python, slices_by_file)
@@ -385,11 +394,30 @@ def _remove_spools(far, files):
         remove_spools(files)
 
 
+def tasks_ended(environ=os.environ):
+    """Started before the tasks ended (the local runner's early start, AFTER_TASKS names
+    a pipe): wait for its GO. False when the runner ended without it: then this must
+    not run at all, since the tasks may still be writing."""
+    fd = environ.pop(AFTER_TASKS, None)
+    if fd is None:
+        return True
+    try:
+        with open(int(fd), "rb", closefd=True) as gate:
+            return gate.read() == GO
+    except (OSError, ValueError) as e:
+        print(f"hpcmove: finalize: {AFTER_TASKS}={fd!r} names no pipe ({e})", file=sys.stderr)
+        return False
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m hpcmove.finalize JOBDIR", file=sys.stderr)
         return 2
+    if not tasks_ended():
+        print("hpcmove: finalize: the local runner ended before the job's tasks did; "
+              "nothing was checked or placed", file=sys.stderr)
+        return 1
     return profiling.run("finalize", run, os.fsencode(argv[0]))
 
 

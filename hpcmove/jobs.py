@@ -396,7 +396,8 @@ def _send_chain(job, options, n_tasks, width):
                       logs={"transfer": jobdir.log_path(path, "transfer-%A_%a.out"),
                             "finalize": jobdir.log_path(path, "finalize-%j.out"),
                             "feed": jobdir.log_path(path, "feed-%j.out")},
-                      label=job.label)
+                      label=job.label, final_waits=not render.overridden(
+                          ("finalize.sh.j2", "base.sh.j2"), options.template_dirs))
     return plugins.backend(job.backend).submit(spec), scripts
 
 

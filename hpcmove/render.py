@@ -86,6 +86,12 @@ def sbatch_options(settings, partition, role=""):
     return options + [sbatch_value(x) for x in settings.extra]
 
 
+def overridden(names, search_path=()):
+    """Does a user or site directory in `search_path` replace any of the templates
+    `names`? (Then a rendered script may run commands hpcmove did not write.)"""
+    return any(os.path.isfile(os.path.join(d, n)) for d in search_path for n in names)
+
+
 def render(settings, n_tasks, stripe_width, search_path=()):
     """Both scripts of a job as {'transfer.sh': text, 'finalize.sh': text}.
     A job with nothing to copy (only directories and links) has no transfer script."""

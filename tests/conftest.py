@@ -32,6 +32,21 @@ def run_as_user(argv, env, cwd=None, timeout=900, check=False, input=None, user=
                           timeout=timeout, check=check, input=input)
 
 
+def pids_running(module, word):
+    """Processes of `python -m MODULE` (bytes) with `word` (bytes) in an argument: a
+    job's tasks or finalize, by its token or job directory (they run on this host)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if module in argv and any(word in a for a in argv):
+            pids.append(int(pid))
+    return pids
+
+
 def already_there(kind, data):
     """What --skip-existing tests put at the destination for a source file `data`:
     None (missing), zeros of the same size (differs), the first MiB right and zeros after

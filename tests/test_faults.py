@@ -7,22 +7,13 @@ import time
 
 import pytest
 
-from conftest import REPO, run_as_user
+from conftest import REPO, pids_running, run_as_user
 from test_behaviour import no_spool_left
 
 
 def worker_pids(token):
-    """Processes running this job's transfer tasks (they run on this host)."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"hpcmove.worker" in argv and any(token.encode() in a for a in argv):
-            pids.append(int(pid))
-    return pids
+    """Processes running this job's transfer tasks."""
+    return pids_running(b"hpcmove.worker", token.encode())
 
 
 def token_of(hpcmove):

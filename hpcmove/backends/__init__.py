@@ -68,6 +68,9 @@ class SubmitSpec:
     dependency: str = ""  # sbatch syntax, applies to the transfer step
     logs: dict = field(default_factory=dict)  # name -> output path pattern
     label: str = ""  # hpcmove's job id (hm-N), for the feeder
+    # the final script is the packaged one, whose only command (hpcmove.finalize) waits
+    # for the tasks when told to (finalize.AFTER_TASKS): a backend may start it early
+    final_waits: bool = False
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 A runner process (hpcmove.backends.local_runner) runs the array tasks, at most
 stripe-width at a time, then the finalize script whatever the tasks' outcome
-(afterany, as on Slurm). Its id is 'local-PID'; it keeps its state in a small
+(afterany, as on Slurm); the packaged final script starts with the tasks and
+waits for them, so its interpreter is ready when they end. Its id is 'local-PID'; it keeps its state in a small
 JSON file under the data directory, which poll reads.
 """
 import os
@@ -33,6 +34,8 @@ class LocalBackend(Backend):
             raise UsageError("--dependency needs a batch system; the local backend has none")
         argv = [sys.executable, "-m", "hpcmove.backends.local_runner", "spawn",
                 os.fsdecode(spec.jobdir), str(spec.n_tasks), str(spec.stripe_width)]
+        if spec.final_waits:
+            argv.append("early-final")
         done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
             raise SchedulerError(argv, done.returncode, done.stdout, done.stderr)
