@@ -6,6 +6,7 @@
                       [--files 20000]
                       [--entries 1000000] [--rounds 3] [--dir /var/tmp/hpcmove-bench]
                       [--slurm auto|yes|no] [--no-install] [--fresh-fs SIZE]
+                      [--home DIR | --home-fs SIZE]
 
 Groups (data sets are made once under --dir and reused):
   floor    a 1-byte file through hpcmove, locally and through Slurm: the fixed cost
@@ -39,6 +40,10 @@ gets) and with -c aes128-gcm@openssh.com (the cipher hpcmove's control master pr
 on a CPU with AES instructions), the issue's targets shown against both.
 
 --fresh-fs 40G makes --dir a journaled ext4 file system of its own (root; see fresh_fs).
+--home-fs 2G puts hpcmove's home (HPCMOVE_HOME: its job database) on another one, at
+--dir + "-home", as a site's home is not its scratch (--home DIR: at DIR); the SSH groups
+then run hpcmove once more with it in --dir (the row "hpcmove, db in --dir"), where it
+was before run 22.
 
 Every round runs each row of a group once, in turn (A B C A B C ...); round 0 warms
 the page cache and is not counted. Before each row the destination is emptied and
@@ -481,10 +486,21 @@ def _ends(sshd, d, push):
     return [sshd.src, f"{sshd.host}:{d}/"] if push else [f"{sshd.host}:{sshd.src}", f"{d}/"]
 
 
-def _ours(args, sshd, push, *more, connections=1):
+def _ours(args, sshd, push, *more, connections=1, home=None):
+    env = dict(sshd.henv, HPCMOVE_HOME=home) if home else sshd.henv
     return lambda d: timed(hpcmove(args, "--backend", "local", "-S",
                                    sshd.sockets[connections], *more, *_ends(sshd, d, push)),
-                           sshd.henv)
+                           env)
+
+
+def _db_in_dir(args, sshd, push):
+    """With the job database elsewhere (--home, --home-fs), hpcmove again with it in
+    --dir, on the data's file system (as runs before run 22): what sharing the
+    loopback's journal with the "remote host" costs."""
+    if sshd.henv["HPCMOVE_HOME"] == os.path.join(args.dir, "home"):
+        return {}
+    return {f"{OURS}, db in --dir": _ours(args, sshd, push,
+                                                home=os.path.join(args.dir, "home"))}
 
 
 def _both_ciphers(sshd, runs):
@@ -532,7 +548,7 @@ def _file_group(args, env, cleanup, push):
     return sshd.src, parse_size(args.size), {
         OURS: _ours(args, sshd, push),
         f"{OURS}, 2 connections": _ours(args, sshd, push, connections=2),
-        **file_peers(sshd, push)}
+        **_db_in_dir(args, sshd, push), **file_peers(sshd, push)}
 
 
 def ssh_rows(args, env, cleanup):
@@ -549,7 +565,8 @@ def _tree_group(args, env, cleanup, push, engines):
     if not sshd:
         return None, 0, {}
     ours = {name: _ours(args, sshd, push, *more) for name, more in engines.items()}
-    return sshd.src, tree_bytes(sshd.src), {**ours, **tree_peers(sshd, push)}
+    return sshd.src, tree_bytes(sshd.src), {**ours, **_db_in_dir(args, sshd, push),
+                                            **tree_peers(sshd, push)}
 
 
 def sshsmall_rows(args, env, cleanup):
@@ -669,6 +686,23 @@ def fresh_fs(path, size):
     subprocess.run(["mount", "-o", "loop", image, path], check=True)
 
 
+def bench_home(args):
+    """HPCMOVE_HOME for the run: --home, else with --home-fs on a journaled ext4 of its
+    own (at --dir + "-home"), else in --dir. hpcmove commits its job database (each
+    commit an fsync), and on a data=ordered ext4 that fsync first writes back every block
+    the data already took on the same file system: with the database in --dir, a push's
+    commits wait for the writeback of what the sshd (this machine, on loopback) wrote for
+    the "remote host", a cost no peer pays and no real remote host would cause."""
+    if args.home:  # the bench's own directory in it: emptied at every run
+        return os.path.join(os.path.abspath(args.home), "hpcmove-bench-home")
+    if not args.home_fs:
+        return os.path.join(args.dir, "home")
+    mount = args.dir.rstrip("/") + "-home"
+    os.makedirs(mount, exist_ok=True)
+    fresh_fs(mount, args.home_fs)
+    return os.path.join(mount, "home")
+
+
 def run_groups(args, env, groups, cleanup):
     """({group: (bytes, measure's medians)}, the million group's lines)."""
     results, extra = {}, []
@@ -701,6 +735,11 @@ def main():
     ap.add_argument("--fresh-fs", metavar="SIZE",
                     help="run on a journaled ext4 file system of SIZE made for the bench "
                          "(a loop-mounted image at --dir; root only): see README.md")
+    ap.add_argument("--home", metavar="DIR",
+                    help="hpcmove's home (its job database) in DIR, not in --dir")
+    ap.add_argument("--home-fs", metavar="SIZE",
+                    help="hpcmove's home on a journaled ext4 of SIZE of its own, not in "
+                         "--dir (root only): see bench_home")
     args = ap.parse_args()
     args.dir = os.path.abspath(args.dir)
     os.makedirs(args.dir, exist_ok=True)
@@ -709,8 +748,9 @@ def main():
     os.chdir(args.dir)  # `python -m hpcmove` must find the installed package, not ./hpcmove
     # every run starts from an empty job database, so runs compare (it grows by the
     # rows of every job of the run, as a user's does)
-    home = os.path.join(args.dir, "home")
-    shutil.rmtree(home, ignore_errors=True)
+    home = bench_home(args)
+    for stale in {home, os.path.join(args.dir, "home")}:
+        shutil.rmtree(stale, ignore_errors=True)
     env = dict(os.environ, HPCMOVE_HOME=home)
     groups = args.groups.split(",")
     load = os.getloadavg()

@@ -8,6 +8,7 @@ runs in a directory under /var/tmp that account can enter (pytest's own is close
 """
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -18,21 +19,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REMOTE_USER = "hpcmove-u2"
 SSHD_LOG = "/var/lib/hpcmove-sshd/sshd.log"
 # the peers of each SSH group, with ssh's default cipher and with hpcmove's
+DB_IN_DIR = "hpcmove, db in --dir"  # the run's database is elsewhere (--home)
 SSH_ROWS = {
-    "ssh": ("hpcmove, 2 connections", "scp", "scp -c aes128-gcm", "rsync -e ssh",
+    "ssh": ("hpcmove, 2 connections", DB_IN_DIR, "scp", "scp -c aes128-gcm", "rsync -e ssh",
             "rsync, ssh aes128-gcm", "ssh 'cat > f' stream", "cat stream, aes128-gcm"),
-    "sshsmall": ("hpcmove --engine rsync", "rsync -a -e ssh", "rsync -a, ssh aes128-gcm"),
-    "sshpull": ("rsync -a -e ssh", "rsync -a, ssh aes128-gcm"),
-    "bigpull": ("hpcmove, 2 connections", "scp", "scp -c aes128-gcm"),
+    "sshsmall": ("hpcmove --engine rsync", DB_IN_DIR, "rsync -a -e ssh", "rsync -a, ssh aes128-gcm"),
+    "sshpull": (DB_IN_DIR, "rsync -a -e ssh", "rsync -a, ssh aes128-gcm"),
+    "bigpull": ("hpcmove, 2 connections", DB_IN_DIR, "scp", "scp -c aes128-gcm"),
 }
 PUSHES = ("ssh", "sshsmall")
 
 
-def bench(where, groups, timeout=300):
+def bench(where, groups, *more, timeout=300):
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "bench", "run.py"), "--dir", where,
          "--groups", groups, "--size", "64K", "--files", "12", "--entries", "30",
-         "--rounds", "1", "--slurm", "no", "--no-install"],
+         "--rounds", "1", "--slurm", "no", "--no-install", *more],
         capture_output=True, text=True, timeout=timeout)
 
 
@@ -52,22 +54,25 @@ def bench_dir():
 
 @pytest.fixture(scope="module")
 def run():
-    """One run of every group: (the bench's dir, its result, sshd's log meanwhile)."""
-    top = open_dir()
+    """One run of every group, hpcmove's home outside the bench's dir (--home): (the
+    bench's dir, its result, sshd's log meanwhile, that home)."""
+    top, home = open_dir(), tempfile.mkdtemp(prefix="hpcmove-bench-home-")
     try:
         start = os.path.getsize(SSHD_LOG) if os.path.exists(SSHD_LOG) else 0
-        done = bench(top, "floor,big,small,ssh,sshsmall,sshpull,bigpull,million")
+        done = bench(top, "floor,big,small,ssh,sshsmall,sshpull,bigpull,million",
+                     "--home", home)
         with open(SSHD_LOG, errors="replace") as f:
             f.seek(start)
             log = f.read()
         assert done.returncode == 0, done.stderr
-        yield top, done, log
+        yield top, done, log, home
     finally:
         shutil.rmtree(top, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_bench_every_group_on_tiny_data(run):
-    top, done, _ = run
+    top, done, _, _ = run
     out = done.stdout
     for row in ("hpcmove", "cp", "rsync + rsync -c", "copy engine alone", "cp -a", "rsync -a",
                 "create+rename floor"):
@@ -83,7 +88,7 @@ def test_bench_every_group_on_tiny_data(run):
 
 
 def test_bench_targets_against_both_ciphers(run):
-    _, done, _ = run
+    _, done, _, _ = run
     targets = {"ssh": {"scp": ">= 1.5x faster", "scp -c aes128-gcm": ">= 1.5x faster",
                        "ssh 'cat > f' stream": "hpcmove <= 1.2x",
                        "cat stream, aes128-gcm": "hpcmove <= 1.2x"},
@@ -97,7 +102,7 @@ def test_bench_targets_against_both_ciphers(run):
 
 
 def test_bench_ssh_rows_log_in_as_the_unprivileged_account(run):
-    top, done, log = run
+    top, done, log, _ = run
     err = done.stderr
     # every SSH group asks `id -un` through the peers' config and hpcmove's socket ...
     assert err.count(f"bench: the SSH rows log in as {REMOTE_USER}\n") == len(SSH_ROWS), err
@@ -111,6 +116,25 @@ def test_bench_ssh_rows_log_in_as_the_unprivileged_account(run):
         config = f.read()
     assert f"    User {REMOTE_USER}\n" in config
     assert f"/keys/{REMOTE_USER}/id_ed25519\n" in config
+
+
+def _jobs(home):
+    """{state: count} of the jobs in the job database of an hpcmove home."""
+    db = sqlite3.connect(os.path.join(home, "hpcmove.db"))
+    try:
+        return dict(db.execute("SELECT state, count(*) FROM job GROUP BY state"))
+    finally:
+        db.close()
+
+
+def test_bench_keeps_the_job_database_where_it_is_told(run):
+    """--home: every hpcmove row's jobs are recorded there, but the "db in --dir" rows'
+    (one per SSH group, run in the warm-up round and the counted one) in --dir."""
+    top, done, _, home = run
+    in_dir = _jobs(os.path.join(top, "home"))
+    assert in_dir == {"Done": 2 * len(SSH_ROWS)}, in_dir
+    elsewhere = _jobs(os.path.join(home, "hpcmove-bench-home"))
+    assert set(elsewhere) == {"Done"} and elsewhere["Done"] > 2 * len(SSH_ROWS), elsewhere
 
 
 def test_bench_stops_when_the_remote_account_cannot_enter_dir(bench_dir):
