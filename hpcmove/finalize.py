@@ -285,11 +285,38 @@ def finish(job, files, slices_by_file):
         db.set_job_state(job, states.DONE)
 
 
-def run(path):
-    db.connect()
+def _job_files(path):
     with db.atomic():  # SQLite: waits for a `submit` still recording the job's rows
         job = db.Job.get(db.Job.jobdir == path)
-    files = db.plain(job.files.order_by(db.File.index))
+    return job, db.plain(job.files.order_by(db.File.index))
+
+
+def _files_early(path):
+    """The job's files, read while its tasks still run (they change only the rows'
+    state, which finalize does not read); None when that fails (read again later)."""
+    try:
+        db.connect()
+        return _job_files(path)[1]
+    except Exception:
+        return None
+    finally:
+        db.close()  # no connection held while the tasks run (a server counts them)
+
+
+def run(path, wait=None):
+    """Finalize the job of the job directory `path`. `wait`: started before the tasks
+    ended (the local runner's early start), a function that waits for them and answers
+    whether they did (tasks_ended); the files' rows are read meanwhile."""
+    early = None
+    if wait:
+        early = _files_early(path)
+        if not wait():
+            print("hpcmove: finalize: the local runner ended before the job's tasks did; "
+                  "nothing was checked or placed", file=sys.stderr)
+            return 1
+    db.connect()
+    job, files = _job_files(path) if not early else (
+        db.Job.get(db.Job.jobdir == path), early)
     far = remote.of_job(job)  # the remote side of a push or pull, or None
     if job.state in (states.CANCELLING, states.CANCELLED):
         _remove_spools(far, files)
@@ -414,11 +441,8 @@ def main(argv=None):
     if len(argv) != 1:
         print("usage: python -m hpcmove.finalize JOBDIR", file=sys.stderr)
         return 2
-    if not tasks_ended():
-        print("hpcmove: finalize: the local runner ended before the job's tasks did; "
-              "nothing was checked or placed", file=sys.stderr)
-        return 1
-    return profiling.run("finalize", run, os.fsencode(argv[0]))
+    wait = tasks_ended if AFTER_TASKS in os.environ else None
+    return profiling.run("finalize", run, os.fsencode(argv[0]), wait)
 
 
 if __name__ == "__main__":

@@ -128,9 +128,14 @@ def test_finalize_goes_only_on_the_runners_word():
     assert local_runner.AFTER_TASKS not in env  # not passed on to what finalize starts
 
 
-def test_finalize_refuses_to_run_without_the_word(monkeypatch, capsys):
+def test_finalize_refuses_to_run_without_the_word(home, monkeypatch, capsys):
+    """Started early, finalize reads the job's files, then waits; a pipe closed without
+    GO and it ends there, without even connecting again."""
+    read = []
+    monkeypatch.setattr(finalize, "_files_early", lambda path: read.append(path) or [])
+    monkeypatch.setattr(db, "connect", lambda *a, **k: pytest.fail("finalize went on"))
     for name, value in _gate(b"").items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(finalize, "run", lambda path: pytest.fail("finalize ran"))
-    assert finalize.main(["/nonexistent/jobdir"]) == 1
+    assert finalize.main(["/some/jobdir"]) == 1
+    assert read == [b"/some/jobdir"]
     assert "nothing was checked or placed" in capsys.readouterr().err
