@@ -38,10 +38,15 @@ def _dec(p):
 
 
 def manifest_item(slice_id, file_id, src, spool_path, offset, length, size, mtime_ns,
-                  dst=b""):
-    return {"slice": slice_id, "file": file_id, "src": _enc(src), "spool": _enc(spool_path),
+                  dst=b"", mode=None):
+    """`mode`: the file's permission bits, for a task that writes a whole file at once
+    to give its spool copy (placement then changes only what differs)."""
+    item = {"slice": slice_id, "file": file_id, "src": _enc(src), "spool": _enc(spool_path),
             "offset": offset, "length": length, "size": size, "mtime_ns": mtime_ns,
             "dst": _enc(dst)}
+    if mode is not None:
+        item["mode"] = mode
+    return item
 
 
 def write_manifest(path, plan, file_ids, slice_ids):
@@ -60,7 +65,7 @@ def write_manifest(path, plan, file_ids, slice_ids):
             e = plan.entries[s.entry]
             out.write(json.dumps(manifest_item(
                 slice_id, file_ids[s.entry], e.src, e.spool_path,
-                s.offset, s.length, e.size, e.mtime_ns, e.dst)) + "\n")
+                s.offset, s.length, e.size, e.mtime_ns, e.dst, e.mode)) + "\n")
     finally:
         if out:
             out.close()

@@ -467,7 +467,7 @@ def retry(job):
             f = s.file
             by_task.setdefault(s.task, []).append(jobdir.manifest_item(
                 s.id, f.id, f.src, spool_path(f.spool, f.dst), s.offset,
-                s.length, f.size, f.mtime_ns))
+                s.length, f.size, f.mtime_ns, mode=f.mode))
         db.bulk_state(db.Slice, "slice", db.Slice.id.in_([s.id for s in todo]), states.PENDING)
         db.bulk_state(db.File, "file", db.File.job == job.id, states.PENDING, reason="")
         db.event(job.id, "retry", f"{len(todo)} slices in {n_tasks} tasks; previous chain: "
@@ -551,7 +551,7 @@ def _catch_up(job, backend):
             f = s.file
             by_task.setdefault(s.task, []).append(jobdir.manifest_item(
                 s.id, f.id, f.src, spool_path(f.spool, f.dst), s.offset,
-                s.length, f.size, f.mtime_ns))
+                s.length, f.size, f.mtime_ns, mode=f.mode))
     jobdir.add_tasks(job.jobdir, by_task)
     spec = SubmitSpec(job.jobdir, {"transfer.sh": os.path.join(job.jobdir, b"transfer.sh")},
                       count, job.stripe_width,

@@ -628,11 +628,23 @@ class SshEngine(CopyEngine):
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
+            set_meta(fd, item)
         finally:
             os.close(fd)
         if self.defer_verify:  # finalize's at-rest check reads it once, not twice
             return None
         return self._local_digest(item["spool"], 0, item["size"])
+
+
+def set_meta(fd, item):
+    """A whole file just written into the spool through `fd` gets its mode (with u+rw:
+    the at-rest check reads it, --skip-existing's range copy writes it; the spool is
+    private) and mtime as planned, so placement changes only what differs (as a pushed
+    bundle's remote tar sets both from the header). Items of an older manifest have
+    no mode: placement sets both then."""
+    if "mode" in item:
+        os.fchmod(fd, (item["mode"] & 0o777) | 0o600)
+        os.utime(fd, ns=(item["mtime_ns"], item["mtime_ns"]))
 
 
 def _roots(items):

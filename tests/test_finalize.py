@@ -54,3 +54,43 @@ def test_conflicts_do_not_look_below_a_directory_absent_at_the_destination(tmp_p
     assert len(looked) == len(rows)
     (bad,) = problems.values()
     assert bad.endswith("deeper/c: cannot place: destination is a directory")
+
+
+class FileRow:
+    """Stands in for a File row: what place() reads of a regular file."""
+
+    def __init__(self, ident, dst, spool, mode, mtime_ns):
+        self.id = self.index = ident
+        self.kind, self.dst, self.spool = "file", dst, spool
+        self.mode, self.mtime_ns = mode, mtime_ns
+
+
+def test_placement_changes_only_the_metadata_that_differs(tmp_path, monkeypatch):
+    """A spool file its task left with the planned mode and mtime is renamed, nothing
+    more; one whose mode or mtime differ (a mode without u+w, a range written into it
+    after the task) gets them set. Every file lands as planned."""
+    from hpcmove.plan import spool_path
+    spool = bytes(tmp_path / ".hpcmove-t.spool")
+    mtime = 1_600_000_000_123_456_789
+    rows = [FileRow(i, bytes(tmp_path / ("f%d" % i)), spool, mode, mtime)
+            for i, mode in enumerate([0o644, 0o444, 0o640])]
+    for row in rows:
+        tmp = spool_path(row.spool, row.dst)
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(b"data")
+        os.chmod(tmp, row.mode | 0o600)  # as the task left it
+        os.utime(tmp, ns=(mtime, mtime))
+    os.utime(spool_path(spool, rows[2].dst), ns=(mtime + 5, mtime + 5))  # written later
+    calls = []
+    chmod, utime = os.chmod, os.utime
+    monkeypatch.setattr(os, "chmod", lambda p, *a, **k: calls.append(("chmod", p)) or
+                        chmod(p, *a, **k))
+    monkeypatch.setattr(os, "utime", lambda p, *a, **k: calls.append(("utime", p)) or
+                        utime(p, *a, **k))
+    finalize.place(rows, move=False)
+    assert calls == [("chmod", spool_path(spool, rows[1].dst)),
+                     ("utime", spool_path(spool, rows[2].dst))]
+    for row in rows:
+        st = os.lstat(row.dst)
+        assert (st.st_mode & 0o7777, st.st_mtime_ns) == (row.mode, mtime)

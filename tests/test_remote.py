@@ -608,6 +608,40 @@ def test_a_pulled_bundle_of_long_names_comes_in_one_session_with_its_digests(
         assert open(item["spool"], "rb").read() == data
 
 
+def test_a_pulled_bundle_leaves_each_file_with_its_planned_mode_and_mtime(
+        tmp_path, monkeypatch):
+    """A task writes each pulled file of a bundle with the mode (u+rw added) and mtime
+    the plan holds, so placement has nothing left to change for it; an item of an older
+    manifest (no mode) stays 0600, for placement to set."""
+    _stub_ssh(tmp_path, monkeypatch)
+    src, root = tmp_path / "src", bytes(tmp_path / "spool" / "t")
+    src.mkdir()
+    os.makedirs(root)
+    modes = [0o644, 0o400, 0o755, None]
+    items = []
+    for i, mode in enumerate(modes):
+        path = src / ("f%d" % i)
+        path.write_bytes(b"x" * i)
+        st = path.stat()
+        item = {"slice": i, "src": bytes(path), "spool": root + b"/%d" % i, "root": root,
+                "offset": 0, "length": st.st_size, "size": st.st_size,
+                "mtime_ns": 1_600_000_000_123_456_789 + i}
+        if mode is not None:
+            item["mode"] = mode
+        items.append(item)
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "src",
+                               "sum": "xxh128"})
+    engine.defer_verify = True
+    engine._pull_bundle(items)
+    for item, mode in zip(items, modes):
+        st = os.stat(item["spool"])
+        if mode is None:
+            assert stat.S_IMODE(st.st_mode) == 0o600
+        else:
+            assert stat.S_IMODE(st.st_mode) == mode | 0o600
+            assert st.st_mtime_ns == item["mtime_ns"]
+
+
 def test_a_pushed_bundle_whose_every_file_fails_there_ends_with_the_reason(
         tmp_path, monkeypatch):
     """The remote tar of a pushed bundle prints an error for each file it cannot write;
