@@ -18,12 +18,14 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REMOTE_USER = "hpcmove-u2"
 SSHD_LOG = "/var/lib/hpcmove-sshd/sshd.log"
-# the peers of each SSH group, with ssh's default cipher and with hpcmove's
 DB_IN_DIR = "hpcmove, db in --dir"  # the run's database is elsewhere (--home)
+# the rows of each SSH group besides hpcmove's: the peers with ssh's default cipher and
+# with hpcmove's
 SSH_ROWS = {
     "ssh": ("hpcmove, 2 connections", DB_IN_DIR, "scp", "scp -c aes128-gcm", "rsync -e ssh",
             "rsync, ssh aes128-gcm", "ssh 'cat > f' stream", "cat stream, aes128-gcm"),
-    "sshsmall": ("hpcmove --engine rsync", DB_IN_DIR, "rsync -a -e ssh", "rsync -a, ssh aes128-gcm"),
+    "sshsmall": ("hpcmove --engine rsync", DB_IN_DIR, "rsync -a -e ssh",
+                 "rsync -a, ssh aes128-gcm"),
     "sshpull": (DB_IN_DIR, "rsync -a -e ssh", "rsync -a, ssh aes128-gcm"),
     "bigpull": ("hpcmove, 2 connections", DB_IN_DIR, "scp", "scp -c aes128-gcm"),
 }

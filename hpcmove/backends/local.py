@@ -3,8 +3,9 @@
 A runner process (hpcmove.backends.local_runner) runs the array tasks, at most
 stripe-width at a time, then the finalize script whatever the tasks' outcome
 (afterany, as on Slurm); the packaged final script starts with the tasks and
-waits for them, so its interpreter is ready when they end. Its id is 'local-PID'; it keeps its state in a small
-JSON file under the data directory, which poll reads.
+waits for them, so its interpreter is ready when they end. Its id is
+'local-PID'; it keeps its state in a small JSON file under the data directory,
+which poll reads.
 """
 import os
 import signal
