@@ -59,7 +59,7 @@ def _wait_state(job, states, timeout=60.0):
 def test_the_final_script_starts_beside_the_tasks_and_waits_for_them(home):
     job, dst = _slow_job(home)
     _until(lambda: _task_running(job))
-    assert _final_running(job)  # started with the task, its interpreter ready
+    _until(lambda: _final_running(job), timeout=5)  # started with the task (bash exec'd it)
     time.sleep(0.5)
     assert _task_running(job) and not dst.exists()  # and waiting: nothing placed yet
     job = _wait_state(job, {"Done", "Failed"})
