@@ -497,10 +497,9 @@ def _db_in_dir(args, sshd, push):
     """With the job database elsewhere (--home, --home-fs), hpcmove again with it in
     --dir, on the data's file system (as runs before run 22): what sharing the
     loopback's journal with the "remote host" costs."""
-    if sshd.henv["HPCMOVE_HOME"] == os.path.join(args.dir, "home"):
+    if sshd.henv["HPCMOVE_HOME"] == dir_home(args):
         return {}
-    return {f"{OURS}, db in --dir": _ours(args, sshd, push,
-                                                home=os.path.join(args.dir, "home"))}
+    return {f"{OURS}, db in --dir": _ours(args, sshd, push, home=dir_home(args))}
 
 
 def _both_ciphers(sshd, runs):
@@ -686,6 +685,11 @@ def fresh_fs(path, size):
     subprocess.run(["mount", "-o", "loop", image, path], check=True)
 
 
+def dir_home(args):
+    """HPCMOVE_HOME in --dir: the default, and the 'db in --dir' rows'."""
+    return os.path.join(args.dir, "home")
+
+
 def bench_home(args):
     """HPCMOVE_HOME for the run: --home, else with --home-fs on a journaled ext4 of its
     own (at --dir + "-home"), else in --dir. hpcmove commits its job database (each
@@ -696,7 +700,7 @@ def bench_home(args):
     if args.home:  # the bench's own directory in it: emptied at every run
         return os.path.join(os.path.abspath(args.home), "hpcmove-bench-home")
     if not args.home_fs:
-        return os.path.join(args.dir, "home")
+        return dir_home(args)
     mount = args.dir.rstrip("/") + "-home"
     os.makedirs(mount, exist_ok=True)
     fresh_fs(mount, args.home_fs)
@@ -735,11 +739,12 @@ def main():
     ap.add_argument("--fresh-fs", metavar="SIZE",
                     help="run on a journaled ext4 file system of SIZE made for the bench "
                          "(a loop-mounted image at --dir; root only): see README.md")
-    ap.add_argument("--home", metavar="DIR",
-                    help="hpcmove's home (its job database) in DIR, not in --dir")
-    ap.add_argument("--home-fs", metavar="SIZE",
-                    help="hpcmove's home on a journaled ext4 of SIZE of its own, not in "
-                         "--dir (root only): see bench_home")
+    home = ap.add_mutually_exclusive_group()
+    home.add_argument("--home", metavar="DIR",
+                      help="hpcmove's home (its job database) in DIR, not in --dir")
+    home.add_argument("--home-fs", metavar="SIZE",
+                      help="hpcmove's home on a journaled ext4 of SIZE of its own, not in "
+                           "--dir (root only): see bench_home")
     args = ap.parse_args()
     args.dir = os.path.abspath(args.dir)
     os.makedirs(args.dir, exist_ok=True)
@@ -749,7 +754,7 @@ def main():
     # every run starts from an empty job database, so runs compare (it grows by the
     # rows of every job of the run, as a user's does)
     home = bench_home(args)
-    for stale in {home, os.path.join(args.dir, "home")}:
+    for stale in {home, dir_home(args)}:
         shutil.rmtree(stale, ignore_errors=True)
     env = dict(os.environ, HPCMOVE_HOME=home)
     groups = args.groups.split(",")

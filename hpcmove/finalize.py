@@ -326,8 +326,10 @@ def run(path, wait=None):
                   "nothing was checked or placed", file=sys.stderr)
             return 1
     db.connect()
-    job, files = _job_files(path) if not early else (
-        db.Job.get(db.Job.jobdir == path), early)
+    if early:
+        job, files = db.Job.get(db.Job.jobdir == path), early
+    else:
+        job, files = _job_files(path)
     far = remote.of_job(job)  # the remote side of a push or pull, or None
     if job.state in (states.CANCELLING, states.CANCELLED):
         _remove_spools(far, files)

@@ -636,6 +636,12 @@ class SshEngine(CopyEngine):
         return self._local_digest(item["spool"], 0, item["size"])
 
 
+def spool_mode(mode):
+    """The permission bits a spool file is written with: the file's own, u+rw added
+    (placement sets the rest, special bits too)."""
+    return (mode & 0o777) | 0o600
+
+
 def set_meta(fd, item):
     """A whole file just written into the spool through `fd` gets its mode (with u+rw:
     the at-rest check reads it, --skip-existing's range copy writes it; the spool is
@@ -643,7 +649,7 @@ def set_meta(fd, item):
     bundle's remote tar sets both from the header). Items of an older manifest have
     no mode: placement sets both then."""
     if "mode" in item:
-        os.fchmod(fd, (item["mode"] & 0o777) | 0o600)
+        os.fchmod(fd, spool_mode(item["mode"]))
         os.utime(fd, ns=(item["mtime_ns"], item["mtime_ns"]))
 
 
@@ -832,7 +838,7 @@ def tar_header(name, size, mode=0o600, ns=0):
     and placement changes only what differs (special bits, a tar that ignores pax). A
     name longer than ustar's 100 bytes goes in ustar's 155-byte prefix when it splits at
     a '/' so, else in a GNU long-name record before the header (GNU tar reads both)."""
-    mode, seconds = (mode & 0o777) | 0o600, ns // 1_000_000_000
+    mode, seconds = spool_mode(mode), ns // 1_000_000_000
     pax = b""
     if ns:
         data = _pax_record(b"mtime", b"%d.%09d" % divmod(ns, 1_000_000_000))
