@@ -16,10 +16,12 @@ A task runs `streams` slices at once, each its own session on the control master
 stream that finishes early takes the next slice (next-available queueing).
 """
 import errno
+import functools
 import io
 import math
 import os
 import stat
+import subprocess
 import threading
 import time
 import zlib
@@ -32,7 +34,7 @@ from hpcmove.remote import SESSIONS, AuthRequired, Remote, digest_cmd, digests_s
     parse_check, parse_digest, parse_digests, parse_sums, pull_slice_cmd, q, sums_cmd, word, \
     write_cmd
 from hpcmove.ssh import further_connections
-from hpcmove_plugins.copy import BUFFER, CopyEngine, SliceWork
+from hpcmove_plugins.copy import BUFFER, CopyEngine, SliceWork, small_digest
 
 # Whole files up to this size travel in bundles: one tar stream and one session for many
 # files, never one connection per file.
@@ -348,6 +350,8 @@ class SshEngine(CopyEngine):
 
     def _fd_digest(self, fd, offset, length):
         """The remote side's kind of digest (xxh128 or cksum) of a local range."""
+        if self.kind == "xxh128" and length <= len(self.buf):
+            return small_digest(fd, offset, length)
         h, mv, pos, end = new_sum(self.kind), memoryview(self.buf), offset, offset + length
         while pos < end:
             n = os.preadv(fd, [mv[:min(len(mv), end - pos)]], pos)
@@ -454,9 +458,20 @@ class SshEngine(CopyEngine):
             whole = item["offset"] == 0 and item["length"] == item["size"]
             if not whole or item["size"] > BUNDLE_FILE_MAX:
                 single.append([item])
-            else:  # a pull writes each file here by its own spool path
-                mixed = self.side == "src" and self.mixed_spools
-                small.setdefault(b"" if mixed else item["root"], []).append(item)
+            elif self.side == "src" and self.mixed_spools:
+                # pulled: by remote and spool directory, as this machine's tar unpacks
+                # a bundle (b"": renamed on the way, each written here by Python)
+                parts = untar_parts(item) if local_gnu_tar() else None
+                small.setdefault(parts[:2] if parts else b"", []).append(item)
+            else:
+                small.setdefault(item["root"], []).append(item)
+        if self.side == "src" and self.mixed_spools and len(small) > 1:
+            # a directory pair of a few files (a copyjob's pairs into many directories)
+            # is not worth a session of its own: those come together, written by Python
+            few = [k for k, g in small.items() if k == b"" or len(g) < BUNDLE_MIN_FILES]
+            if few:
+                small = {**{k: g for k, g in small.items() if k not in few},
+                         b"": [i for k in few for i in small[k]]}
         groups = list(small.values())
         if self.side == "dst" and self.defer_verify and self.mixed_spools:
             # spools of a few files each (a copyjob's pairs into many directories) go
@@ -585,6 +600,9 @@ class SshEngine(CopyEngine):
         return h.hexdigest(), len(header) + len(data) + pad
 
     def _pull_bundle(self, items):
+        parts = [untar_parts(i) for i in items] if local_gnu_tar() else [None]
+        if parts[0] and all(p and p[:2] == parts[0][:2] for p in parts):
+            return self._pull_untar(items, parts[0][0], parts[0][1], [p[2] for p in parts])
         srcs = [i["src"] for i in items]
         listing = b"\0".join(srcs) + b"\0"
         proc = self.remote.session(pull_bundle_cmd(len(listing), self.kind))
@@ -620,6 +638,63 @@ class SshEngine(CopyEngine):
             got[item["slice"]] = (theirs.get(item["src"], ""), ours[item["slice"]], "")
         return got
 
+    def _pull_untar(self, items, rdir, ldir, names):
+        """A pulled bundle whose files are `names` both under the remote directory `rdir`
+        and under the spool directory `ldir`: the remote tar's stream goes straight into
+        this machine's GNU tar, the data never through Python (20,000 files of 1-64 KiB
+        on six streams: 2.1-2.3 s against 2.9 s read and written here one by one). The
+        remote digests come first, ahead of the stream, as a length and its bytes."""
+        listing = b"\0".join(names) + b"\0"
+        start = time.time_ns() - CTIME_SLACK_NS
+        proc = self.remote.session(pull_untar_cmd(rdir, len(listing), self.kind))
+        feed = threading.Thread(target=_feed, args=(proc.stdin, listing + listing))
+        feed.start()
+        proc.stdin = None
+        errs = []
+        drain = threading.Thread(target=lambda: errs.append(proc.stderr.read()), daemon=True)
+        drain.start()
+        untar, sums, why = None, None, b""
+        try:
+            sums = _read_sums(proc.stdout.fileno())
+            if sums is not None:
+                untar = subprocess.Popen(
+                    ["tar", "-x", "-f", "-", "-b", TAR_READ_BLOCKS.decode(), "-B", "-C",
+                     os.fsdecode(ldir), "--no-same-owner", "--same-permissions"],
+                    stdin=proc.stdout.fileno(), stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE, env=dict(os.environ, LC_ALL="C"))
+                why = untar.communicate()[1]
+        finally:
+            if untar is None or untar.returncode:
+                proc.kill()
+            proc.stdout.close()
+            proc.stdout = None
+            drain.join()
+            proc.wait()
+            feed.join()
+        err = b"".join(errs)
+        if proc.returncode == 255:
+            self.remote.check_alive()
+        if sums is None:
+            raise TransferError(f"on {self.remote.host}: no digests of a bundle in "
+                                f"{os.fsdecode(rdir)}: {err.decode(errors='replace').strip()}",
+                                transient=True)
+        theirs = parse_sums(sums, names, self.kind)
+        reason = (err + why).decode(errors="replace").strip()
+        got = {}
+        for item, name in zip(items, names):
+            problem = _untarred(item, start)
+            if problem:
+                got[item["slice"]] = ("", "", f"not received from {self.remote.host}: "
+                                              f"{reason or problem}")
+                continue
+            if "mode" in item:  # tar's archive holds whole seconds
+                os.utime(item["spool"], ns=(item["mtime_ns"], item["mtime_ns"]),
+                         follow_symlinks=False)
+            ours = None if self.defer_verify else \
+                self._local_digest(item["spool"], 0, item["size"])
+            got[item["slice"]] = (theirs.get(name, ""), ours, "")
+        return got
+
     def _write_whole(self, item, data):
         if len(data) != item["size"]:
             return "size differs from the plan"
@@ -651,6 +726,88 @@ def set_meta(fd, item):
     if "mode" in item:
         os.fchmod(fd, spool_mode(item["mode"]))
         os.utime(fd, ns=(item["mtime_ns"], item["mtime_ns"]))
+
+
+# A file tar made in this bundle has a ctime after the bundle began; the kernel stamps it
+# from a clock that may lag the one read here by a tick.
+CTIME_SLACK_NS = 50_000_000
+
+
+def untar_parts(item):
+    """(remote directory, spool directory, name) of a pulled whole file: `name` is the
+    last components its remote path and its spool path share (at least its own name),
+    so that a tar of `name` made in the remote directory and unpacked in the spool
+    directory writes its spool path; the spool directory is the job's spool or below
+    it. None when they share no name (a copyjob's pair renamed on the way)."""
+    src, spool, root = item["src"], item["spool"], item["root"]
+    if not spool.startswith(root + b"/"):
+        return None
+    a, b = src.split(b"/"), spool[len(root) + 1:].split(b"/")
+    k = 0
+    while k < min(len(a), len(b)) and a[-1 - k] == b[-1 - k] and \
+            a[-1 - k] not in (b"", b".", b".."):
+        k += 1
+    if not k:
+        return None
+    name = b"/".join(a[-k:])
+    rdir = src[:-len(name) - 1] or (b"/" if src.startswith(b"/") else b".")
+    return rdir, spool[:-len(name) - 1], name
+
+
+@functools.lru_cache(maxsize=None)
+def local_gnu_tar():
+    """True when this machine's `tar` is GNU tar, which unpacks a pulled bundle."""
+    try:
+        out = subprocess.run(["tar", "--version"], capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.startswith(b"tar (GNU tar)")
+
+
+def pull_untar_cmd(rdir, size, kind):
+    """The remote side of a pulled bundle unpacked by this machine's tar, in one session:
+    stdin holds the NUL-separated names (relative to `rdir`) twice, `size` bytes each;
+    out comes a line with the length of the digests of the first copy, those digests,
+    then the tar stream of the second copy (u+rw added to each mode: the spool's)."""
+    names = b"head -c %d" % size
+    return (b"CDPATH= cd -- " + q(rdir) + b" || exit 1\n"
+            + b"s=$(" + names + b" | xargs -0 -r " + sums_cmd(kind) + b" --)\n"
+            + b"printf '%d\\n' \"${#s}\"; printf '%s\\n' \"$s\"\n"
+            + names + b" | tar -c -b " + TAR_WRITE_BLOCKS + b" -f - --mode=u+rw "
+            b"--hard-dereference --no-recursion --null --verbatim-files-from -T -\n")
+
+
+def _read_sums(fd):
+    """The digests pull_untar_cmd sends ahead of its tar stream, read from `fd` without a
+    byte more (the rest is tar's); None if the stream ended first."""
+    line = b""
+    while not line.endswith(b"\n"):
+        c = os.read(fd, 1)
+        if not c or len(line) > 20:
+            return None
+        line += c
+    if not line.strip().isdigit():
+        return None
+    want, data = int(line) + 1, b""
+    while len(data) < want:
+        chunk = os.read(fd, want - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _untarred(item, since):
+    """'' when tar wrote the item's spool file in this bundle as planned, else why not."""
+    try:
+        st = os.lstat(item["spool"])
+    except OSError as e:
+        return e.strerror
+    if not stat.S_ISREG(st.st_mode) or st.st_ctime_ns < since:
+        return "not in the bundle's stream"
+    if st.st_size != item["size"]:
+        return "size differs from the plan"
+    return ""
 
 
 def _roots(items):

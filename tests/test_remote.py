@@ -501,7 +501,8 @@ def test_small_files_of_many_spools_are_bundled_when_pulled(engine, side, expect
     array task, one remote tar unpacks a bundle into one spool, so each directory has
     its own. One rsync run moves a bundle between two directories, both ways."""
     from hpcmove_plugins.rsync import RsyncEngine
-    items = [{"slice": i, "root": b"/d%03d/.hpcmove-x.spool/t" % i, "offset": 0,
+    items = [{"slice": i, "root": b"/d%03d/.hpcmove-x.spool" % i, "offset": 0,
+              "src": b"/r/f%03d" % i, "spool": b"/d%03d/.hpcmove-x.spool/t/f%03d" % (i, i),
               "length": 100, "size": 100} for i in range(300)]
     engine = {"ssh": SshEngine, "rsync": RsyncEngine}[engine](
         remote={"host": "h", "socket": "/nonexistent", "side": side})
@@ -640,6 +641,143 @@ def test_a_pulled_bundle_leaves_each_file_with_its_planned_mode_and_mtime(
         else:
             assert stat.S_IMODE(st.st_mode) == mode | 0o600
             assert st.st_mtime_ns == item["mtime_ns"]
+
+
+def _tree_items(tmp_path, names, subdir=b"sub `touch PWNED`"):
+    """Pulled items of a remote tree `src` (hostile directory names) whose spool paths
+    keep its layout under the spool's tree, as a pull of `src/` into a directory plans."""
+    src = os.path.join(bytes(tmp_path), b"-$(touch PWNED) src\n")
+    root = os.path.join(bytes(tmp_path), b"dst", b".hpcmove-x.spool")
+    items = []
+    for i, name in enumerate(names):
+        rel = os.path.join(subdir, name) if i % 2 else name
+        path = os.path.join(src, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(os.urandom(i * 37 % 3000))
+        os.chmod(path, (0o644, 0o400, 0o755)[i % 3])
+        st = os.stat(path)
+        items.append({"slice": i, "src": path, "root": root,
+                      "spool": os.path.join(root, b"t", rel), "offset": 0,
+                      "length": st.st_size, "size": st.st_size, "mode": st.st_mode & 0o7777,
+                      "mtime_ns": 1_600_000_000_123_456_789 + i})
+    for d in {os.path.dirname(i["spool"]) for i in items}:
+        os.makedirs(d, exist_ok=True)
+    return src, items
+
+
+@pytest.mark.parametrize("gnu", [True, False])
+def test_a_pulled_tree_goes_from_the_remote_tar_into_this_machines_tar(tmp_path, monkeypatch,
+                                                                       gnu):
+    """A pulled bundle whose files keep their names and layout (a tree) is unpacked by
+    this machine's GNU tar in one session, never through Python's reader (which takes
+    it where tar is another tar): hostile names arrive intact and nothing runs, each
+    file has the remote digest of its data, its mode with u+rw and its planned ns
+    mtime; the digests (length first) come ahead of the stream, so none of tar's bytes
+    is lost."""
+    import hpcmove_plugins.ssh as plugin
+    starts = _stub_ssh(tmp_path, monkeypatch)
+    read, tar_files = [], plugin.tar_files
+    monkeypatch.setattr(plugin, "tar_files", lambda *a: read.append(1) or tar_files(*a))
+    monkeypatch.setattr(plugin, "local_gnu_tar", lambda: gnu)
+    names = HOSTILE + [b"-f %d\n$(touch PWNED)" % i for i in range(40)]
+    _src, items = _tree_items(tmp_path, names)
+    assert len({plugin.untar_parts(i)[:2] for i in items}) == 1
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "src",
+                               "sum": "xxh128"})
+    engine.defer_verify = True
+    got = engine._pull_bundle(items)
+    assert starts() == 1
+    for item in items:
+        theirs, ours, why = got[item["slice"]]
+        data = open(item["src"], "rb").read()
+        assert (theirs, ours, why) == (xxhash.xxh3_128(data).hexdigest(), None, "")
+        assert open(item["spool"], "rb").read() == data
+        st = os.lstat(item["spool"])
+        assert stat.S_IMODE(st.st_mode) == item["mode"] | 0o600
+        assert st.st_mtime_ns == item["mtime_ns"]
+    assert not list(tmp_path.rglob("PWNED"))
+    assert read == ([] if gnu else [1])
+    engine.defer_verify = False  # outside an array task: read back here at once
+    got = engine._pull_bundle(items)
+    assert all(got[i["slice"]][0] == got[i["slice"]][1] != "" for i in items)
+
+
+@pytest.mark.parametrize("kind", ["xxh128", "cksum"])
+def test_a_pulled_tree_missing_or_changed_files_are_not_taken_for_received(
+        tmp_path, monkeypatch, kind):
+    """A source gone since planning (its spool file left by an earlier attempt) and one
+    whose size changed are not received: each names why, with the remote tar's words;
+    the others arrive with their digests."""
+    _stub_ssh(tmp_path, monkeypatch)
+    _src, items = _tree_items(tmp_path, [b"f%d" % i for i in range(12)])
+    gone, grown = items[3], items[4]
+    with open(gone["spool"], "wb") as f:  # as an earlier attempt left it
+        f.write(open(gone["src"], "rb").read())
+    os.utime(gone["spool"], ns=(gone["mtime_ns"], gone["mtime_ns"]))
+    time.sleep(0.1)
+    os.unlink(gone["src"])
+    with open(grown["src"], "ab") as f:
+        f.write(b"more")
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "src",
+                               "sum": kind})
+    engine.defer_verify = True
+    got = engine._pull_bundle(items)
+    assert got[gone["slice"]][:2] == ("", "")
+    assert "not received from h" in got[gone["slice"]][2]
+    assert "No such file" in got[gone["slice"]][2]
+    assert got[grown["slice"]][:2] == ("", "")
+    assert "not received from h" in got[grown["slice"]][2]
+    for item in items:
+        if item not in (gone, grown):
+            data = open(item["src"], "rb").read()
+            want = xxhash.xxh3_128(data).hexdigest() if kind == "xxh128" else \
+                "cksum:" + subprocess.run(["cksum"], input=data, capture_output=True,
+                                          check=True).stdout.split()[0].decode() + \
+                "/%d" % len(data)
+            assert got[item["slice"]] == (want, None, "")
+
+
+@pytest.mark.parametrize("layout", ["tree", "tree and pairs", "renamed"])
+def test_pulled_small_files_go_to_this_machines_tar_as_trees(tmp_path, monkeypatch, layout):
+    """Units of a pull: the files of a remote and spool directory pair come in bundles
+    for this machine's tar when it is GNU tar; files renamed on the way, another tar,
+    or pairs of a few files each beside a tree (a copyjob's pairs into many directories:
+    not a session per pair) go together to Python's reader."""
+    import hpcmove_plugins.ssh as plugin
+    monkeypatch.setattr(plugin, "local_gnu_tar", lambda: True)
+    root = b"/d/.hpcmove-x.spool"
+    items = [{"slice": i, "src": b"/r/s/f%d" % i, "root": root, "offset": 0, "length": 10,
+              "size": 10, "spool": root + (b"/t/s/g%d" if layout == "renamed" else
+                                           b"/t/s/f%d") % i} for i in range(600)]
+    if layout == "tree and pairs":
+        items += [{"slice": 600 + i, "src": b"/q/f%d" % i, "root": b"/e%d/.hpcmove-x.spool" % i,
+                   "spool": b"/e%d/.hpcmove-x.spool/t/f%d" % (i, i), "offset": 0,
+                   "length": 10, "size": 10} for i in range(30)]
+    engine = SshEngine(remote={"host": "h", "socket": "/nonexistent", "side": "src"})
+    units = engine.units(items)
+    assert sorted(i["slice"] for u in units for i in u) == list(range(len(items)))
+    keys = [{(plugin.untar_parts(i) or (None, None))[:2] for i in u} for u in units]
+    tree = {(b"/r", root + b"/t")}
+    if layout == "renamed":
+        assert keys == [{(None, None)}] * 3
+    elif layout == "tree":
+        assert keys == [tree] * 3
+    else:
+        assert keys[:3] == [tree] * 3 and len(keys) == 4 and len(keys[3]) == 30
+
+
+@pytest.mark.parametrize("src, spool, expect", [
+    (b"/r/a/b", b"/x/.s/t/a/b", (b"/r", b"/x/.s/t", b"a/b")),
+    (b"/a/b", b"/x/.s/t/a/b", (b"/", b"/x/.s/t", b"a/b")),
+    (b"rel/b", b"/x/.s/t/rel/b", (b".", b"/x/.s/t", b"rel/b")),
+    (b"/r/t/b", b"/x/.s/t/b", (b"/r", b"/x/.s", b"t/b")),
+    (b"/r/.s/t/b", b"/x/.s/t/b", (b"/r/.s", b"/x/.s", b"t/b")),  # never above the spool
+    (b"/r/a/b", b"/y/.s/t/a/b", None),  # not in the item's spool
+    (b"/r/a/b", b"/x/.s/t/c", None)])
+def test_untar_parts_share_the_last_names_and_stay_within_the_spool(src, spool, expect):
+    from hpcmove_plugins.ssh import untar_parts
+    assert untar_parts({"src": src, "spool": spool, "root": b"/x/.s"}) == expect
 
 
 def test_a_pushed_bundle_whose_every_file_fails_there_ends_with_the_reason(

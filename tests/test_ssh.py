@@ -576,6 +576,11 @@ def test_hostile_remote_names_arrive_intact_and_nothing_runs(local_remote, area,
             f.write(n * 1000)
         with open(os.path.join(src, b"sub `touch PWNED`", n), "wb") as f:
             f.write(os.urandom(5000))
+    small = os.path.join(src, b"small $(touch PWNED)\n")  # whole files: bundles
+    os.makedirs(small)
+    for i, n in enumerate(HOSTILE * 3):
+        with open(os.path.join(small, n + b"%d" % i), "wb") as f:
+            f.write(os.urandom(i * 97))
     os.symlink(b"$(touch PWNED)", os.path.join(src, b"link;ls"))
     far = os.path.join(area.root, "far")
     os.mkdir(far)
@@ -591,6 +596,9 @@ def test_hostile_remote_names_arrive_intact_and_nothing_runs(local_remote, area,
     s = hp.wait(job)
     assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
     assert tree_of(src) == tree_of(out)
+    # every file's slices moved at the first attempt: the bundles too (a bundle that
+    # failed as a whole would be tried again file by file)
+    assert {x["attempts"] for f in s["files"] for x in f.get("slices", [])} == {1}
     sums = {f["checksum"].split(":")[0].split("-")[0] for f in s["files"]
             if f["type"] == "file"}
     assert sums == ({"cksum"} if tools == "coreutils only" else {"xxh3_128"})
