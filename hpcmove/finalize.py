@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import xxhash
 
 from . import db, jobdir, notify, plugins, profiling, recover, remote, states, worker
-from .backends.local_runner import AFTER_TASKS, GO
+from .backends.local_runner import AFTER_TASKS, GO, STANDBY, standby_job
 from .errors import HpcmoveError
 from .plan import DIR, FILE, HARDLINK, SYMLINK, hardlink_tmp, spool_path, spool_root
 
@@ -451,6 +451,10 @@ def tasks_ended(environ=os.environ):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv == [STANDBY]:
+        argv = standby_job()
+        if argv is None:
+            return 0
     if len(argv) != 1:
         print("usage: python -m hpcmove.finalize JOBDIR", file=sys.stderr)
         return 2

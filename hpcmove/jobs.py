@@ -167,6 +167,9 @@ def max_task_bytes(backend, options):
     return max(1 << 20, int(min(limits) * options.rate * WALLTIME_SAFETY))
 
 
+WARM_TEMPLATES = ("transfer.sh.j2", "finalize.sh.j2", "base.sh.j2")
+
+
 def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
     """Check against the site policy, plan, record and submit a job. With dry_run: plan
     and render only; nothing is written, recorded or submitted."""
@@ -193,30 +196,37 @@ def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
                            max_task_bytes=max_task_bytes(backend, options),
                            size_table=options.size_table,
                            small_file_threshold=options.small_file_threshold)
-    the_plan = plan_pairs(pairs, plan_options, token, tree=tree, remote_dst=remote_dst)
-    if dry_run:
-        settings = _script_settings(options, "hm-DRYRUN", b"JOBDIR", db.default_url())
-        return Submission(None, the_plan, render.render(settings, the_plan.n_tasks, width,
-                                                        options.template_dirs))
-    far = remote.Far(**{k: options.remote[k] for k in ("host", "socket", "side")},
-                     via=ssh.hop(options.remote["node"])) if options.remote else None
-    made = far.make_spools(the_plan.spool_dirs) if far and far.side == "dst" else None
-    if not made:
-        _make_spools(the_plan)
+    # the packaged scripts only: processes started ahead would skip a site's own
+    warm = None if dry_run or render.overridden(WARM_TEMPLATES, options.template_dirs) \
+        else plugins.backend(backend).prepare(width)
     try:
-        db.connect()
-        return _record_and_submit(the_plan, options, backend, width, made)
-    except BaseException:
-        if made:
-            try:
-                made()  # never remove a spool while it is being made
-            except HpcmoveError:
-                pass
-            far.remove_spools(the_plan.entries)
-        else:
-            for spool in the_plan.spools:
-                shutil.rmtree(spool, ignore_errors=True)
-        raise
+        the_plan = plan_pairs(pairs, plan_options, token, tree=tree, remote_dst=remote_dst)
+        if dry_run:
+            settings = _script_settings(options, "hm-DRYRUN", b"JOBDIR", db.default_url())
+            return Submission(None, the_plan, render.render(settings, the_plan.n_tasks, width,
+                                                            options.template_dirs))
+        far = remote.Far(**{k: options.remote[k] for k in ("host", "socket", "side")},
+                         via=ssh.hop(options.remote["node"])) if options.remote else None
+        made = far.make_spools(the_plan.spool_dirs) if far and far.side == "dst" else None
+        if not made:
+            _make_spools(the_plan)
+        try:
+            db.connect()
+            return _record_and_submit(the_plan, options, backend, width, made, warm)
+        except BaseException:
+            if made:
+                try:
+                    made()  # never remove a spool while it is being made
+                except HpcmoveError:
+                    pass
+                far.remove_spools(the_plan.entries)
+            else:
+                for spool in the_plan.spools:
+                    shutil.rmtree(spool, ignore_errors=True)
+            raise
+    finally:
+        if warm:
+            warm.close()  # sent, or the runner forked ahead ends with its processes
 
 
 def _local(path):
@@ -334,7 +344,7 @@ def _mail_types(text):
     return tuple(sorted(parse_mail_types(text)))
 
 
-def _record_and_submit(the_plan, options, backend, width, made=None):
+def _record_and_submit(the_plan, options, backend, width, made=None, warm=None):
     """Record the job, write its manifest and submit it; `made` (the remote spools being
     made meanwhile) is waited for before anything runs.
 
@@ -357,7 +367,7 @@ def _record_and_submit(the_plan, options, backend, width, made=None):
     def send():
         if made:
             made()
-        return _send_chain(job, options, the_plan.n_tasks, width)
+        return _send_chain(job, options, the_plan.n_tasks, width, warm)
     try:
         with db.atomic():
             ids = db.reserve_plan(the_plan)
@@ -385,7 +395,7 @@ def _record_and_submit(the_plan, options, backend, width, made=None):
     return Submission(db.Job.get_by_id(job.id), the_plan, sent[1])
 
 
-def _send_chain(job, options, n_tasks, width):
+def _send_chain(job, options, n_tasks, width, warm=None):
     """Render the scripts for `n_tasks` tasks and submit transfer array + final job:
     (backends.Submitted, scripts)."""
     path = job.jobdir
@@ -397,7 +407,8 @@ def _send_chain(job, options, n_tasks, width):
                             "finalize": jobdir.log_path(path, "finalize-%j.out"),
                             "feed": jobdir.log_path(path, "feed-%j.out")},
                       label=job.label, final_waits=not render.overridden(
-                          ("finalize.sh.j2", "base.sh.j2"), options.template_dirs))
+                          ("finalize.sh.j2", "base.sh.j2"), options.template_dirs),
+                      warm=warm, db_url=settings.db_url)
     return plugins.backend(job.backend).submit(spec), scripts
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 
 from . import db, jobdir, notify, plugins, profiling, states
+from .backends.local_runner import STANDBY, standby_job
 from .errors import TransferError
 from .plan import spool_root
 
@@ -301,8 +302,23 @@ def _streams(engine, one, units, ahead=None):
         t.join()
 
 
+def _warm():
+    """Started ahead by the local runner: import the engines a task may use now, while
+    `submit` still plans (a broken one is reported when a task asks for it)."""
+    for name in ("copy", "ssh"):
+        try:
+            plugins.load("engine", name)
+        except Exception:
+            pass
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv == [STANDBY]:
+        _warm()
+        argv = standby_job()
+        if argv is None:
+            return 0
     if len(argv) != 2:
         print("usage: python -m hpcmove.worker JOBDIR TASK", file=sys.stderr)
         return 2

@@ -33,16 +33,19 @@ def run_as_user(argv, env, cwd=None, timeout=900, check=False, input=None, user=
 
 
 def pids_running(module, word):
-    """Processes of `python -m MODULE` (bytes) with `word` (bytes) in an argument: a
-    job's tasks or finalize, by its token or job directory (they run on this host)."""
+    """Processes of `python -m MODULE` (bytes) with `word` (bytes) in an argument or in
+    the path of their stdout: a job's tasks or finalize, by its token or job directory
+    (they run on this host; one the local runner started ahead has no job in its
+    arguments, `--standby`, and writes to the job's log)."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
+            out = os.readlink(f"/proc/{pid}/fd/1").encode() if module in argv else b""
         except OSError:
             continue
-        if module in argv and any(word in a for a in argv):
+        if module in argv and (any(word in a for a in argv) or word in out):
             pids.append(int(pid))
     return pids
 

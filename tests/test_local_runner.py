@@ -1,7 +1,10 @@
 """The local backend's runner with real processes: the packaged final script starts
 beside the tasks and waits for them; a runner that dies never lets it run early."""
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,6 +14,7 @@ from conftest import pids_running
 
 from hpcmove import cli, db, finalize
 from hpcmove.backends import local_runner
+from hpcmove.errors import PlanError
 
 
 @pytest.fixture
@@ -67,13 +71,18 @@ def test_the_final_script_starts_beside_the_tasks_and_waits_for_them(home):
     assert dst.read_bytes() == (home / "src").read_bytes()
 
 
+def _own_template(home, name):
+    """A user's template `name` that runs a command of its own first."""
+    (home / "templates").mkdir()
+    (home / "templates" / name).write_text(
+        f'{{% extends "packaged/{name}" %}}\n'
+        '{% block prologue %}echo "own step" >&2{% endblock %}\n')
+
+
 def test_an_overridden_final_script_starts_only_after_the_tasks(home):
     """A site's or user's finalize.sh.j2 may run commands of its own before hpcmove's:
     those must not run beside the tasks, so such a script starts after them."""
-    (home / "templates").mkdir()
-    (home / "templates" / "finalize.sh.j2").write_text(
-        '{% extends "packaged/finalize.sh.j2" %}\n'
-        '{% block prologue %}echo "own step" >&2{% endblock %}\n')
+    _own_template(home, "finalize.sh.j2")
     job, dst = _slow_job(home)
     _until(lambda: _task_running(job))
     time.sleep(0.5)
@@ -139,3 +148,94 @@ def test_finalize_refuses_to_run_without_the_word(home, monkeypatch, capsys):
     assert finalize.main(["/some/jobdir"]) == 1
     assert read == [b"/some/jobdir"]
     assert "nothing was checked or placed" in capsys.readouterr().err
+
+
+def _standbys(home):
+    """Processes started ahead by a runner of this test's (its HPCMOVE_HOME in their
+    environment): {pid: argv}."""
+    mark = b"HPCMOVE_HOME=" + os.fsencode(home / "home") + b"\0"
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if local_runner.STANDBY.encode() in argv and mark in env:
+            found[int(pid)] = argv
+    return found
+
+
+def test_tasks_and_finalize_are_started_ahead_while_submit_plans(home):
+    """With the packaged scripts, the runner is forked before planning and its worker
+    and finalize processes import hpcmove meanwhile; each then takes its part (job,
+    task, environment, log) as its script would have given it."""
+    job, dst = _slow_job(home)
+    task = _until(lambda: _task_running(job))
+    final = _until(lambda: _final_running(job))
+    ahead = _standbys(home)
+    assert set(task) | set(final) <= set(ahead), (task, final, ahead)
+    with open(f"/proc/{task[0]}/environ", "rb") as f:
+        assert b"SLURM_ARRAY_TASK_ID=" not in f.read()  # not given at its start...
+    job = _wait_state(job, {"Done", "Failed"})
+    assert job.state == "Done", job.reason
+    assert dst.read_bytes() == (home / "src").read_bytes()
+    rows = db.Slice.select().where(db.Slice.job == job.id)
+    assert {s.host for s in rows} == {os.uname().nodename}  # ...but when it took its part
+    _until(lambda: not _standbys(home), timeout=10)  # the one with no task went too
+    assert os.listdir(home / "home" / "local") == [f"{job.final_id}.json"]
+
+
+def test_an_overridden_transfer_script_runs_and_nothing_starts_ahead(home):
+    _own_template(home, "transfer.sh.j2")
+    job, dst = _slow_job(home)
+    _until(lambda: _task_running(job))
+    assert not _standbys(home)
+    job = _wait_state(job, {"Done", "Failed"})
+    assert job.state == "Done", job.reason
+    with open(os.path.join(job.jobdir, b"logs", b"transfer-0.out"), "rb") as f:
+        assert b"own step" in f.read()
+
+
+def test_a_submit_that_fails_after_the_runner_started_ahead_leaves_nothing(home, monkeypatch):
+    """Planning fails once the runner and its processes are started: its pipe ends
+    without a job, they all end and the runner's state file goes."""
+    from hpcmove import jobs
+    (home / "src").write_bytes(b"x")
+    started = []
+
+    def plan_fails(*args, **kwargs):
+        started.append(_until(lambda: _standbys(home)))
+        raise PlanError("the plan failed")
+    monkeypatch.setattr(jobs, "plan_pairs", plan_fails)
+    result = CliRunner().invoke(cli.cli, ["submit", "--backend", "local", str(home / "src"),
+                                          str(home / "dst")])
+    assert result.exit_code != 0 and "the plan failed" in result.output
+    assert started and started[0]
+    _until(lambda: not _standbys(home), timeout=10)
+    assert os.listdir(home / "home" / "local") == []
+    assert not (home / "dst").exists()
+
+
+@pytest.mark.parametrize("part", [b"", b"  \n"])
+def test_a_process_started_ahead_with_no_part_just_ends(tmp_path, part):
+    done = subprocess.run([sys.executable, "-m", "hpcmove.worker", local_runner.STANDBY],
+                          input=part, capture_output=True)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+
+
+def test_a_process_started_ahead_takes_its_scripts_environment_and_log(tmp_path):
+    log = tmp_path / "logs \n$(x)" / "task.out"
+    log.parent.mkdir()
+    log.write_bytes(b"before\n")
+    part = {"argv": [os.fsdecode(b"/jobs/caf\xe9 dir"), "3"], "env": {"HM_X": "1 2"},
+            "log": str(log)}
+    code = ("from hpcmove.backends.local_runner import standby_job; import os, sys; "
+            "argv = standby_job(); print(argv, os.environ['HM_X']); "
+            "print('err', file=sys.stderr); print(repr(sys.stdin.read()))")
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(part).encode(),
+                          capture_output=True)
+    assert done.returncode == 0 and done.stdout == b"" and done.stderr == b"", done
+    assert log.read_bytes() == (b"before\n['/jobs/caf\\udce9 dir', '3'] 1 2\nerr\n''\n")

@@ -71,6 +71,10 @@ class SubmitSpec:
     # the final script is the packaged one, whose only command (hpcmove.finalize) waits
     # for the tasks when told to (finalize.AFTER_TASKS): a backend may start it early
     final_waits: bool = False
+    # what Backend.prepare returned (every script the packaged one: the processes that
+    # would run them may have been started ahead), and the database the scripts name
+    warm: object = None
+    db_url: str = ""
 
 
 @dataclass
@@ -89,6 +93,13 @@ class Backend:
     # True: submit() starts processes here and returns at once (no scheduler to ask),
     # so it may run while the job database's write lock is held (see jobs.py)
     submits_at_once = False
+
+    def prepare(self, width):
+        """Called before planning, when every script of the coming job will be the
+        packaged one: start what may start ahead, with `width` tasks at most at once.
+        Returns a handle for SubmitSpec.warm (closed by the caller whatever happens), or
+        None."""
+        return None
 
     def submit(self, spec):
         """Start the transfer array and the dependent final job; return their ids."""

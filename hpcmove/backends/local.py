@@ -3,10 +3,13 @@
 A runner process (hpcmove.backends.local_runner) runs the array tasks, at most
 stripe-width at a time, then the finalize script whatever the tasks' outcome
 (afterany, as on Slurm); the packaged final script starts with the tasks and
-waits for them, so its interpreter is ready when they end. Its id is
+waits for them, so its interpreter is ready when they end. With every script
+the packaged one, the runner is forked before planning (prepare) and starts its
+task and finalize processes ahead (local_runner's standby). Its id is
 'local-PID'; it keeps its state in a small JSON file under the data directory,
 which poll reads.
 """
+import json
 import os
 import signal
 import subprocess
@@ -25,14 +28,68 @@ def _alive(pid):
         return False
 
 
+class Warm:
+    """A runner forked ahead (local_runner standby), waiting for its job on a pipe."""
+
+    def __init__(self, width):
+        read_fd, self.fd = os.pipe()
+        self.argv = [sys.executable, "-m", "hpcmove.backends.local_runner", "standby",
+                     str(width), str(read_fd)]
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         pass_fds=(read_fd,))
+        except OSError:
+            self.proc = None
+        finally:
+            os.close(read_fd)
+
+    def send(self, spec):
+        """Hand the runner its job; its id, or None when it is not there (the job is
+        then spawned as without a warm start)."""
+        if self.fd is None or self.proc is None:
+            return None
+        out, err = self.proc.communicate()
+        job_id = out.decode().strip()
+        job = {"jobdir": os.fsdecode(spec.jobdir), "n_tasks": spec.n_tasks,
+               "width": spec.stripe_width, "db_url": spec.db_url}
+        try:
+            if self.proc.returncode != 0 or not job_id:
+                return None
+            os.write(self.fd, json.dumps(job).encode() + b"\n")
+        except OSError:  # the runner is gone
+            return None
+        finally:
+            self.close()
+        return job_id
+
+    def close(self):
+        """No job (or it was sent): the runner sees its pipe end."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.communicate()
+
+
 class LocalBackend(Backend):
     name = "local"
     pause_by_flag = False
     submits_at_once = True
 
+    def prepare(self, width):
+        """Fork the runner now, with `width` workers and finalize started ahead: their
+        interpreters and imports (0.2-0.5 s before a task moves its first byte, on a
+        machine whose other cores wait for `submit` to plan) overlap the planning."""
+        return Warm(width)
+
     def submit(self, spec):
         if spec.dependency:
             raise UsageError("--dependency needs a batch system; the local backend has none")
+        if spec.warm:
+            job_id = spec.warm.send(spec)
+            if job_id:
+                return Submitted(job_id if spec.n_tasks else None, job_id)
         argv = [sys.executable, "-m", "hpcmove.backends.local_runner", "spawn",
                 os.fsdecode(spec.jobdir), str(spec.n_tasks), str(spec.stripe_width)]
         if spec.final_waits:

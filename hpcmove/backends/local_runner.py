@@ -9,6 +9,15 @@ the final script starts beside the tasks: its interpreter and imports are ready 
 they end, and hpcmove.finalize waits until the runner writes GO to the descriptor
 named by AFTER_TASKS. The runner ending any other way (killed) closes the pipe
 without GO, and finalize then does nothing: it never runs beside a task.
+
+  python -m hpcmove.backends.local_runner standby WIDTH FD
+forks the runner while `submit` still plans (every script is the packaged one, see
+SubmitSpec.warm): it starts WIDTH workers and the finalize process ahead
+(`python -m MODULE --standby`), which import hpcmove and wait. When the job is
+recorded, `submit` writes it to FD as one JSON line; the runner hands each process
+its part (standby_job) instead of starting the script that would only have run it.
+FD closed without a job (the submit failed or was killed): they end, and so does
+the runner, leaving nothing behind.
 """
 import json
 import os
@@ -40,6 +49,48 @@ def read_state(job_id):
         return {}
 
 
+STANDBY = "--standby"
+
+
+def standby_job(stream=None):
+    """In a process the runner started ahead (`--standby`): wait for its part, a JSON
+    object {"argv": [...], "env": {...}, "log": path} (names as os.fsdecode gives them),
+    then take on what its script would have given it: the environment, stdout and
+    stderr appended to the log, stdin empty. Returns the argv; None when the runner had
+    nothing for it (end of input): the process then just ends."""
+    data = (stream or sys.stdin.buffer).read()
+    if not data.strip():
+        return None
+    part = json.loads(data)
+    os.environ.update(part["env"])
+    log = os.open(os.fsencode(part["log"]), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    for fd, to in ((log, 1), (log, 2), (devnull, 0)):
+        os.dup2(fd, to)
+    os.close(log)
+    os.close(devnull)
+    return part["argv"]
+
+
+def _standby(module, env, pass_fds=()):
+    """A process of `module` started ahead, waiting on its stdin for standby_job."""
+    return subprocess.Popen([sys.executable, "-m", module, STANDBY], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            pass_fds=pass_fds)
+
+
+def _hand(proc, argv, env, log):
+    """Give a standby process its part; False when it is gone (the script runs then)."""
+    part = {"argv": [os.fsdecode(a) for a in argv], "env": env, "log": os.fsdecode(log)}
+    try:
+        proc.stdin.write(json.dumps(part).encode())
+        proc.stdin.close()
+        return True
+    except (BrokenPipeError, ValueError):
+        proc.wait()
+        return False
+
+
 class Runner:
     def __init__(self, jobdir, n_tasks, width, early_final=False):
         self.jobdir, self.n_tasks, self.width = jobdir, n_tasks, max(1, width)
@@ -47,6 +98,8 @@ class Runner:
         self.id = f"local-{os.getpid()}"
         self.state = {"jobdir": os.fsdecode(jobdir), "tasks": {}}
         self.lock = threading.Lock()
+        self.db_url = ""  # a warm start's: what the scripts would export as HPCMOVE_DB
+        self.workers, self.final, self.gate = [], None, None  # started ahead (warm start)
 
     def save(self):
         path = state_path(self.id)
@@ -67,20 +120,41 @@ class Runner:
         return self.start(name, log, env).wait()
 
     def task(self, index):
-        env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(index), SLURM_ARRAY_JOB_ID=self.id,
+        ids = dict(SLURM_ARRAY_TASK_ID=str(index), SLURM_ARRAY_JOB_ID=self.id,
                    SLURM_JOB_ID=f"{self.id}_{index}")
-        rc = self.script("transfer.sh", os.path.join(self.jobdir, b"logs",
-                                                     b"transfer-%d.out" % index), env)
+        log = os.path.join(self.jobdir, b"logs", b"transfer-%d.out" % index)
+        with self.lock:
+            ahead = self.workers.pop() if self.workers else None
+        if ahead and _hand(ahead, [self.jobdir, b"%d" % index],
+                           dict(ids, HPCMOVE_DB=self.db_url), log):
+            rc = ahead.wait()
+        else:
+            rc = self.script("transfer.sh", log, dict(os.environ, **ids))
         with self.lock:
             self.state["tasks"][str(index)] = rc
             self.save()
+
+    def dismiss(self):
+        """The processes started ahead that have no part: their input ends, they end."""
+        with self.lock:
+            idle, self.workers = self.workers, []
+        for proc in idle:
+            _hand_nothing(proc)
 
     def run(self):
         self.save()
         env = dict(os.environ, SLURM_JOB_ID=self.id)
         log = os.path.join(self.jobdir, b"logs", b"finalize.out")
         final = gate = None
-        if self.n_tasks and self.early_final:
+        if self.final:
+            final, gate, self.final = self.final, self.gate, None
+            if not (self.n_tasks and _hand(final, [self.jobdir],
+                                           dict(SLURM_JOB_ID=self.id,
+                                                HPCMOVE_DB=self.db_url), log)):
+                _hand_nothing(final)
+                os.close(gate)
+                final = gate = None
+        if self.n_tasks and self.early_final and not final:
             wait_fd, gate = os.pipe()
             final = self.start("finalize.sh", log, dict(env, **{AFTER_TASKS: str(wait_fd)}),
                                pass_fds=(wait_fd,))
@@ -88,6 +162,7 @@ class Runner:
         if self.n_tasks:
             with ThreadPoolExecutor(self.width) as pool:
                 list(pool.map(self.task, range(self.n_tasks)))
+        self.dismiss()
         if final:
             try:
                 os.write(gate, GO)
@@ -110,14 +185,25 @@ def _on_term(runner):
     return handler
 
 
-def spawn(jobdir, n_tasks, width, early_final=False):
+def _hand_nothing(proc):
+    try:
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    proc.wait()
+
+
+def _detach(runner_main):
+    """Fork the runner (orphaned, its own session and process group), print the id it
+    reports and return; the runner runs `runner_main(report)`, report(id) saying it
+    started, and ends the process with its return code."""
     os.makedirs(os.path.join(data_dir(), "local"), mode=0o700, exist_ok=True)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:
         os.close(write_fd)
         with os.fdopen(read_fd) as r:
-            print(r.read().strip())
+            print(r.read().strip(), flush=True)
         os.waitpid(pid, 0)
         return 0
     # intermediate child: new session, fork the runner, exit so the runner is orphaned
@@ -129,19 +215,63 @@ def spawn(jobdir, n_tasks, width, early_final=False):
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    runner = Runner(os.fsencode(jobdir), n_tasks, width, early_final)
-    runner.save()
-    os.write(write_fd, runner.id.encode() + b"\n")
-    os.close(write_fd)
-    signal.signal(signal.SIGTERM, _on_term(runner))
-    os._exit(runner.run())
+
+    def report(runner):
+        runner.save()
+        os.write(write_fd, runner.id.encode() + b"\n")
+        os.close(write_fd)
+        signal.signal(signal.SIGTERM, _on_term(runner))
+    os._exit(runner_main(report))
+
+
+def spawn(jobdir, n_tasks, width, early_final=False):
+    def runner_main(report):
+        runner = Runner(os.fsencode(jobdir), n_tasks, width, early_final)
+        report(runner)
+        return runner.run()
+    return _detach(runner_main)
+
+
+def standby(width, job_fd):
+    """The warm start (see the module's doc): the runner, its workers and finalize
+    started ahead; the job comes on `job_fd`."""
+    def runner_main(report):
+        runner = Runner(b"", 0, width, early_final=True)
+        report(runner)
+        env = dict(os.environ, SLURM_JOB_ID=runner.id)
+        runner.workers = [_standby("hpcmove.worker", env) for _ in range(runner.width)]
+        wait_fd, runner.gate = os.pipe()
+        runner.final = _standby("hpcmove.finalize", dict(env, **{AFTER_TASKS: str(wait_fd)}),
+                                pass_fds=(wait_fd,))
+        os.close(wait_fd)
+        with os.fdopen(job_fd, "rb") as f:
+            data = f.read()
+        try:
+            job = json.loads(data) if data.strip() else None
+        except ValueError:
+            job = None
+        if not job:  # the submit ended without a job: nothing of it stays
+            runner.dismiss()
+            _hand_nothing(runner.final)
+            os.close(runner.gate)
+            os.unlink(state_path(runner.id))
+            return 0
+        runner.jobdir = os.fsencode(job["jobdir"])
+        runner.n_tasks, runner.width = job["n_tasks"], max(1, job["width"])
+        runner.db_url = job["db_url"]
+        runner.state["jobdir"] = job["jobdir"]
+        return runner.run()
+    return _detach(runner_main)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["standby"] and len(argv) == 3:
+        return standby(int(argv[1]), int(argv[2]))
     if len(argv) not in (4, 5) or argv[0] != "spawn" or argv[4:] not in ([], ["early-final"]):
         print("usage: python -m hpcmove.backends.local_runner spawn JOBDIR NTASKS WIDTH "
-              "[early-final]", file=sys.stderr)
+              "[early-final]\n       python -m hpcmove.backends.local_runner standby WIDTH FD",
+              file=sys.stderr)
         return 2
     return spawn(argv[1], int(argv[2]), int(argv[3]), argv[4:] == ["early-final"])
 
