@@ -288,8 +288,14 @@ def fail(job, files, problems):
     db.set_job_state(job, states.FAILED, reason=first + more)
 
 
-def finish(job, files, slices_by_file):
-    with db.atomic():  # the files and the job Done in one commit: whoever sees Done sees all
+def finish(job, files, slices_by_file, verified=()):
+    """Done: the files, the digests verified at rest (recover.check_integrity's
+    `verified`) and the job in one commit (whoever sees Done sees all, and a commit of
+    20,000 rows' digests on its own took 0.1 s)."""
+    with db.atomic():
+        if verified:
+            db.bulk_update(db.Slice, ("dst_digest",), verified)
+            verified.clear()  # recorded: not again on finalize's way out
         db.bulk_update(db.File, ("state", "reason", "checksum"), (
             (states.DONE, "", file_checksum(slices_by_file[f.id]) if f.kind == FILE else "",
              f.id) for f in files))
@@ -347,37 +353,53 @@ def run(path, wait=None):
         tasks = _task_states(job)
     else:  # the tasks read the sources for the last time (unless a retry reads them
         stats = worker.meanwhile(stat_sources, files)  # again): stat them meanwhile
-    copied = recover.run(job, files, slices_by_file, lambda s: task_reason(s, tasks))
+    verified = []  # recorded by finish with Done, else on the way out
+    copied = recover.run(job, files, slices_by_file, lambda s: task_reason(s, tasks),
+                         verified)
     try:
-        problems, held, auth = check(files, slices_by_file, stats() if stats and not copied
-                                     else stat_sources(files))
-        if not problems and not auth and not held and far and far.side == "dst":
-            # all or nothing, on the remote host
-            problems = far.place(files, far.python, slices_by_file)
-    except remote.AuthRequired as e:  # the socket went away while finalize needed it
-        problems, held = {}, {}
-        auth = {f.id: f"{_name(f.src)}: {e}" for f in files if f.kind == FILE}
-    if not problems and auth:
-        auth_required(job, files, auth)
-        notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
-        return 1
-    if not problems and held:
-        hold(job, files, held)
-        return 1
-    if not problems and (not far or far.side == "src"):
-        problems = _place_here(files, job, slices_by_file)
-    if problems:
-        _remove_spools(far, files)
-        fail(job, files, problems)
-        notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
-        return 1
-    if not far or far.side == "src":  # a remote placement removed its spools itself
-        _remove_spools(far, files)  # before Done: whoever waits on Done finds nothing of ours
-    if job.move:  # before Done too: Done means moved
-        _remove_sources(far, job, files)
-    finish(job, files, slices_by_file)
+        try:
+            problems, held, auth = check(files, slices_by_file,
+                                         stats() if stats and not copied
+                                         else stat_sources(files))
+            if not problems and not auth and not held and far and far.side == "dst":
+                # all or nothing, on the remote host
+                problems = far.place(files, far.python, slices_by_file)
+        except remote.AuthRequired as e:  # the socket went away while finalize needed it
+            problems, held = {}, {}
+            auth = {f.id: f"{_name(f.src)}: {e}" for f in files if f.kind == FILE}
+        if not problems and auth:
+            auth_required(job, files, auth)
+            _ended(job, verified)
+            return 1
+        if not problems and held:
+            hold(job, files, held)
+            return 1
+        if not problems and (not far or far.side == "src"):
+            problems = _place_here(files, job, slices_by_file)
+        if problems:
+            _remove_spools(far, files)
+            fail(job, files, problems)
+            _ended(job, verified)
+            return 1
+        if not far or far.side == "src":  # a remote placement removed its spools itself
+            _remove_spools(far, files)  # before Done: whoever waits on Done finds nothing of ours
+        if job.move:  # before Done too: Done means moved
+            _remove_sources(far, job, files)
+        finish(job, files, slices_by_file, verified)
+        _ended(job, verified)
+        return 0
+    finally:
+        if verified:  # held, or stopped by an error
+            recover.record_verified(verified)
+
+
+def _ended(job, verified):
+    """The job's outcome is recorded: the digests verified at rest too (finish records
+    them with Done), then the report and mail."""
+    if verified:
+        recover.record_verified(verified)
+        verified.clear()
     notify.job_ended(db.Job.get_by_id(job.id), stream=sys.stdout)
-    return 0
 
 
 def _unrecorded(job, far):

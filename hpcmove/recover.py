@@ -43,19 +43,28 @@ def _set(s, state, **fields):
     s.state = state
 
 
-def check_integrity(engine, files, slices_by_file, chunk=CHECK_CHUNK):
+def check_integrity(engine, files, slices_by_file, chunk=CHECK_CHUNK, verified=None):
     """Done slices whose data (in the spool, or at the destination for a slice that was
     already there) no longer matches their source digest -> Wait, to be copied. One
     call to the engine (one remote session for SSH) per `chunk` slices: a million
-    files' paths and digests at once took 300 MB more than the job's rows."""
+    files' paths and digests at once took 300 MB more than the job's rows. The digests
+    of slices verified here for the first time are recorded per chunk; with `verified`
+    (a list) and one chunk, they go into it instead, for the caller's own commit."""
     done = [(f, s) for f in files for s in slices_by_file.get(f.id, [])
             if s.state == states.DONE]
+    keep = verified if verified is not None and len(done) <= chunk else None
     for start in range(0, len(done), chunk):
-        if not _check_part(engine, done[start:start + chunk]):
+        if not _check_part(engine, done[start:start + chunk], keep):
             return  # the remote spool cannot be read without its socket: after `auth`
 
 
-def _check_part(engine, done):
+def record_verified(verified):
+    """Record (digest, slice id) pairs of slices verified at rest, in one statement."""
+    with db.atomic():
+        db.bulk_update(db.Slice, ("dst_digest",), verified)
+
+
+def _check_part(engine, done, keep=None):
     try:
         now = engine.digests([(f.dst if s.skipped else spool_path(f.spool, f.dst),
                                s.offset, s.length, f.size) for f, s in done])
@@ -75,8 +84,10 @@ def _check_part(engine, done):
         _set(s, states.WAIT, reason=f"destination slice at offset {s.offset} {what}",
              dst_digest=digest[:64], skipped=False)
         db.event(f.job_id, "integrity", f"{os.fsdecode(f.dst)}: slice {s.index} re-sent")
-    with db.atomic():  # one statement for them all (a bundle's 2,000 files each)
-        db.bulk_update(db.Slice, ("dst_digest",), verified)
+    if keep is not None:
+        keep.extend(verified)
+    else:
+        record_verified(verified)  # one statement for them all
     return True
 
 
@@ -98,15 +109,16 @@ def retry(engine, f, s, retries, backoff, why_left):
          host=socket.gethostname() if state == states.DONE else s.host)
 
 
-def run(job, files, slices_by_file, task_reason):
+def run(job, files, slices_by_file, task_reason, verified=None):
     """Integrity check and retries for every regular file; updates slices in place.
-    `task_reason(slice)` says why a slice's task left it unfinished. Returns how many
-    slices were copied again (their sources read once more)."""
+    `task_reason(slice)` says why a slice's task left it unfinished; `verified`: see
+    check_integrity. Returns how many slices were copied again (their sources read
+    once more)."""
     options = json.loads(job.options or "{}")
     retries = options.get("retries", worker.RETRIES)
     backoff = options.get("retry_backoff", 1)
     engine = plugins.make_engine(options)
-    check_integrity(engine, files, slices_by_file)
+    check_integrity(engine, files, slices_by_file, verified=verified)
     copied = 0
     for f in files:
         slices = slices_by_file.get(f.id, [])

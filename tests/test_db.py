@@ -238,11 +238,14 @@ def test_a_newer_schema_is_refused(tmp_path):
         db.connect(url)
 
 
-def test_the_at_rest_check_goes_in_chunks_and_finds_a_changed_spool_file(url, tmp_path):
+@pytest.mark.parametrize("chunk, keep", [(3, False), (3, True), (50, True)])
+def test_the_at_rest_check_goes_in_chunks_and_finds_a_changed_spool_file(url, tmp_path,
+                                                                         chunk, keep):
     """finalize's integrity check asks the engine a chunk of slices at a time (a million
     files' paths and digests at once cost 300 MB): every Done slice is still checked, a
     spool file changed since its task copied it goes back to Wait, the rest are
-    recorded as verified."""
+    recorded as verified: at once, or (one chunk, finalize's list) left to the caller's
+    commit."""
     from hpcmove import plugins, recover
     from hpcmove.plan import spool_path
     job, _ = make_job(tmp_path, 7)
@@ -266,10 +269,15 @@ def test_the_at_rest_check_goes_in_chunks_and_finds_a_changed_spool_file(url, tm
     calls = []
     real = engine.digests
     engine.digests = lambda ranges: calls.append(len(ranges)) or real(ranges)
-    recover.check_integrity(engine, files, by_file, chunk=3)
-    assert calls == [3, 3, 1]
+    verified = [] if keep else None
+    recover.check_integrity(engine, files, by_file, chunk=chunk, verified=verified)
+    assert calls == ([3, 3, 1] if chunk == 3 else [7])
     after = {s.file_id: s for s in db.Slice.select().where(db.Slice.job == job.id)}
     assert after[changed.id].state == states.WAIT
     assert "differs from the source" in after[changed.id].reason
-    assert all(s.state == states.DONE and s.dst_digest == digest
+    left = chunk == 50
+    assert all(s.state == states.DONE and s.dst_digest == ("" if left else digest)
                for f, s in after.items() if f != changed.id)
+    if keep:
+        assert sorted(verified) == sorted((digest, s.id) for f, s in after.items()
+                                          if f != changed.id and left)

@@ -184,6 +184,7 @@ def test_tasks_and_finalize_are_started_ahead_while_submit_plans(home):
     assert dst.read_bytes() == (home / "src").read_bytes()
     rows = db.Slice.select().where(db.Slice.job == job.id)
     assert {s.host for s in rows} == {os.uname().nodename}  # ...but when it took its part
+    assert all(s.dst_digest == s.src_digest != "" for s in rows)  # verified at rest
     _until(lambda: not _standbys(home), timeout=10)  # the one with no task went too
     assert os.listdir(home / "home" / "local") == [f"{job.final_id}.json"]
 
@@ -239,3 +240,4 @@ def test_a_process_started_ahead_takes_its_scripts_environment_and_log(tmp_path)
                           capture_output=True)
     assert done.returncode == 0 and done.stdout == b"" and done.stderr == b"", done
     assert log.read_bytes() == (b"before\n['/jobs/caf\\udce9 dir', '3'] 1 2\nerr\n''\n")
+

@@ -281,6 +281,11 @@ def test_pull_of_a_remote_file_we_cannot_read_fails_at_once_and_places_nothing(
     assert [x["attempts"] for x in mine[0]["slices"]] == [1], mine
     assert os.listdir(area.dst) == []
     assert tree_of(far) == before
+    # what the other files' tasks pulled was verified at rest, and that is recorded
+    db = sqlite3.connect(os.path.join(area.home, "hpcmove.db"))
+    sums = db.execute("SELECT s.src_digest, s.dst_digest FROM slice s JOIN file f "
+                      "ON s.file_id = f.id WHERE f.src != ?", (os.fsencode(secret),)).fetchall()
+    assert len(sums) > 30 and all(src == dst != "" for src, dst in sums), sums
 
 
 def test_a_remote_source_changed_after_its_pull_and_before_finalize_fails_that_file(
