@@ -190,8 +190,14 @@ def place(files, move, in_place=frozenset()):
             os.symlink(f.link_target, tmp)
             _set_meta(tmp, f, symlink=True)
     moved = set()  # directories renamed whole: what is below them is in place
+    below = {}  # parent directory -> in one of them (parents come first: never changes)
     for f in files:
-        if f.kind == HARDLINK or _below(f.dst, moved):
+        if f.kind == HARDLINK:
+            continue
+        parent = os.path.dirname(f.dst.rstrip(b"/"))
+        if parent not in below:
+            below[parent] = _below(f.dst, moved)
+        if below[parent]:
             continue
         if f.id in in_place:  # --skip-existing found it whole: only the metadata
             _set_meta(f.dst, f)

@@ -173,18 +173,39 @@ WARM_TEMPLATES = ("transfer.sh.j2", "finalize.sh.j2", "base.sh.j2")
 def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
     """Check against the site policy, plan, record and submit a job. With dry_run: plan
     and render only; nothing is written, recorded or submitted."""
-    site = site or policy.Site()
+    backend = choose_backend(options.backend)
+    if options.then and type(plugins.backend(backend)).submit_after is Backend.submit_after:
+        plugins.backend(backend).submit_after(options.then, "")  # its refusal, before anything
+    warm = _warm_start(backend, options, dry_run)
+    try:
+        return _submit(sources, dest, options, pairs, dry_run, site or policy.Site(), backend,
+                       warm)
+    finally:
+        if warm:
+            warm.close()  # sent, or the runner forked ahead ends with its processes
+
+
+def _warm_start(backend, options, dry_run):
+    """Backend.prepare's handle, before the sources are even listed (a remote listing
+    takes a session), when every script will be the packaged one: processes started
+    ahead would skip a site's own."""
+    chosen = plugins.backend(backend)
+    if dry_run or type(chosen).prepare is Backend.prepare or \
+            render.overridden(WARM_TEMPLATES, options.template_dirs):
+        return None
+    width = options.stripe_width or default_stripe_width(backend, options.partition)
+    return chosen.prepare(min(width, options.width_cap) if options.width_cap else width)
+
+
+def _submit(sources, dest, options, pairs, dry_run, site, backend, warm):
     pairs, tree, remote_dst, options = _endpoints(sources, dest, options, site, pairs)
     check_paths(site, pairs, local_src=not options.remote or options.remote["side"] == "dst",
                 local_dst=not options.remote or options.remote["side"] == "src")
-    backend = choose_backend(options.backend)
     if options.remote and backend == "local" and ssh.hop(options.remote["node"]):
         raise UsageError(f"the control socket for {options.remote['host']} is on "
                          f"{options.remote['node']}, and the local backend runs the transfer "
                          f"on this machine: open one here (`hpcmove socket open "
                          f"{options.remote['host']}`) or submit to the batch system")
-    if options.then and type(plugins.backend(backend)).submit_after is Backend.submit_after:
-        plugins.backend(backend).submit_after(options.then, "")  # its refusal, before anything
     width = options.stripe_width or default_stripe_width(backend, options.partition)
     if options.width_cap:
         width = min(width, options.width_cap)
@@ -196,37 +217,30 @@ def submit(sources, dest, options, pairs=None, dry_run=False, site=None):
                            max_task_bytes=max_task_bytes(backend, options),
                            size_table=options.size_table,
                            small_file_threshold=options.small_file_threshold)
-    # the packaged scripts only: processes started ahead would skip a site's own
-    warm = None if dry_run or render.overridden(WARM_TEMPLATES, options.template_dirs) \
-        else plugins.backend(backend).prepare(width)
+    the_plan = plan_pairs(pairs, plan_options, token, tree=tree, remote_dst=remote_dst)
+    if dry_run:
+        settings = _script_settings(options, "hm-DRYRUN", b"JOBDIR", db.default_url())
+        return Submission(None, the_plan, render.render(settings, the_plan.n_tasks, width,
+                                                        options.template_dirs))
+    far = remote.Far(**{k: options.remote[k] for k in ("host", "socket", "side")},
+                     via=ssh.hop(options.remote["node"])) if options.remote else None
+    made = far.make_spools(the_plan.spool_dirs) if far and far.side == "dst" else None
+    if not made:
+        _make_spools(the_plan)
     try:
-        the_plan = plan_pairs(pairs, plan_options, token, tree=tree, remote_dst=remote_dst)
-        if dry_run:
-            settings = _script_settings(options, "hm-DRYRUN", b"JOBDIR", db.default_url())
-            return Submission(None, the_plan, render.render(settings, the_plan.n_tasks, width,
-                                                            options.template_dirs))
-        far = remote.Far(**{k: options.remote[k] for k in ("host", "socket", "side")},
-                         via=ssh.hop(options.remote["node"])) if options.remote else None
-        made = far.make_spools(the_plan.spool_dirs) if far and far.side == "dst" else None
-        if not made:
-            _make_spools(the_plan)
-        try:
-            db.connect()
-            return _record_and_submit(the_plan, options, backend, width, made, warm)
-        except BaseException:
-            if made:
-                try:
-                    made()  # never remove a spool while it is being made
-                except HpcmoveError:
-                    pass
-                far.remove_spools(the_plan.entries)
-            else:
-                for spool in the_plan.spools:
-                    shutil.rmtree(spool, ignore_errors=True)
-            raise
-    finally:
-        if warm:
-            warm.close()  # sent, or the runner forked ahead ends with its processes
+        db.connect()
+        return _record_and_submit(the_plan, options, backend, width, made, warm)
+    except BaseException:
+        if made:
+            try:
+                made()  # never remove a spool while it is being made
+            except HpcmoveError:
+                pass
+            far.remove_spools(the_plan.entries)
+        else:
+            for spool in the_plan.spools:
+                shutil.rmtree(spool, ignore_errors=True)
+        raise
 
 
 def _local(path):

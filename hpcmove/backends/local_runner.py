@@ -193,11 +193,17 @@ def _hand_nothing(proc):
     proc.wait()
 
 
-def _detach(runner_main):
+def _state_dir():
+    os.makedirs(os.path.join(data_dir(), "local"), mode=0o700, exist_ok=True)
+
+
+def _detach(runner_main, save=True):
     """Fork the runner (orphaned, its own session and process group), print the id it
     reports and return; the runner runs `runner_main(report)`, report(id) saying it
-    started, and ends the process with its return code."""
-    os.makedirs(os.path.join(data_dir(), "local"), mode=0o700, exist_ok=True)
+    started (and, with `save`, writing its state file), and ends the process with its
+    return code."""
+    if save:
+        _state_dir()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:
@@ -217,7 +223,8 @@ def _detach(runner_main):
         os.dup2(devnull, fd)
 
     def report(runner):
-        runner.save()
+        if save:
+            runner.save()
         os.write(write_fd, runner.id.encode() + b"\n")
         os.close(write_fd)
         signal.signal(signal.SIGTERM, _on_term(runner))
@@ -254,14 +261,14 @@ def standby(width, job_fd):
             runner.dismiss()
             _hand_nothing(runner.final)
             os.close(runner.gate)
-            os.unlink(state_path(runner.id))
             return 0
+        _state_dir()  # only now: a refused submit leaves no trace
         runner.jobdir = os.fsencode(job["jobdir"])
         runner.n_tasks, runner.width = job["n_tasks"], max(1, job["width"])
         runner.db_url = job["db_url"]
         runner.state["jobdir"] = job["jobdir"]
         return runner.run()
-    return _detach(runner_main)
+    return _detach(runner_main, save=False)
 
 
 def main(argv=None):
