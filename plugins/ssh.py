@@ -20,6 +20,7 @@ import functools
 import io
 import math
 import os
+import shutil
 import stat
 import subprocess
 import threading
@@ -268,7 +269,7 @@ class SshEngine(CopyEngine):
         """The session's stdout into the range of work.dst; (the check line parsed, the
         rest of stderr) once it has ended well."""
         try:
-            dst_fd = os.open(work.dst, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            dst_fd = _nofollow(work.dst, os.O_RDWR | os.O_CREAT)
         except OSError as e:
             proc.kill()
             proc.wait()
@@ -653,15 +654,26 @@ class SshEngine(CopyEngine):
         errs = []
         drain = threading.Thread(target=lambda: errs.append(proc.stderr.read()), daemon=True)
         drain.start()
-        untar, sums, why = None, None, b""
+        untar, sums, why, wanted = None, None, b"", None
         try:
             sums = _read_sums(proc.stdout.fileno())
             if sums is not None:
-                untar = subprocess.Popen(
-                    ["tar", "-x", "-f", "-", "-b", TAR_READ_BLOCKS.decode(), "-B", "-C",
-                     os.fsdecode(ldir), "--no-same-owner", "--same-permissions"],
-                    stdin=proc.stdout.fileno(), stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE, env=dict(os.environ, LC_ALL="C"))
+                # only the members named (what else a stream holds stays out of the spool),
+                # their names read from a pipe as the remote tar read them
+                names_fd, names_w = os.pipe()
+                try:
+                    untar = subprocess.Popen(
+                        ["tar", "-x", "-f", "-", "-b", TAR_READ_BLOCKS.decode(), "-B", "-C",
+                         os.fsdecode(ldir), "--no-same-owner", "--same-permissions", "--null",
+                         "--verbatim-files-from", "--no-recursion", "--no-wildcards",
+                         "-T", f"/dev/fd/{names_fd}"],
+                        stdin=proc.stdout.fileno(), stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, env=dict(os.environ, LC_ALL="C"),
+                        pass_fds=(names_fd,))
+                finally:
+                    os.close(names_fd)
+                wanted = threading.Thread(target=_feed, args=(open(names_w, "wb"), listing))
+                wanted.start()
                 why = untar.communicate()[1]
         finally:
             if untar is None or untar.returncode:
@@ -671,6 +683,8 @@ class SshEngine(CopyEngine):
             drain.join()
             proc.wait()
             feed.join()
+            if wanted:
+                wanted.join()
         err = b"".join(errs)
         if proc.returncode == 255:
             self.remote.check_alive()
@@ -698,7 +712,7 @@ class SshEngine(CopyEngine):
     def _write_whole(self, item, data):
         if len(data) != item["size"]:
             return "size differs from the plan"
-        fd = os.open(item["spool"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = _nofollow(item["spool"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
             view = memoryview(data)
             while view:
@@ -798,11 +812,17 @@ def _read_sums(fd):
 
 
 def _untarred(item, since):
-    """'' when tar wrote the item's spool file in this bundle as planned, else why not."""
+    """'' when tar wrote the item's spool file in this bundle as planned, else why not.
+    What tar made there that is no regular file (the remote file became a link or a
+    directory since it was planned) is removed: nothing may write through it later."""
     try:
         st = os.lstat(item["spool"])
     except OSError as e:
         return e.strerror
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(item["spool"], ignore_errors=True)
+    elif not stat.S_ISREG(st.st_mode):
+        os.unlink(item["spool"])
     if not stat.S_ISREG(st.st_mode) or st.st_ctime_ns < since:
         return "not in the bundle's stream"
     if st.st_size != item["size"]:
@@ -1083,8 +1103,9 @@ def _member(path):
     return path
 
 
-def _nofollow(path, flags):
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _nofollow(path, flags, mode=0o600):
+    """Open without following a symbolic link at `path` (created: mode 0600)."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
 
 
 def _result(item, state, reason, start):

@@ -738,6 +738,77 @@ def test_a_pulled_tree_missing_or_changed_files_are_not_taken_for_received(
             assert got[item["slice"]] == (want, None, "")
 
 
+def test_a_pulled_tree_brings_nothing_but_its_regular_files_into_the_spool(tmp_path,
+                                                                          monkeypatch):
+    """What the stream holds beyond the names asked for (an extra file, a link out of the
+    spool, a name below a link) stays out of the spool, and a file that became a link
+    on the remote host since it was planned leaves no link at its spool path: nothing
+    may write through one later, and what lies outside is untouched."""
+    import hpcmove_plugins.ssh as plugin
+    _stub_ssh(tmp_path, monkeypatch)
+    src, items = _tree_items(tmp_path, [b"f%d" % i for i in range(6)], subdir=b"d")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep")
+    became = items[2]
+    os.unlink(became["src"])
+    os.symlink(outside, became["src"])
+    rdir, ldir, _ = plugin.untar_parts(items[0])
+    extra = tmp_path / "extra"
+    (extra / "d").mkdir(parents=True)
+    (extra / "d" / "extra").write_bytes(b"not asked for")
+    os.symlink(tmp_path, extra / "d" / "out")
+    stream = tmp_path / "stream.tar"
+    names = [plugin.untar_parts(i)[2] for i in items]
+    subprocess.run(["tar", "-c", "-f", str(stream), "-C", rdir, *map(os.fsdecode, names),
+                    "-C", str(extra), "d/extra", "d/out"], check=True)
+    subprocess.run(["tar", "-r", "-f", str(stream), "-C", str(tmp_path), "--transform",
+                    "s,^outside,d/out/planted,", "outside"], check=True)
+    real = plugin.pull_untar_cmd
+
+    def hostile(rdir, size, kind):  # the sums as asked for, then a stream of its own
+        head = real(rdir, size, kind).split(b"head -c %d | tar -c" % size)[0]
+        return head + b"cat " + remote.q(bytes(stream)) + b"\n"
+    monkeypatch.setattr(plugin, "pull_untar_cmd", hostile)
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "src",
+                               "sum": "xxh128"})
+    engine.defer_verify = True
+    got = engine._pull_bundle(items)
+    assert got[became["slice"]][:2] == ("", "")
+    assert not os.path.lexists(became["spool"])
+    assert outside.read_bytes() == b"keep" and not list(tmp_path.rglob("planted"))
+    left = sorted(os.path.join(d, n) for d, dirs, files in os.walk(ldir) for n in dirs + files)
+    assert left == sorted([os.path.join(ldir, b"d")] +
+                          [i["spool"] for i in items if i is not became])
+    for item in items:
+        if item is not became:
+            assert got[item["slice"]][2] == ""
+            assert open(item["spool"], "rb").read() == open(item["src"], "rb").read()
+
+
+def test_a_link_at_a_spool_path_is_never_written_through(tmp_path, monkeypatch):
+    """A pulled slice or bundled file whose spool path is a symbolic link (not one
+    hpcmove makes) fails there; the file it points to is untouched."""
+    from hpcmove.plugins import SliceWork
+    _stub_ssh(tmp_path, monkeypatch)
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3000))
+    st = src.stat()
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep")
+    spool = tmp_path / "spool"
+    os.symlink(outside, spool)
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "src",
+                               "sum": "xxh128"})
+    with pytest.raises(TransferError, match="symbolic links|Too many levels"):
+        engine.copy_slice(SliceWork(bytes(src), bytes(spool), 0, st.st_size, st.st_size,
+                                    st.st_mtime_ns))
+    item = {"slice": 1, "src": bytes(src), "spool": bytes(spool), "root": bytes(tmp_path),
+            "offset": 0, "length": st.st_size, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    with pytest.raises(OSError):
+        engine._write_whole(item, src.read_bytes())
+    assert outside.read_bytes() == b"keep" and os.path.islink(spool)
+
+
 @pytest.mark.parametrize("layout", ["tree", "tree and pairs", "renamed"])
 def test_pulled_small_files_go_to_this_machines_tar_as_trees(tmp_path, monkeypatch, layout):
     """Units of a pull: the files of a remote and spool directory pair come in bundles
