@@ -572,26 +572,31 @@ def test_an_rsync_bundle_of_2000_long_names_is_verified_by_one_remote_digest_cal
 
 
 @pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("tree", [False, True])
 def test_a_pulled_bundle_of_long_names_comes_in_one_session_with_its_digests(
-        tmp_path, monkeypatch, defer):
+        tmp_path, monkeypatch, defer, tree):
     """A pulled bundle: the names go on stdin twice (tar's copy, then the digests'), the
     tar stream and the remote digests come back in one session. 2,000 names of ~2,300
     bytes are 4.6 MB of stdin; written before reading the stream, that filled every pipe
     while tar waited for its output to be read (it hung so with the list written first).
-    In an array task (defer) the written files are left to finalize's at-rest check."""
+    In an array task (defer) the written files are left to finalize's at-rest check.
+    Renamed on the way, Python reads the stream; a tree goes into this machine's tar,
+    which reads the 4.6 MB of names too."""
     starts = _stub_ssh(tmp_path, monkeypatch)
-    deep = tmp_path / "src" / "/".join([("d" * 200) + str(k) for k in range(11)])
+    rel = "/".join([("d" * 200) + str(k) for k in range(11)])
+    deep = tmp_path / "src" / rel
     deep.mkdir(parents=True)
-    root = bytes(tmp_path / "spool" / "t")
-    os.makedirs(root)
+    root = bytes(tmp_path / "spool")
+    spools = os.path.join(root, b"t", rel.encode()) if tree else root + b"/t"
+    os.makedirs(spools)
     items = []
     for i in range(2000):
         path = deep / ("f-%04d" % i)
         path.write_bytes(b"%d" % i * (i % 7))
         st = path.stat()
-        items.append({"slice": i, "src": bytes(path), "spool": root + b"/%04d" % i,
-                      "root": root, "offset": 0, "length": st.st_size, "size": st.st_size,
-                      "mtime_ns": st.st_mtime_ns})
+        items.append({"slice": i, "src": bytes(path), "root": root, "offset": 0,
+                      "spool": spools + (b"/f-%04d" if tree else b"/%04d") % i,
+                      "length": st.st_size, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "src",
                                "sum": "xxh128"})
     engine.defer_verify = defer
