@@ -12,6 +12,11 @@ mtime, so a changed source is caught).
 Hashes: xxh3-128 (`xxhsum -H2`) when the remote host has xxhsum, else POSIX `cksum`
 (coreutils), computed here with zlib's CRC-32 over bit-reversed bytes.
 
+Small whole files travel in bundles, one session each: pushed, a tar stream built here
+(each file hashed as it is read) into the remote tar; pulled, the remote digests first,
+then the remote tar's stream, straight into this machine's GNU tar for a tree (only the
+names asked for) or read here for files renamed on the way.
+
 A task runs `streams` slices at once, each its own session on the control master: a
 stream that finishes early takes the next slice (next-available queueing).
 """
