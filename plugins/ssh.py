@@ -681,8 +681,10 @@ class SshEngine(CopyEngine):
                 wanted.start()
                 why = untar.communicate()[1]
         finally:
-            if untar is None or untar.returncode:
+            if untar is None:  # no stream to read (the remote end failed first)
                 proc.kill()
+            # else the stream's end: a tar that stopped early leaves the remote tar a
+            # closed pipe, and the session's exit code still says whether the master died
             proc.stdout.close()
             proc.stdout = None
             drain.join()

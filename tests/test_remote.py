@@ -814,6 +814,27 @@ def test_a_link_at_a_spool_path_is_never_written_through(tmp_path, monkeypatch):
     assert outside.read_bytes() == b"keep" and os.path.islink(spool)
 
 
+def test_a_pulled_tree_cut_off_by_the_masters_end_waits_for_auth(tmp_path, monkeypatch):
+    """The control master dies in the middle of a tree's stream (ssh ends 255, and
+    `ssh -O check` finds no master): the bundle's files wait for `auth`, none is taken
+    as received."""
+    import hpcmove_plugins.ssh as plugin
+    _stub_ssh(tmp_path, monkeypatch)
+    _src, items = _tree_items(tmp_path, [b"f%d" % i for i in range(40)])
+    real = plugin.pull_untar_cmd
+
+    def cut(rdir, size, kind):
+        return real(rdir, size, kind).replace(
+            b"-T -\n", b"-T - | head -c 20000; exit 255\n")
+    monkeypatch.setattr(plugin, "pull_untar_cmd", cut)
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "src",
+                               "sum": "xxh128"})
+    engine.defer_verify = True
+    got = engine.copy_bundle(items)
+    assert {r["state"] for _item, r in got} == {states.AUTH}
+    assert engine.gone
+
+
 @pytest.mark.parametrize("layout", ["tree", "tree and pairs", "renamed"])
 def test_pulled_small_files_go_to_this_machines_tar_as_trees(tmp_path, monkeypatch, layout):
     """Units of a pull: the files of a remote and spool directory pair come in bundles
