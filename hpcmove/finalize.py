@@ -300,7 +300,7 @@ def finish(job, files, slices_by_file, verified=()):
     20,000 rows' digests on its own took 0.1 s)."""
     with db.atomic():
         if verified:
-            db.bulk_update(db.Slice, ("dst_digest",), verified)
+            recover.record_verified(verified)
             verified.clear()  # recorded: not again on finalize's way out
         db.bulk_update(db.File, ("state", "reason", "checksum"), (
             (states.DONE, "", file_checksum(slices_by_file[f.id]) if f.kind == FILE else "",

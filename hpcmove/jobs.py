@@ -193,8 +193,13 @@ def _warm_start(backend, options, dry_run):
     if dry_run or type(chosen).prepare is Backend.prepare or \
             render.overridden(WARM_TEMPLATES, options.template_dirs):
         return None
+    return chosen.prepare(_stripe_width(backend, options))
+
+
+def _stripe_width(backend, options):
+    """The tasks that run at once: the user's or the backend's default, within the cap."""
     width = options.stripe_width or default_stripe_width(backend, options.partition)
-    return chosen.prepare(min(width, options.width_cap) if options.width_cap else width)
+    return min(width, options.width_cap) if options.width_cap else width
 
 
 def _submit(sources, dest, options, pairs, dry_run, site, backend, warm):
@@ -206,9 +211,7 @@ def _submit(sources, dest, options, pairs, dry_run, site, backend, warm):
                          f"{options.remote['node']}, and the local backend runs the transfer "
                          f"on this machine: open one here (`hpcmove socket open "
                          f"{options.remote['host']}`) or submit to the batch system")
-    width = options.stripe_width or default_stripe_width(backend, options.partition)
-    if options.width_cap:
-        width = min(width, options.width_cap)
+    width = _stripe_width(backend, options)
     if options.bwlimit_per_user:  # one job's tasks share the user's bandwidth
         share = max(1, options.bwlimit_per_user // width)
         options = replace(options, bwlimit=min(options.bwlimit or share, share))

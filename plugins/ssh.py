@@ -666,6 +666,7 @@ class SshEngine(CopyEngine):
                 # only the members named (what else a stream holds stays out of the spool),
                 # their names read from a pipe as the remote tar read them
                 names_fd, names_w = os.pipe()
+                to_tar = open(names_w, "wb")
                 try:
                     untar = subprocess.Popen(
                         ["tar", "-x", "-f", "-", "-b", TAR_READ_BLOCKS.decode(), "-B", "-C",
@@ -675,9 +676,12 @@ class SshEngine(CopyEngine):
                         stdin=proc.stdout.fileno(), stdout=subprocess.DEVNULL,
                         stderr=subprocess.PIPE, env=dict(os.environ, LC_ALL="C"),
                         pass_fds=(names_fd,))
+                except BaseException:
+                    to_tar.close()
+                    raise
                 finally:
                     os.close(names_fd)
-                wanted = threading.Thread(target=_feed, args=(open(names_w, "wb"), listing))
+                wanted = threading.Thread(target=_feed, args=(to_tar, listing))
                 wanted.start()
                 why = untar.communicate()[1]
         finally:

@@ -49,19 +49,18 @@ class Warm:
         then spawned as without a warm start)."""
         if self.fd is None or self.proc is None:
             return None
-        out, err = self.proc.communicate()
-        job_id = out.decode().strip()
+        job_id = self.proc.communicate()[0].decode().strip()
         job = {"jobdir": os.fsdecode(spec.jobdir), "n_tasks": spec.n_tasks,
                "width": spec.stripe_width, "db_url": spec.db_url}
         try:
-            if self.proc.returncode != 0 or not job_id:
-                return None
-            os.write(self.fd, json.dumps(job).encode() + b"\n")
+            if self.proc.returncode == 0 and job_id:
+                os.write(self.fd, json.dumps(job).encode() + b"\n")
+                return job_id
         except OSError:  # the runner is gone
-            return None
+            pass
         finally:
             self.close()
-        return job_id
+        return None
 
     def close(self):
         """No job (or it was sent): the runner sees its pipe end."""
