@@ -102,7 +102,8 @@ def effective_settings(flags):
                    "from `hpcmove socket open`].")
 @click.option("--streams", type=click.IntRange(min=1, max=16), default=None,
               help="Concurrent slice streams per task to or from a remote host "
-                   "[default: 3].")
+                   "(the local backend runs such a job as one task of all its tasks' "
+                   "streams) [default: 3].")
 @click.option("--ssh-sessions", "ssh_sessions", type=click.IntRange(min=1, max=1024),
               default=None, help="Sessions at once through the control socket, for all "
                                  "tasks and jobs on its node: the remote sshd's MaxSessions "

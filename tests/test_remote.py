@@ -350,6 +350,30 @@ def test_remote_to_remote_and_mixed_sources_are_refused(tmp_path, monkeypatch):
         assert result.exit_code == 1 and message in result.output, (lines, result.output)
 
 
+@pytest.mark.parametrize("backend, args, pairs, layout", [
+    ("local", (["/l/a"], "h:/r/"), None, (1, 6, 200)),  # push: 2 tasks' streams in one
+    ("local", (["h:/r/a", "h:/r/b"], "/l/"), None, (1, 6, 200)),  # pull
+    ("local", ([], ""), [("/l/a", "u@h:/r/a")], (1, 6, 200)),  # a copyjob's pairs
+    ("local", (["/l/a"], "/l/b"), None, (2, 3, 100)),  # a local copy: as asked
+    ("slurm", (["/l/a"], "h:/r/"), None, (2, 3, 100)),  # batch tasks: as asked
+    ("local", (["/l/a"], "-bad:/r/"), None, (2, 3, 100)),  # _endpoints refuses it later
+])
+def test_a_remote_job_on_the_local_backend_is_one_task_of_all_the_streams(
+        backend, args, pairs, layout):
+    from hpcmove import jobs
+    asked = jobs.SubmitOptions(stripe_width=2, streams=3, bwlimit=100)
+    got = jobs._one_task(backend, asked, *args, pairs)
+    assert (got.stripe_width, got.streams, got.bwlimit) == layout
+    assert jobs._stripe_width(backend, got) == layout[0]
+
+
+def test_one_task_of_a_remote_job_has_at_most_16_streams(monkeypatch):
+    from hpcmove import jobs
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)  # the local backend's default width
+    got = jobs._one_task("local", jobs.SubmitOptions(streams=3), ["/l/a"], "h:/r/", None)
+    assert (got.stripe_width, got.streams) == (1, 16)
+
+
 def test_socket_path_that_cannot_be_bound_is_refused_with_the_way_out(tmp_path):
     from hpcmove import ssh
     assert len(ssh.socket_path("alice@archive.example", "/tmp/hpcmove-1001")) <= ssh.MAX_PATH

@@ -536,8 +536,9 @@ def _refused():
 @pytest.mark.parametrize("engine", ["ssh", "rsync"])
 def test_more_streams_than_the_sshd_allows_sessions_wait_for_a_slot(local_remote, area,
                                                                     engine):
-    """Two tasks of 16 streams each want 32 sessions through one socket; the sshd allows
-    10 per connection and refuses the rest ("Session open refused by peer"). Sessions
+    """16 streams want 16 sessions through one socket (the local backend's tasks run as
+    one task of all their streams, at most 16); the sshd allows 10 per connection and
+    refuses the rest ("Session open refused by peer"). Sessions
     wait for one of the socket's 8 slots instead: push and pull (two sessions per slice
     or bundle, taken together) complete identical, every slice and bundled file at its
     first attempt, and the sshd refused nothing."""
@@ -564,6 +565,33 @@ def test_more_streams_than_the_sshd_allows_sessions_wait_for_a_slot(local_remote
     assert any(".slot" in n for n in os.listdir(sockets))
     hp.run("socket", "close", HOST)
     assert os.listdir(sockets) == []  # the slots go with the socket
+
+
+def test_the_local_backend_moves_a_remote_job_as_one_task_of_all_the_streams(local_remote,
+                                                                              area):
+    """On the local backend every task of a remote job would go through this machine's
+    one control master: the job runs as one task with the streams of the tasks it would
+    have had (--stripe-width 2 of --streams 2: one task of 4 streams), and a large file's
+    slices and a tree move identical; a local copy keeps its two tasks."""
+    hp, _agent = local_remote
+    src = big_and_small(os.path.join(area.src, "s"), 8 << 20, [100 + 7 * i for i in range(50)])
+    far = os.path.join(area.root, "far")
+    os.mkdir(far)
+    area.own()
+    hp.run("socket", "open", "--ttl", "5m", HOST)
+    args = ["--stripe-width", "2", "--streams", "2", "--slice-size", "1M"]
+    for dst in (f"{HOST}:{far}/", os.path.join(area.dst, "copy")):
+        s = hp.wait(hp.submit(*args, src, dst))
+        assert s["state"] == "Done", (s["reason"], log(hp, s["id"]))
+    assert tree_of(src) == tree_of(os.path.join(far, "s")) == \
+        tree_of(os.path.join(area.dst, "copy"))
+    db = sqlite3.connect(os.path.join(area.home, "hpcmove.db"))
+    jobs = db.execute("SELECT id, stripe_width, n_tasks, options FROM job ORDER BY id").fetchall()
+    tasks = {job: {t for (t,) in db.execute("SELECT DISTINCT task FROM slice WHERE job_id = ?",
+                                            (job,))} for job, *_ in jobs}
+    (pushed, *pushed_layout, options), (copied, *copied_layout, _options) = jobs
+    assert (pushed_layout, json.loads(options)["streams"], tasks[pushed]) == ([1, 1], 4, {0})
+    assert (copied_layout, tasks[copied]) == ([2, 2], {0, 1})
 
 
 @pytest.mark.parametrize("tools", ["xxhsum+python3", "rsync bundles", "coreutils only"])
