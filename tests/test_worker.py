@@ -124,3 +124,37 @@ def test_a_manifest_reads_back_the_same_bytes_under_any_locale(tmp_path):
             for s in the_plan.slices]
     assert done.stdout.split(b"\0") == want
     assert {os.path.basename(w.split(b"|")[0]) for w in want} == {os.fsencode(n) for n in names}
+
+
+def test_manifest_lines_are_the_items_json_for_any_name(tmp_path):
+    """write_manifest formats its lines itself: each is what json.dumps gives for the
+    slice's manifest_item (quotes, backslashes, control characters, newlines, non-UTF-8
+    bytes, non-ASCII names), and reads back the same."""
+    import json
+    import os
+    from hpcmove import jobdir
+    from hpcmove.plan import Options, plan
+    names = [b'q"uo\\te', b"new\nline\ttab\x01\x7f", b"\xff\xfe-not-utf8", "caf\u00e9 \u65e5"
+             .encode(), b"$(touch x)", b"-lead"]
+    (tmp_path / "src").mkdir()
+    for n, name in enumerate(names):
+        with open(os.path.join(bytes(tmp_path / "src"), name), "wb") as f:
+            f.write(b"y" * n)
+    (tmp_path / "dst").mkdir()
+    the_plan = plan([str(tmp_path / "src")], str(tmp_path / "dst"), Options(stripe_width=1),
+                    "abcdef123456")
+    path = bytes(tmp_path / "job")
+    os.makedirs(path + b"/tasks")
+    file_ids, slice_ids = range(10, 99), range(500, 599)
+    jobdir.write_manifest(path, the_plan, file_ids, slice_ids)
+    want = []
+    for s, slice_id in zip(the_plan.slices, slice_ids):
+        e = the_plan.entries[s.entry]
+        want.append(json.dumps(jobdir.manifest_item(
+            slice_id, file_ids[s.entry], e.src, e.spool_path, s.offset, s.length, e.size,
+            e.mtime_ns, e.dst, e.mode)) + "\n")
+    with open(path + b"/tasks/0.jsonl") as f:
+        assert f.readlines() == want
+    got = {os.path.basename(i["src"]): i for i in jobdir.read_task(path, 0)}
+    assert set(got) == set(names)
+    assert [got[n]["size"] for n in names] == list(range(len(names)))
