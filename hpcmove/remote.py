@@ -599,11 +599,35 @@ def _reclaim_started(socket):
 atexit.register(_discard_started)
 
 
+# What ssh here prints when the control master could not open a session: the sshd
+# refused it (its MaxSessions still counts sessions that are closing, see CLOSING). ssh
+# then tries a connection of its own, which a batch job cannot authenticate (exit 255):
+# the command never ran, so the session is asked for again, backing off, up to ASKS
+# times, and that is no attempt of the slice's (16 streams of 1 MiB slices through one
+# master on 2 busy cores were refused a few times a job).
+SESSION_REFUSED = (b"session request failed", b"Session open refused by peer")
+ASKS = 6
+
+
+def refused(code, stderr):
+    """Did this session end because the master could not open it (nothing ran)?"""
+    return code == 255 and any(r in stderr for r in SESSION_REFUSED)
+
+
+def ask_later(asked):
+    """Wait before asking again for a refused session (`asked` times so far)."""
+    time.sleep(0.05 * 2 ** asked * (1 + random.random()))
+
+
 SESSIONS = 10  # sshd's MaxSessions unless the site raised it: sessions per connection
 # sshd still counts a session for a moment after its ssh here has exited (the channel
 # closes after the exit status is delivered): a new one sent at once into a full
 # connection is refused. So two of the sshd's sessions are left for those.
 CLOSING = 2
+# And the slot of a session that ended here is free again only this much later (sshd
+# closes the channel after the exit status is out: on 2 cores busy with 16 streams of
+# short sessions, later than two spare sessions covered).
+CLOSE_GRACE = 0.05
 
 
 class Slots:
@@ -654,6 +678,13 @@ class Slots:
         for fd in fds:
             os.close(fd)  # the lock goes with the last descriptor of its open file
 
+    @classmethod
+    def release_closed(cls, fds):
+        """Let the slots of sessions that ended go CLOSE_GRACE later."""
+        timer = threading.Timer(CLOSE_GRACE, cls.release, (fds,))
+        timer.daemon = True  # at exit the descriptors close with the process
+        timer.start()
+
 
 class Session(subprocess.Popen):
     """A remote command's ssh process that holds session slots until it is waited for."""
@@ -670,7 +701,7 @@ class Session(subprocess.Popen):
     def _let_go(self):
         held, self._held = self._held, []
         if self._slots and held:
-            self._slots.release(held)
+            self._slots.release_closed(held)
 
     def wait(self, timeout=None):
         code = super().wait(timeout)
@@ -697,8 +728,9 @@ class Remote:
         return self.slots.acquire(n) if self.slots else []
 
     def release(self, held):
+        """hold()'s slots, once the sessions in them have ended."""
         if self.slots:
-            self.slots.release(held)
+            self.slots.release_closed(held)
 
     def start(self, command, wait=True, **kwargs):
         """Start `command`'s session now, for a later session() or run() of the same
@@ -751,9 +783,14 @@ class Remote:
                                f"for {self.host} is gone")
 
     def run(self, command, input=b"", check=True):
-        """(exit code, stdout, stderr) of a shell command on the remote host."""
-        proc = self.session(command)
-        out, err = proc.communicate(input)
+        """(exit code, stdout, stderr) of a shell command on the remote host; a session
+        the sshd refused is asked for again (refused)."""
+        for asked in range(ASKS):
+            proc = self.session(command)
+            out, err = proc.communicate(input)
+            if not refused(proc.returncode, err) or asked == ASKS - 1:
+                break
+            ask_later(asked)
         if proc.returncode == 255:
             self.check_alive()
         if check and proc.returncode != 0:

@@ -36,9 +36,9 @@ import xxhash
 
 from hpcmove import states
 from hpcmove.errors import TransferError
-from hpcmove.remote import SESSIONS, AuthRequired, Remote, digest_cmd, digests_script, \
-    parse_check, parse_digest, parse_digests, parse_sums, pull_slice_cmd, q, sums_cmd, word, \
-    write_cmd
+from hpcmove.remote import ASKS, SESSIONS, AuthRequired, Remote, ask_later, digest_cmd, \
+    digests_script, parse_check, parse_digest, parse_digests, parse_sums, pull_slice_cmd, q, \
+    refused, sums_cmd, word, write_cmd
 from hpcmove.ssh import further_connections
 from hpcmove_plugins.copy import BUFFER, CopyEngine, SliceWork, small_digest
 
@@ -99,6 +99,22 @@ def remote_error(host, what, stderr, code):
     refused = any(r in stderr for r in REFUSED)
     return TransferError(f"on {host}: {what}: " + "\n".join(lines),
                          transient=refused or not any(p in stderr for p in PERMANENT))
+
+
+class SessionRefused(TransferError):
+    """The control master could not open the session (remote.refused): nothing ran."""
+
+
+def _asking_again(copy, work):
+    """copy(work), asked again when the sshd refused its session: that session never
+    ran, so it is no attempt (remote.ASKS times at most, backing off)."""
+    for asked in range(ASKS):
+        try:
+            return copy(work)
+        except SessionRefused:
+            if asked == ASKS - 1:
+                raise
+            ask_later(asked)
 
 
 def new_sum(kind):
@@ -163,7 +179,7 @@ class SshEngine(CopyEngine):
         if self.gone:
             raise AuthRequired("auth-required: the control socket is gone")
         try:
-            return self._push(work) if self.side == "dst" else self._pull(work)
+            return _asking_again(self._push if self.side == "dst" else self._pull, work)
         except AuthRequired:
             self.gone = True
             raise
@@ -205,6 +221,9 @@ class SshEngine(CopyEngine):
     def _failed(self, proc_code, stderr, what):
         if proc_code == 255:
             self.remote.check_alive()  # AuthRequired when the master is gone
+        if refused(proc_code, stderr):  # the command never ran: asked for again
+            error = remote_error(self.remote.host, what, stderr, proc_code)
+            return SessionRefused(str(error), transient=True)
         return remote_error(self.remote.host, what, stderr, proc_code)
 
     def _push(self, work):
@@ -495,7 +514,8 @@ class SshEngine(CopyEngine):
             return [(i, _result(i, states.AUTH, "auth-required: the control socket is gone",
                                 start)) for i in items]
         try:
-            got = self._push_bundle(items) if self.side == "dst" else self._pull_bundle(items)
+            got = _asking_again(self._push_bundle if self.side == "dst" else self._pull_bundle,
+                                items)
         except AuthRequired as e:
             self.gone = True
             return [(i, _result(i, states.AUTH, str(e), start)) for i in items]
@@ -634,6 +654,9 @@ class SshEngine(CopyEngine):
             feed.join()
         if proc.returncode == 255:
             self.remote.check_alive()
+        if refused(proc.returncode, err) and not ours:
+            raise SessionRefused(f"on {self.remote.host}: {err.decode(errors='replace')}",
+                                 transient=True)
         theirs = parse_sums(sums, srcs, self.kind)
         got = {}
         for item in items:
@@ -699,6 +722,9 @@ class SshEngine(CopyEngine):
         err = b"".join(errs)
         if proc.returncode == 255:
             self.remote.check_alive()
+        if sums is None and refused(proc.returncode, err):
+            raise SessionRefused(f"on {self.remote.host}: {err.decode(errors='replace')}",
+                                 transient=True)
         if sums is None:
             raise TransferError(f"on {self.remote.host}: no digests of a bundle in "
                                 f"{os.fsdecode(rdir)}: {err.decode(errors='replace').strip()}",

@@ -1273,3 +1273,108 @@ def test_a_pulled_bundle_is_read_from_gnu_tar_with_every_name(tmp_path, fmt):
     with pytest.raises(BadTar):
         dict(tar_files(io.BytesIO(bytes(damaged))))
     assert not (tmp_path / "PWNED").exists()
+
+
+def _refusing_ssh(tmp_path, monkeypatch, refusals):
+    """An `ssh` whose master is alive (`-O check`) but whose first `refusals` sessions
+    the sshd refuses, as ssh prints it (exit 255, nothing run); then as _stub_ssh."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ssh").write_text(
+        '#!/bin/sh\ncase " $* " in *" -O "*) exit 0;; esac\n'
+        f'n=$(cat {tmp_path}/refused 2>/dev/null || echo 0)\n'
+        f'if [ "$n" -lt {refusals} ]; then echo $((n + 1)) > {tmp_path}/refused\n'
+        '  echo "mux_client_request_session: session request failed: Session open refused '
+        'by peer" >&2\n  echo "Permission denied (publickey)." >&2; exit 255; fi\n'
+        f'echo start >> {tmp_path}/starts\n'
+        'for a; do last=$a; done\nexec sh -c "$last"\n')
+    (bindir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    (tmp_path / "sock").write_bytes(b"")  # the master's socket is there
+    return lambda: (tmp_path / "starts").read_text().count("start") \
+        if (tmp_path / "starts").exists() else 0
+
+
+@pytest.mark.parametrize("what", ["push slice", "pull slice", "push bundle", "pull tree",
+                                  "command"])
+def test_a_session_the_sshd_refused_is_asked_again_and_is_no_attempt(tmp_path, monkeypatch,
+                                                                     what):
+    """sshd refuses a session while its MaxSessions still counts closing ones; the
+    command never ran. A slice, a bundle and finalize's commands ask for their session
+    again instead of failing the attempt: two refusals, then one run, and the data and
+    digests are right."""
+    from hpcmove.plugins import SliceWork
+    starts = _refusing_ssh(tmp_path, monkeypatch, 2)
+    side = "dst" if what.startswith("push") else "src"
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": side,
+                               "sum": "xxh128"})
+    engine.defer_verify = True
+    if what == "command":
+        assert engine.remote.run(b"echo ran; echo said >&2") == (0, b"ran\n", b"said\n")
+    elif what.endswith("slice"):
+        src, dst = tmp_path / "src", tmp_path / "dst"
+        src.write_bytes(os.urandom(3 << 20))
+        dst.write_bytes(b"")
+        st = src.stat()
+        theirs, _ours = engine.copy_slice(SliceWork(bytes(src), bytes(dst), 0, st.st_size,
+                                                    st.st_size, st.st_mtime_ns))
+        assert theirs == xxhash.xxh3_128(src.read_bytes()).hexdigest()
+        assert dst.read_bytes() == src.read_bytes()
+    elif what == "push bundle":
+        items, want = _spool_items(tmp_path, [b"a"], 5)
+        (unit,) = engine.units(items)
+        got = engine.copy_bundle(unit)
+        assert {r["state"] for _i, r in got} == {states.DONE}, got
+        assert all(open(s, "rb").read() == data for s, data in want.items())
+    else:
+        (tmp_path / "r").mkdir()
+        (tmp_path / "sp" / "t").mkdir(parents=True)
+        items = []
+        for k in range(5):
+            path = tmp_path / "r" / f"f{k}"
+            path.write_bytes(os.urandom(100 + k))
+            st = path.stat()
+            items.append({"slice": k, "src": bytes(path), "root": bytes(tmp_path / "sp"),
+                          "spool": bytes(tmp_path / "sp" / "t" / f"f{k}"), "offset": 0,
+                          "length": st.st_size, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        got = engine.copy_bundle(items)
+        assert {r["state"] for _i, r in got} == {states.DONE}, got
+        assert all(open(i["spool"], "rb").read() == open(i["src"], "rb").read() for i in items)
+    assert starts() == 1 and (tmp_path / "refused").read_text().strip() == "2"
+
+
+def test_a_session_refused_every_time_fails_the_attempt_with_the_reason(tmp_path,
+                                                                        monkeypatch):
+    """Asked remote.ASKS times and refused each time: the attempt fails as before,
+    transient (the task's retry may find a session), with ssh's words."""
+    from hpcmove.plugins import SliceWork
+    monkeypatch.setattr(remote.time, "sleep", lambda s: None)
+    starts = _refusing_ssh(tmp_path, monkeypatch, 100)
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 1000)
+    st = src.stat()
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "dst",
+                               "sum": "xxh128"})
+    engine.defer_verify = True
+    with pytest.raises(TransferError, match="Session open refused by peer") as failed:
+        engine.copy_slice(SliceWork(bytes(src), bytes(tmp_path / "dst"), 0, 1000, 1000,
+                                    st.st_mtime_ns))
+    assert failed.value.transient
+    assert starts() == 0 and (tmp_path / "refused").read_text().strip() == str(remote.ASKS)
+
+
+def test_the_slot_of_a_session_that_ended_is_free_again_a_moment_later(tmp_path,
+                                                                       monkeypatch):
+    """sshd still counts a session for a moment after ssh here has exited: its slot
+    comes free remote.CLOSE_GRACE later, not at once (for a session and for hold())."""
+    _stub_ssh(tmp_path, monkeypatch)
+    r = remote.Remote("h", bytes(tmp_path / "sock"), sessions=1 + remote.CLOSING)
+    assert r.run(b"true")[0] == 0
+    assert r.slots.acquire(wait=False) is None  # still closing
+    time.sleep(remote.CLOSE_GRACE * 3)
+    held = r.slots.acquire(wait=False)
+    assert held is not None
+    r.release(held)  # as the rsync engine gives back what it held for its ssh
+    assert r.slots.acquire(wait=False) is None
+    time.sleep(remote.CLOSE_GRACE * 3)
+    assert r.slots.acquire(wait=False) is not None
