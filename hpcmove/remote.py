@@ -540,10 +540,13 @@ def through(via, argv):
 
 
 def ssh_options(socket):
-    """ssh through an existing control socket only: no prompt, no new master. Should the
-    socket be gone, BatchMode makes the fallback connection fail instead of asking."""
+    """ssh through an existing control socket only: no prompt, no new master, and no
+    connection of its own when the master is gone or cannot open a session (ssh would
+    try one, which a batch job cannot authenticate: the remote host would log a failed
+    login for each session, and sites lock hosts out for fewer). The session then ends
+    255, as it did when that connection failed."""
     return ["ssh", "-S", os.fsdecode(socket), "-o", "ControlMaster=no", "-o", "BatchMode=yes",
-            "-o", "ServerAliveInterval=30", "-T", "-x"]
+            "-o", "ProxyCommand=false", "-o", "ServerAliveInterval=30", "-T", "-x"]
 
 
 def ssh_argv(socket, host):

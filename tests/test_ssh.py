@@ -187,15 +187,25 @@ def test_socket_lets_batch_jobs_push_and_pull_without_any_credential(remote_env,
     assert not [n for n in os.listdir(back) if n.startswith(".hpcmove-")]
 
 
+def _failed_logins():
+    """Connections the testbed's sshd closed before they authenticated."""
+    with open(os.environ["HPCMOVE_TEST_SSH_LOG"], "rb") as f:
+        return f.read().count(b"Connection closed by authenticating user")
+
+
 def test_master_killed_mid_transfer_waits_in_auth_required_then_resumes(remote_env, area):
+    """... and the tasks' sessions after the master's end never try a connection of
+    their own (the remote host logs no failed login for them)."""
     hp, agent, far = remote_env
     big, sock, job = slow_push(hp, agent, area, far, 512, "8M", "40M")
     hp.wait_for(job, lambda s: sum(x["state"] == "Done" for x in s["files"][0]["slices"]) >= 4)
     pid = re.search(rb"pid=(\d+)", subprocess.run(
         ["ssh", "-S", sock["path"], "-O", "check", HOST], capture_output=True).stderr).group(1)
+    logins = _failed_logins()
     os.kill(int(pid), signal.SIGTERM)  # the master goes away mid-transfer
     s = hp.wait(job)
     assert s["state"] == "AuthRequired", (s["reason"], log(hp, job))
+    assert _failed_logins() == logins
     assert "hpcmove auth" in s["reason"]
     slices = s["files"][0]["slices"]
     done_before = {x["offset"] for x in slices if x["state"] == "Done"}
