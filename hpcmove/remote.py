@@ -603,11 +603,11 @@ atexit.register(_discard_started)
 
 
 # What ssh here prints when the control master could not open a session: the sshd
-# refused it (its MaxSessions still counts sessions that are closing, see CLOSING). ssh
-# then tries a connection of its own, which a batch job cannot authenticate (exit 255):
-# the command never ran, so the session is asked for again, backing off, up to ASKS
-# times, and that is no attempt of the slice's (16 streams of 1 MiB slices through one
-# master on 2 busy cores were refused a few times a job).
+# refused it (its MaxSessions still counts sessions that are closing, see CLOSING), and
+# ssh ends 255 (no connection of its own: ssh_options). The command never ran, so the
+# session is asked for again, backing off, up to ASKS times, and that is no attempt of
+# the slice's (16 streams of 1 MiB slices through one master on 2 busy cores were
+# refused a few times a job).
 SESSION_REFUSED = (b"session request failed", b"Session open refused by peer")
 ASKS = 6
 

@@ -36,9 +36,9 @@ import xxhash
 
 from hpcmove import states
 from hpcmove.errors import TransferError
-from hpcmove.remote import ASKS, SESSIONS, AuthRequired, Remote, ask_later, digest_cmd, \
-    digests_script, parse_check, parse_digest, parse_digests, parse_sums, pull_slice_cmd, q, \
-    refused, sums_cmd, word, write_cmd
+from hpcmove.remote import ASKS, SESSION_REFUSED, SESSIONS, AuthRequired, Remote, ask_later, \
+    digest_cmd, digests_script, parse_check, parse_digest, parse_digests, parse_sums, \
+    pull_slice_cmd, q, refused, sums_cmd, word, write_cmd
 from hpcmove.ssh import further_connections
 from hpcmove_plugins.copy import BUFFER, CopyEngine, SliceWork, small_digest
 
@@ -77,13 +77,12 @@ PERMANENT = (b"No space left on device", b"Disk quota exceeded", b"Read-only fil
              b"Permission denied", b"File too large", b"No such file or directory")
 
 
-# What ssh here prints when the sshd refused a session of a live master: sshd's
-# MaxSessions still counts sessions that are closing, so one sent into a connection that
-# just freed a slot can be refused. ssh then tries a connection of its own and, with no
-# credential in a batch job, adds "Permission denied (publickey)": the command never ran,
-# and the next attempt through the same master goes through.
-REFUSED = (b"Session open refused by peer", b"session request failed",
-           b"Control socket connect", b"mux_client_request_session: read from master failed")
+# What ssh here prints when a session did not open through a live master: refused by
+# the sshd (remote.SESSION_REFUSED, asked again), or the socket not answering for a
+# moment. The command never ran (ssh makes no connection of its own: ProxyCommand=false),
+# so the next attempt through the same master goes through.
+REFUSED = SESSION_REFUSED + (b"Control socket connect",
+                             b"mux_client_request_session: read from master failed")
 
 
 NO_SPLICE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)  # this file or kernel: copy
@@ -221,10 +220,10 @@ class SshEngine(CopyEngine):
     def _failed(self, proc_code, stderr, what):
         if proc_code == 255:
             self.remote.check_alive()  # AuthRequired when the master is gone
+        error = remote_error(self.remote.host, what, stderr, proc_code)
         if refused(proc_code, stderr):  # the command never ran: asked for again
-            error = remote_error(self.remote.host, what, stderr, proc_code)
             return SessionRefused(str(error), transient=True)
-        return remote_error(self.remote.host, what, stderr, proc_code)
+        return error
 
     def _push(self, work):
         src_fd, _st = self.open_source(work)
