@@ -2,6 +2,8 @@
 """One pushed stream's CPU on this end: the ssh engine's loop (read a piece, hash it,
 hand it to the session's pipe) with splice(2) and with the copy through the buffer,
 into `cat > /dev/null` standing in for ssh. Rounds alternate; prints the medians.
+The `bytearray` row is the splice loop reading into a plain bytearray instead of the
+engine's page-aligned buffer (see hpcmove_plugins.copy.read_buffer).
 
   python bench/stream.py [--size 2G] [--rounds 3] [--dir /var/tmp/hpcmove-bench]
 """
@@ -27,14 +29,15 @@ def cpu():
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
-def one(path, splice):
+def one(path, way):
     """(wall s, this process's CPU s, the reader's CPU s) of sending `path` once."""
     engine = SshEngine(remote={"sum": "xxh128"})
-    engine.splice = splice
+    engine.splice = way != "copy"
     fd = os.open(path, os.O_RDONLY)
     size, (mine0, kids0), start = os.fstat(fd).st_size, cpu(), time.monotonic()
     reader = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    buf, h, pos = memoryview(bytearray(BUFFER)), new_sum("xxh128"), 0
+    buf = memoryview(bytearray(BUFFER) if way == "bytearray" else engine.buf)
+    h, pos = new_sum("xxh128"), 0
     while pos < size:
         n = os.preadv(fd, [buf], pos)
         h.update(buf[:n])
@@ -56,14 +59,14 @@ def main(argv=None):
     os.makedirs(args.dir, exist_ok=True)
     path = run.make_file(os.path.join(args.dir, f"random-{args.size}.bin"),
                          run.parse_size(args.size))
-    runs = {"splice": [], "copy": []}
+    runs = {"splice": [], "copy": [], "bytearray": []}
     for _ in range(args.rounds + 1):  # the first round warms the page cache
         for name in runs:
-            runs[name].append(one(path, name == "splice"))
+            runs[name].append(one(path, name))
     print(f"one stream of {args.size} into cat, medians of {args.rounds} rounds")
     for name, results in runs.items():
         wall, mine, theirs = (statistics.median(r[k] for r in results[1:]) for k in range(3))
-        print(f"{name:7} {wall:6.2f} s wall  {mine:5.2f} CPU s sending  "
+        print(f"{name:9} {wall:6.2f} s wall  {mine:5.2f} CPU s sending  "
               f"{theirs:5.2f} CPU s reading")
     return 0
 
