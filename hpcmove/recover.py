@@ -67,7 +67,8 @@ def record_verified(verified):
 def _check_part(engine, done, keep=None):
     try:
         now = engine.digests([(f.dst if s.skipped else spool_path(f.spool, f.dst),
-                               s.offset, s.length, f.size) for f, s in done])
+                               s.offset, s.length, f.size) for f, s in done],
+                             sources=[f.src for f, _s in done])
     except TransferError as e:
         if not getattr(e, "auth", False):
             raise

@@ -223,9 +223,10 @@ class CopyEngine:
             raise TransferError(f"source changed since it was planned: {os.fsdecode(work.src)}")
         return fd, st
 
-    def digests(self, ranges):
+    def digests(self, ranges, sources=None):
         """digest() of each (path, offset, length[, file size]); 'unreadable (...)' where
-        it fails. Many ranges are shared with forked helpers, one per CPU this process
+        it fails. `sources` (each range's file's source, for an engine that may check a
+        remote file whole against it) is not needed here. Many ranges are shared with forked helpers, one per CPU this process
         may use (at most HELPERS): one Python thread hashes 20,000 small files in 0.25 s,
         two threads take longer (the GIL), two processes 0.15 s."""
         helpers = min(HELPERS, len(os.sched_getaffinity(0))) - 1

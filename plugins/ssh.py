@@ -31,6 +31,7 @@ import subprocess
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
 
@@ -40,7 +41,7 @@ from hpcmove.remote import ASKS, SESSION_REFUSED, SESSIONS, AuthRequired, Remote
     digest_cmd, digests_script, parse_check, parse_digest, parse_digests, parse_sums, \
     pull_slice_cmd, q, refused, sums_cmd, word, write_cmd
 from hpcmove.ssh import further_connections
-from hpcmove_plugins.copy import BUFFER, CopyEngine, SliceWork, small_digest
+from hpcmove_plugins.copy import BUFFER, CopyEngine, SliceWork, read_buffer, small_digest
 
 # Whole files up to this size travel in bundles: one tar stream and one session for many
 # files, never one connection per file.
@@ -48,6 +49,7 @@ BUNDLE_FILE_MAX = 4 << 20
 BUNDLE_FILES, BUNDLE_BYTES = 2000, 128 << 20
 BUNDLE_MIN_FILES = 200  # fewer per stream: one bundle, not a session per handful
 PART_BYTES = 16 << 20  # a pushed spool at most this big may share a bundle with others
+WHOLE_READERS = 4  # sources read at once for finalize's check of files whole (as dd's)
 _REV = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
@@ -395,10 +397,20 @@ class SshEngine(CopyEngine):
                 raise self._error(e, path) from e
         return self.digests([(path, offset, length)])[0]
 
-    def digests(self, ranges):
+    def digests(self, ranges, sources=None):
         """Digest of each (path, offset, length[, file size]) on the destination side;
         for a push, in one remote call: whole files 2,000 to an xxhsum/cksum (matched by
-        their whole path: the spool's tree repeats names), slices of larger files with dd."""
+        their whole path: the spool's tree repeats names), slices of larger files with dd.
+
+        `sources` (a push: the local source of each range's file) lets a file whose
+        slices are all asked for be checked whole: xxhsum reads it on the remote host
+        with the single-slice files, while this end reads the source once, hashing each
+        slice and the whole. When the two whole digests agree, what is at rest holds the
+        source's bytes, so each slice's digest is the local one. A range read on the
+        remote host goes through a pipe to xxhsum, which costs it 0.6 CPU s per GiB
+        beside the read (8 slices of a 2 GiB file: 0.52-0.64 s, the file whole 0.33 s).
+        Files whose whole digests differ, or whose source cannot be read as planned, are
+        checked slice by slice as before, so a slice that differs is still named."""
         if self.side == "src":
             return super().digests(ranges)
         if not ranges:
@@ -406,26 +418,37 @@ class SshEngine(CopyEngine):
         whole = [r for r in ranges if len(r) > 3 and r[1] == 0 and r[2] == r[3]]
         parts = [r for r in ranges if not (len(r) > 3 and r[1] == 0 and r[2] == r[3])]
         found = {}
+        files = whole_files(parts, sources, ranges) if self.kind == "xxh128" else {}
+        with ThreadPoolExecutor(WHOLE_READERS) as pool:  # xxhash lets go of the GIL
+            ours = {path: pool.submit(source_digests, *file) for path, file in files.items()}
+            sums = self._remote_sums([r[0] for r in whole], alone=list(files))
+            for path, (_src, _size, cuts) in files.items():
+                local = ours[path].result()
+                if local and sums.get(word(path)) == local[0]:
+                    for (offset, length), digest in zip(cuts, local[1]):
+                        found[(path, offset, length)] = digest
+        parts = [r for r in parts if r[:3] not in found]
         if parts:
             _code, out, _err = self.remote.script(digests_script([r[:3] for r in parts],
                                                                  self.kind), check=False)
             for r, digest in zip(parts, parse_digests(out, len(parts), self.kind)):
                 found[r[:3]] = digest
-        sums = self._remote_sums([r[0] for r in whole])
         for r in whole:
             found[r[:3]] = sums.get(word(r[0]), "unreadable")
         return [found.get(r[:3], "unreadable") for r in ranges]
 
-    def _remote_sums(self, paths):
-        """{path as named: digest} of whole remote files, one session, 2,000 a command;
-        a file that cannot be read has no entry."""
+    def _remote_sums(self, paths, alone=()):
+        """{path as named: digest} of whole remote files, one session, 2,000 a command
+        (`alone`: large files, a command each, so that they are read at once); a file
+        that cannot be read has no entry."""
         paths = list(dict.fromkeys(word(p) for p in paths))  # as named to xxhsum/cksum
+        alone = [word(p) for p in alone]
         commands = [sums_cmd(self.kind) + b" -- " + b" ".join(q(p) for p in chunk)
-                    + b" 2>/dev/null" for chunk in _arg_chunks(paths)]
+                    + b" 2>/dev/null" for chunk in [*_arg_chunks(paths), *([p] for p in alone)]]
         if not commands:
             return {}
         _code, out, _err = self.remote.script(parallel_script(commands), check=False)
-        return parse_sums(out, paths, self.kind)
+        return parse_sums(out, paths + alone, self.kind)
 
     # --- --skip-existing ----------------------------------------------------------------
 
@@ -982,6 +1005,57 @@ TAR_RECORD = 20 * 512  # a tar archive ends with two zero blocks, padded to a re
 # zeros that travel, so not 1 MiB.
 TAR_READ_BLOCKS = b"2048"
 TAR_WRITE_BLOCKS = b"256"
+
+
+def whole_files(parts, sources, ranges):
+    """{remote path: (local source, size, [(offset, length)] in order)} of the files
+    whose slices among `parts` cover them exactly, as digests() can check them whole."""
+    if not sources:
+        return {}
+    source_of = {r[:3]: src for r, src in zip(ranges, sources)}
+    by_path = {}
+    for r in parts:
+        if len(r) > 3:
+            by_path.setdefault(r[0], []).append(r)
+    files = {}
+    for path, rs in by_path.items():
+        rs.sort(key=lambda r: r[1])
+        size, src = rs[0][3], source_of.get(rs[0][:3])
+        ends = [r[1] + r[2] for r in rs]
+        if src and len(rs) > 1 and rs[0][1] == 0 and ends[-1] == size and \
+                all(r[1] == end for r, end in zip(rs[1:], ends)) and \
+                all(r[3] == size and source_of.get(r[:3]) == src for r in rs):
+            files[path] = (src, size, [(r[1], r[2]) for r in rs])
+    return files
+
+
+def source_digests(src, size, cuts):
+    """(xxh3-128 of the whole file, [xxh3-128 of each (offset, length)]) of a local
+    source read once, or None when it cannot be read or is no longer `size` bytes. Read,
+    not mapped: a source truncated meanwhile must not kill finalize with SIGBUS."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_size != size:
+            return None
+        whole, each, mv = xxhash.xxh3_128(), [], memoryview(read_buffer())
+        for offset, length in cuts:
+            h, pos, end = xxhash.xxh3_128(), offset, offset + length
+            while pos < end:
+                n = os.preadv(fd, [mv[:min(len(mv), end - pos)]], pos)
+                if n == 0:
+                    return None  # shorter than it was a moment ago
+                h.update(mv[:n])
+                whole.update(mv[:n])
+                pos += n
+            each.append(h.hexdigest())
+        return whole.hexdigest(), each
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def parallel_script(commands, parallel=4):

@@ -1378,3 +1378,65 @@ def test_the_slot_of_a_session_that_ended_is_free_again_a_moment_later(tmp_path,
     assert r.slots.acquire(wait=False) is None
     time.sleep(remote.CLOSE_GRACE * 3)
     assert r.slots.acquire(wait=False) is not None
+
+
+def test_a_pushed_file_of_many_slices_is_checked_at_rest_whole(tmp_path, monkeypatch):
+    """finalize's check of a push: a file whose slices are all asked for is hashed whole
+    by the remote xxhsum (in the session of the single-slice files, no range read) while
+    the local source is read once for each slice's digest and the whole's. Where the
+    wholes differ (a slice changed at rest, a source changed since) or no source is
+    given, the slices are read on the remote host one by one, so a bad one is named."""
+    starts = _stub_ssh(tmp_path, monkeypatch)
+    src, spool, small = (tmp_path / n for n in ("src $(touch PWNED)", "-spool\nx", "small"))
+    data = os.urandom((5 << 20) + 7)
+    src.write_bytes(data)
+    spool.write_bytes(data)
+    small.write_bytes(b"tiny")
+    other = tmp_path / "other\\name"  # a second file of slices: read at the same time
+    other.write_bytes(b"ab" * 3000)
+    cuts = [(0, 2 << 20), (2 << 20, 2 << 20), (4 << 20, (1 << 20) + 7)]
+    ranges = [(bytes(spool), o, n, len(data)) for o, n in cuts] + [(bytes(small), 0, 4, 4)] \
+        + [(bytes(other), 0, 4000, 6000), (bytes(other), 4000, 2000, 6000)]
+    sources = [bytes(src)] * 3 + [b"/nonexistent"] + [bytes(other)] * 2
+    engine = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "dst",
+                               "sum": "xxh128"})
+
+    def xxh(b):
+        return xxhash.xxh3_128(b).hexdigest()
+    expect = [xxh(data[o:o + n]) for o, n in cuts] + [xxh(b"tiny")] \
+        + [xxh(b"ab" * 2000), xxh(b"ab" * 1000)]
+
+    def check(srcs, sessions, want):
+        before = starts()
+        assert engine.digests(ranges, sources=srcs) == want
+        assert starts() - before == sessions
+
+    check(sources, 1, expect)  # one session: the sums, no range read
+    check(None, 2, expect)  # without sources: the sums, then each slice read there
+    bad = bytearray(data)
+    bad[(3 << 20) + 5] ^= 1
+    spool.write_bytes(bad)
+    check(sources, 2, [expect[0], xxh(bytes(bad[2 << 20:4 << 20])), *expect[2:]])
+    spool.write_bytes(data)
+    src.write_bytes(data + b"more")  # no longer as planned: the remote slices decide
+    check(sources, 2, expect)
+    assert not (tmp_path / "PWNED").exists()
+    cksum = SshEngine(remote={"host": "h", "socket": str(tmp_path / "sock"), "side": "dst",
+                              "sum": "cksum"})
+    before = starts()
+    cksum.digests(ranges, sources=sources)
+    assert starts() - before == 2  # cksum's digests of slices do not add up to a whole
+
+
+@pytest.mark.parametrize("ranges, sources, expect", [
+    ([(b"f", 0, 4, 10), (b"f", 4, 6, 10)], [b"s", b"s"], {b"f": (b"s", 10, [(0, 4), (4, 6)])}),
+    ([(b"f", 4, 6, 10), (b"f", 0, 4, 10)], [b"s", b"s"], {b"f": (b"s", 10, [(0, 4), (4, 6)])}),
+    ([(b"f", 0, 4, 10), (b"f", 5, 5, 10)], [b"s", b"s"], {}),  # a gap
+    ([(b"f", 0, 4, 10), (b"f", 4, 5, 10)], [b"s", b"s"], {}),  # short of the end
+    ([(b"f", 0, 4, 10)], [b"s"], {}),  # one slice of two: the other is not asked for
+    ([(b"f", 0, 4, 10), (b"f", 4, 6, 10)], [b"s", b"t"], {}),  # two sources
+    ([(b"f", 0, 4, 10), (b"f", 4, 6, 10)], None, {}),
+])
+def test_whole_files_are_those_whose_slices_cover_them_exactly(ranges, sources, expect):
+    from hpcmove_plugins.ssh import whole_files
+    assert whole_files(ranges, sources, ranges) == expect
