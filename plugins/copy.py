@@ -35,7 +35,7 @@ def read_buffer(size=BUFFER):
     bytearray this big begins 16 bytes past one (malloc's header), and on AMD EPYC the
     kernel's copy from the page cache into memory 1-31 bytes past a page boundary runs
     at a third of its speed: reading 2 GiB took 0.95 CPU s against 0.29
-    (bench/stream.py's `bytearray` row). Anonymous and private: a fork gets a copy."""
+    (bench/stream.py's `offset16` row). Anonymous and private: a fork gets a copy."""
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 # Errors worth retrying in the task; everything else fails the file at once.
 TRANSIENT = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE,

@@ -151,12 +151,13 @@ def test_bench_stops_when_the_remote_account_cannot_enter_dir(bench_dir):
 
 
 def test_stream_bench_sends_a_file_both_ways(tmp_path):
-    """bench/stream.py: one stream's sending CPU with splice and with the copy."""
+    """bench/stream.py: one stream's sending CPU with splice, with the copy, and with
+    splice reading into memory 16 bytes past a page boundary."""
     done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "stream.py"),
                            "--size", "3M", "--rounds", "1", "--dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "one stream of 3M into cat, medians of 1 rounds"
-    assert [line.split()[0] for line in lines[1:]] == ["splice", "copy"]
+    assert [line.split()[0] for line in lines[1:]] == ["splice", "copy", "offset16"]
     assert all("CPU s sending" in line for line in lines[1:])
