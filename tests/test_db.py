@@ -268,7 +268,7 @@ def test_the_at_rest_check_goes_in_chunks_and_finds_a_changed_spool_file(url, tm
         f.write(b"y")
     calls = []
     real = engine.digests
-    engine.digests = lambda ranges: calls.append(len(ranges)) or real(ranges)
+    engine.digests = lambda ranges, **kw: calls.append(len(ranges)) or real(ranges, **kw)
     verified = [] if keep else None
     recover.check_integrity(engine, files, by_file, chunk=chunk, verified=verified)
     assert calls == ([3, 3, 1] if chunk == 3 else [7])
