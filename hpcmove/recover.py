@@ -18,6 +18,7 @@ Running the retries inside the final job keeps its batch id, the one compute job
 chain on, valid: no new final job is needed for failures that retrying fixes.
 """
 import json
+import inspect
 import os
 import socket
 
@@ -64,11 +65,21 @@ def record_verified(verified):
         db.bulk_update(db.Slice, ("dst_digest",), verified)
 
 
+def _digests(engine, ranges, sources):
+    """engine.digests of the ranges, with each range's source for an engine that takes
+    them (`sources=`); an engine written before they existed is called as it was."""
+    try:
+        takes = "sources" in inspect.signature(engine.digests).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return engine.digests(ranges, sources=sources) if takes else engine.digests(ranges)
+
+
 def _check_part(engine, done, keep=None):
     try:
-        now = engine.digests([(f.dst if s.skipped else spool_path(f.spool, f.dst),
-                               s.offset, s.length, f.size) for f, s in done],
-                             sources=[f.src for f, _s in done])
+        now = _digests(engine, [(f.dst if s.skipped else spool_path(f.spool, f.dst),
+                                 s.offset, s.length, f.size) for f, s in done],
+                       [f.src for f, _s in done])
     except TransferError as e:
         if not getattr(e, "auth", False):
             raise

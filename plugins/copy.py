@@ -28,6 +28,9 @@ MAP_MIN = 8 << 20  # data runs at least this long are read through mmap
 MAP_WINDOW = 64 << 20  # mapped at a time
 # finalize's re-check of what is at rest hashes in forked helpers from this much on
 HELPERS, HELPER_MIN_RANGES, HELPER_MIN_BYTES = 4, 1000, 256 << 20
+# Errors worth retrying in the task; everything else fails the file at once.
+TRANSIENT = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE,
+             errno.EBUSY, errno.ECONNRESET, errno.EREMOTEIO}
 
 
 def read_buffer(size=BUFFER):
@@ -37,9 +40,6 @@ def read_buffer(size=BUFFER):
     at a third of its speed: reading 2 GiB took 0.95 CPU s against 0.29
     (bench/stream.py's `offset16` row). Anonymous and private: a fork gets a copy."""
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-# Errors worth retrying in the task; everything else fails the file at once.
-TRANSIENT = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE,
-             errno.EBUSY, errno.ECONNRESET, errno.EREMOTEIO}
 
 
 def _fork_digests(engine, ranges):
@@ -226,9 +226,10 @@ class CopyEngine:
     def digests(self, ranges, sources=None):
         """digest() of each (path, offset, length[, file size]); 'unreadable (...)' where
         it fails. `sources` (each range's file's source, for an engine that may check a
-        remote file whole against it) is not needed here. Many ranges are shared with forked helpers, one per CPU this process
-        may use (at most HELPERS): one Python thread hashes 20,000 small files in 0.25 s,
-        two threads take longer (the GIL), two processes 0.15 s."""
+        remote file whole against it) is not needed here. Many ranges are shared with
+        forked helpers, one per CPU this process may use (at most HELPERS): one Python
+        thread hashes 20,000 small files in 0.25 s, two threads take longer (the GIL),
+        two processes 0.15 s."""
         helpers = min(HELPERS, len(os.sched_getaffinity(0))) - 1
         if helpers < 1 or len(ranges) < HELPER_MIN_RANGES and \
                 sum(r[2] for r in ranges) < HELPER_MIN_BYTES:
