@@ -17,8 +17,8 @@
 Running the retries inside the final job keeps its batch id, the one compute jobs
 chain on, valid: no new final job is needed for failures that retrying fixes.
 """
-import json
 import inspect
+import json
 import os
 import socket
 
