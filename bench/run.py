@@ -547,6 +547,8 @@ def _file_group(args, env, cleanup, push):
     return sshd.src, parse_size(args.size), {
         OURS: _ours(args, sshd, push),
         f"{OURS}, 2 connections": _ours(args, sshd, push, connections=2),
+        # the size asked for is kept: 8 slices on 6 streams, not 12 in two whole waves
+        f"{OURS}, --slice-size 256M": _ours(args, sshd, push, "--slice-size", "256M"),
         **_db_in_dir(args, sshd, push), **file_peers(sshd, push)}
 
 

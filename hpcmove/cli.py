@@ -81,7 +81,8 @@ def effective_settings(flags):
               help="Array tasks running at once [default: 4 on Slurm, fewer if the "
                    "partition has fewer CPUs; cores locally].")
 @click.option("--slice-size", type=Size(), default=None,
-              help="Files larger than this are cut into slices of this size [default: 256M].")
+              help="Files larger than this are cut into slices of this size [default: 256M, "
+                   "or down to a quarter of it when the streams then end together].")
 @click.option("--bwlimit", type=Size(), default=None,
               help="Bandwidth limit per array task, bytes per second (e.g. 100M).")
 @click.option("--backend", type=click.Choice(["slurm", "local", "drmaa", "pyslurm"]),

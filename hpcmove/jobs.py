@@ -48,6 +48,7 @@ class SubmitOptions:
     small_file_threshold: int = 0
     bwlimit_per_user: int = 0  # the site's cap on one job's tasks together; 0 = none
     size_table: tuple = ()  # ((min_size, slice_size), ...) when the size is the site's
+    even_waves: bool = False  # the slice size is no one's choice: plan.even_waves may cut
     template_dirs: tuple = ()  # user then site override directories
     move: bool = False
     socket: str = ""  # -S/--socket: the control socket for a remote host
@@ -71,6 +72,7 @@ class SubmitOptions:
                    skip_existing=eff["skip_existing"],
                    mail_user=eff["mail_user"], mail_type=eff["mail_type"],
                    retry_backoff=eff["retry_backoff"], rate=eff["rate"], size_table=table,
+                   even_waves=not user_chose,
                    small_file_threshold=eff["small_file_threshold"],
                    bwlimit_per_user=eff.site.limits.get("max_bwlimit_per_user", 0),
                    template_dirs=template_dirs(eff.site), move=move,
@@ -243,7 +245,9 @@ def _submit(sources, dest, options, pairs, dry_run, site, backend, warm):
     plan_options = Options(slice_size=options.slice_size, stripe_width=width,
                            max_task_bytes=max_task_bytes(backend, options),
                            size_table=options.size_table,
-                           small_file_threshold=options.small_file_threshold)
+                           small_file_threshold=options.small_file_threshold,
+                           streams=options.streams if options.remote else 1,
+                           even_waves=options.even_waves)
     the_plan = plan_pairs(pairs, plan_options, token, tree=tree, remote_dst=remote_dst)
     if dry_run:
         settings = _script_settings(options, "hm-DRYRUN", b"JOBDIR", db.default_url())

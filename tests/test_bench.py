@@ -22,12 +22,14 @@ DB_IN_DIR = "hpcmove, db in --dir"  # the run's database is elsewhere (--home)
 # the rows of each SSH group besides hpcmove's: the peers with ssh's default cipher and
 # with hpcmove's
 SSH_ROWS = {
-    "ssh": ("hpcmove, 2 connections", DB_IN_DIR, "scp", "scp -c aes128-gcm", "rsync -e ssh",
-            "rsync, ssh aes128-gcm", "ssh 'cat > f' stream", "cat stream, aes128-gcm"),
+    "ssh": ("hpcmove, 2 connections", "hpcmove, --slice-size 256M", DB_IN_DIR, "scp",
+            "scp -c aes128-gcm", "rsync -e ssh", "rsync, ssh aes128-gcm",
+            "ssh 'cat > f' stream", "cat stream, aes128-gcm"),
     "sshsmall": ("hpcmove --engine rsync", DB_IN_DIR, "rsync -a -e ssh",
                  "rsync -a, ssh aes128-gcm"),
     "sshpull": (DB_IN_DIR, "rsync -a -e ssh", "rsync -a, ssh aes128-gcm"),
-    "bigpull": ("hpcmove, 2 connections", DB_IN_DIR, "scp", "scp -c aes128-gcm"),
+    "bigpull": ("hpcmove, 2 connections", "hpcmove, --slice-size 256M", DB_IN_DIR, "scp",
+                "scp -c aes128-gcm"),
 }
 PUSHES = ("ssh", "sshsmall")
 

@@ -123,6 +123,70 @@ def test_cut_empty_file_gets_one_empty_slice():
     assert (slices[0].entry, slices[0].index, slices[0].offset, slices[0].length) == (2, 0, 0, 0)
 
 
+# --------------------------------------------------------------------- even waves
+
+def test_even_waves_cuts_a_last_short_wave_into_whole_ones():
+    # 8 slices of 256 MiB on 6 streams: 6, then 2 with 4 streams idle; 12 make two waves
+    (size,) = P.even_waves([2048 * MiB], [256 * MiB], 6)
+    assert size == 171 * MiB and len(P.cut(entry(2048 * MiB), size)) == 12
+
+
+@pytest.mark.parametrize("sizes, slice_sizes, streams", [
+    ([2048 * MiB], [256 * MiB], 4),  # 8 slices: two whole waves already
+    ([2048 * MiB], [256 * MiB], 8),
+    ([2048 * MiB], [256 * MiB], 1),
+    ([100 << 30], [256 * MiB], 6),  # 400 slices: the last wave is a small part
+    ([200 * MiB], [256 * MiB], 6),  # no file is cut
+    ([2048 * MiB, 1024 * MiB, 5 * MiB], [256 * MiB] * 3, 6),  # 12 slices; a small file
+    ([6 * MiB], [MiB], 4),  # slices too small to cut smaller
+])
+def test_even_waves_keeps_what_ends_together_or_hardly_matters(sizes, slice_sizes, streams):
+    assert P.even_waves(sizes, slice_sizes, streams) == slice_sizes
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_even_waves_never_ends_later_nor_cuts_below_a_quarter(seed):
+    import random
+    rng = random.Random(seed)
+    streams = rng.choice([2, 3, 4, 6, 12])
+    base = rng.choice([64, 256, 1024]) * MiB
+    sizes = [rng.randrange(1, 5 * base) for _ in range(rng.randrange(1, 6))]
+    got = P.even_waves(sizes, [base] * len(sizes), streams)
+
+    def units(slice_sizes):
+        return [s.length for n, size in zip(sizes, slice_sizes)
+                for s in P.cut(entry(n), size) if n >= size // 4 or n > size]
+
+    assert P.makespan(units(got), streams) <= P.makespan(units([base] * len(sizes)), streams)
+    for n, size in zip(sizes, got):
+        assert size == base or (n > base and base // 4 <= size < base and size % MiB == 0)
+    # one factor for every file cut smaller
+    assert len({size for n, size in zip(sizes, got) if n > base}) <= 1
+
+
+def test_makespan_counts_waves_and_each_slice_cost():
+    assert P.makespan([10 * MiB] * 4, 2) == 2 * (10 * MiB + P.SLICE_COST)
+    assert P.makespan([30 * MiB, 10 * MiB, 10 * MiB], 2) == 30 * MiB + P.SLICE_COST
+    assert P.makespan([MiB], 6) == MiB + P.SLICE_COST
+
+
+def test_plan_evens_waves_only_when_asked(tmp_path):
+    f = tmp_path / "big"
+    with open(f, "wb") as out:
+        out.truncate(2048 * MiB)  # sparse: only its size is read
+    for even, n in ((True, 12), (False, 8)):
+        p = P.plan([b(f)], b(tmp_path / "out"),
+                   P.Options(stripe_width=2, streams=3, even_waves=even), TOKEN)
+        assert len(p.slices) == n
+        ends = sorted((s.offset, s.offset + s.length) for s in p.slices)
+        assert ends[0][0] == 0 and ends[-1][1] == 2048 * MiB
+        assert all(a[1] == b_[0] for a, b_ in zip(ends, ends[1:]))
+        assert max(s.length for s in p.slices) <= 256 * MiB
+    # a local copy's tasks take one slice at a time: 8 slices on 2 tasks, whole waves
+    p = P.plan([b(f)], b(tmp_path / "out"), P.Options(stripe_width=2, even_waves=True), TOKEN)
+    assert len(p.slices) == 8
+
+
 # --------------------------------------------------------------------------- pack
 
 def loads(slices, n):

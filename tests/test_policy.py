@@ -123,6 +123,8 @@ def test_size_table_sets_slice_size_per_file_unless_the_user_chose(tmp_path):
     assert (o.slice_size_for(5 << 20), o.slice_size_for(50 << 20)) == (1 << 20, 4 << 20)
     chosen = jobs.SubmitOptions.from_policy(resolve(site, cli_values={"slice_size": (8 << 20, "--slice-size")}))
     assert chosen.size_table == ()
+    # slices of a size no one chose may be cut smaller to end in whole waves; yours not
+    assert opts.even_waves and not chosen.even_waves
 
 
 @pytest.mark.parametrize("text, seconds", [("30", 1800), ("1:30", 90), ("1:00:00", 3600),

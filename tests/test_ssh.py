@@ -604,6 +604,28 @@ def test_the_local_backend_moves_a_remote_job_as_one_task_of_all_the_streams(loc
     assert (copied_layout, tasks[copied]) == ([2, 2], {0, 1})
 
 
+def test_a_large_file_is_cut_into_whole_waves_of_the_streams_unless_the_size_is_yours(
+        local_remote, area):
+    """A 2 GiB file pushed on one task of 6 streams: 12 slices of 171 MiB (two waves), not
+    8 of 256 MiB (6, then 2 while 4 streams wait); --slice-size 256M keeps 8. A local copy
+    (2 tasks of one slice at a time) keeps 8: whole waves already."""
+    hp, _agent = local_remote
+    big = os.path.join(area.src, "big")
+    with open(big, "wb") as f:
+        f.truncate(2 << 30)  # sparse: a dry run reads only its size
+    area.own()
+    hp.run("socket", "open", "--ttl", "5m", HOST)
+
+    def planned(*args):
+        out = hp.run("submit", *hp.backend_args, "--dry-run", "--stripe-width", "2",
+                     "--streams", "3", *args).stdout.decode()
+        return re.search(r"plan: 1 entries, 2\.0 GiB, (\d+) slices", out).group(1)
+
+    assert planned(big, f"{HOST}:{area.root}/") == "12"
+    assert planned("--slice-size", "256M", big, f"{HOST}:{area.root}/") == "8"
+    assert planned(big, os.path.join(area.dst, "copy")) == "8"
+
+
 @pytest.mark.parametrize("tools", ["xxhsum+python3", "rsync bundles", "coreutils only"])
 @pytest.mark.parametrize("direction", ["push", "pull"])
 def test_hostile_remote_names_arrive_intact_and_nothing_runs(local_remote, area, direction,
