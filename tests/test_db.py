@@ -305,5 +305,78 @@ def test_the_at_rest_check_goes_in_chunks_and_finds_a_changed_spool_file(url, tm
     assert all(s.state == states.DONE and s.dst_digest == ("" if left else digest)
                for f, s in after.items() if f != changed.id)
     if keep:
-        assert sorted(verified) == sorted((digest, s.id) for f, s in after.items()
+        assert sorted(verified) == sorted(s.id for f, s in after.items()
                                           if f != changed.id and left)
+
+
+def test_id_runs():
+    assert db.id_runs([]) == []
+    assert db.id_runs([7, 3, 4, 5, 9, 10, 1]) == [(1, 1), (3, 5), (7, 7), (9, 10)]
+
+
+def test_slices_verified_at_rest_take_their_source_digest_and_no_other_does(url, tmp_path):
+    from hpcmove import recover
+    job, _ = make_job(tmp_path, 5)
+    ids = [s.id for s in db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.id)]
+    for i in ids:
+        db.Slice.update(src_digest=f"{i:064x}ff").where(db.Slice.id == i).execute()
+    db.Slice.update(dst_digest="differs").where(db.Slice.id == ids[2]).execute()
+    recover.record_verified([ids[0], ids[1], ids[3]])
+    assert [s.dst_digest for s in db.Slice.select().where(db.Slice.job == job.id)
+            .order_by(db.Slice.id)] == [f"{ids[0]:064x}", f"{ids[1]:064x}", "differs",
+                                        f"{ids[3]:064x}", ""]
+
+
+def done_rows_match(tmp_path):
+    """finalize.finish records what file_checksum says of each file (a file of one slice
+    from its slice's row, the others sent as rows) and the digests verified at rest,
+    whether their ids come in runs or alone; nothing of another job changes."""
+    from hpcmove import finalize
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for name, size in (("a", 5), ("b", 8), ("c", 20), ("e", 0), ("sub/d", 3)):
+        (src / name).write_bytes(b"x" * size)
+    (tmp_path / "dst").mkdir()
+    jobs = []
+    for _ in range(2):
+        token = uuid.uuid4().hex[:12]
+        the_plan = plan([str(src)], str(tmp_path / "dst"), Options(slice_size=8, stripe_width=2),
+                        token)
+        job = db.Job.create(token=token, owner="me", backend="local", jobdir=b"/nowhere",
+                            stripe_width=2, slice_size=8, n_tasks=the_plan.n_tasks,
+                            bytes_total=the_plan.bytes_total)
+        db.insert_plan(job, the_plan)
+        jobs.append(db.set_job_state(job, states.PENDING))
+    job, other = jobs
+    files = db.plain(job.files.order_by(db.File.index))
+    slices = db.plain(db.Slice.select().where(db.Slice.job == job.id).order_by(db.Slice.id))
+    by_file, verified = {}, []
+    for s in slices:
+        by_file.setdefault(s.file_id, []).append(s)
+        digest = "cksum:99 8" if s.length == 8 and s.index == 0 and len(
+            [t for t in slices if t.file_id == s.file_id]) == 1 else f"{s.id:032x}"
+        # odd ids were verified by their task; even ones at rest just now (finalize's list)
+        db.Slice.update(state=states.DONE, src_digest=digest,
+                        dst_digest=digest if s.id % 2 else "").where(
+                            db.Slice.id == s.id).execute()
+        s.state, s.src_digest, s.dst_digest = states.DONE, digest, digest
+        if not s.id % 2:
+            verified.append(s.id)
+    assert len(slices) == 7 and any(len(ss) == 3 for ss in by_file.values())
+    finalize.finish(job, files, by_file, verified)
+    assert verified == []  # recorded
+    rows = {f.id: f for f in db.File.select().where(db.File.job == job.id)}
+    assert {f.id: (f.state, f.checksum) for f in rows.values()} == {
+        f.id: (states.DONE, finalize.file_checksum(by_file[f.id]) if f.kind == "file" else "")
+        for f in files}
+    assert {r.checksum.split(":")[0] for r in rows.values()} >= {
+        "xxh3_128", "xxh3_128-tree/8", "cksum", ""}
+    assert all(s.dst_digest == s.src_digest
+               for s in db.Slice.select().where(db.Slice.job == job.id))
+    assert db.Job.get_by_id(job.id).state == states.DONE
+    assert {(f.state, f.checksum) for f in other.files} == {(states.SUBMITTED, "")}
+    assert {s.dst_digest for s in other.slices} == {""}
+
+
+def test_done_rows_are_what_file_checksum_says(url, tmp_path):
+    done_rows_match(tmp_path)

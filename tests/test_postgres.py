@@ -11,7 +11,8 @@ import pytest
 
 from conftest import Hpcmove, run_as_user
 from hpcmove import db, states
-from test_db import make_job, plain_matches_models, reserved_ids_hold, _record_task
+from test_db import (_record_task, done_rows_match, make_job, plain_matches_models,
+                     reserved_ids_hold)
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +96,14 @@ def test_a_plans_ids_come_from_the_tables_sequences_in_postgres(pg_url, tmp_path
     db.connect(pg_url)
     try:
         reserved_ids_hold(tmp_path)
+    finally:
+        db.close()
+
+
+def test_done_rows_are_what_file_checksum_says_in_postgres(pg_url, tmp_path):
+    db.connect(pg_url)
+    try:
+        done_rows_match(tmp_path)
     finally:
         db.close()
 
