@@ -92,20 +92,20 @@ def test_plain_rows_are_the_models_values_in_postgres(pg_url, tmp_path):
         db.close()
 
 
-def test_a_plans_ids_come_from_the_tables_sequences_in_postgres(pg_url, tmp_path):
+@pytest.fixture
+def pg_db(pg_url):
+    """The models bound to the shared database for one test (as root: an admin role)."""
     db.connect(pg_url)
-    try:
-        reserved_ids_hold(tmp_path)
-    finally:
-        db.close()
+    yield pg_url
+    db.close()
 
 
-def test_done_rows_are_what_file_checksum_says_in_postgres(pg_url, tmp_path):
-    db.connect(pg_url)
-    try:
-        done_rows_match(tmp_path)
-    finally:
-        db.close()
+def test_a_plans_ids_come_from_the_tables_sequences_in_postgres(pg_db, tmp_path):
+    reserved_ids_hold(tmp_path)
+
+
+def test_done_rows_are_what_file_checksum_says_in_postgres(pg_db, tmp_path):
+    done_rows_match(tmp_path)
 
 
 def test_64_tasks_record_at_the_same_moment_in_postgres(pg_url, tmp_path):
