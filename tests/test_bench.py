@@ -163,3 +163,36 @@ def test_stream_bench_sends_a_file_both_ways(tmp_path):
     assert lines[0] == "one stream of 3M into cat, medians of 1 rounds"
     assert [line.split()[0] for line in lines[1:]] == ["splice", "copy", "offset16"]
     assert all("CPU s sending" in line for line in lines[1:])
+
+
+def test_the_bench_runs_hpcmove_compiled_as_an_install_leaves_it(monkeypatch):
+    """bench/run.py compiles hpcmove's modules before it measures: a source newer than
+    its bytecode (an edited checkout, with PYTHONDONTWRITEBYTECODE set) would otherwise
+    be compiled again by every process of every round."""
+    import importlib.util
+
+    import hpcmove
+    source = os.path.join(os.path.dirname(hpcmove.__file__), "units.py")
+    st = os.stat(source)
+
+    def compiled_for():
+        """The source mtime the bytecode was made for (0: none)."""
+        try:
+            with open(importlib.util.cache_from_source(source), "rb") as f:
+                return int.from_bytes(f.read(16)[8:12], "little")
+        except OSError:
+            return 0
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # PYTHONDONTWRITEBYTECODE
+    newer = max(compiled_for(), int(st.st_mtime)) + 2
+    os.utime(source, (st.st_atime, newer))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "bench_run", os.path.join(REPO, "bench", "run.py"))
+        bench_run = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_run)
+        assert compiled_for() != newer
+        bench_run.compiled()
+        assert compiled_for() == newer
+    finally:
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
