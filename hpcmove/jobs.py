@@ -709,6 +709,21 @@ def status_dict(job):
     return out
 
 
+CANCEL_AGAIN = 10.0  # s between cancels of batch jobs that are still there
+
+
+def _gone_after_cancel(backend, ids, timeout, again=CANCEL_AGAIN):
+    """backend.wait_gone(ids, timeout), cancelling what is left again every `again`
+    seconds: a Grid Engine whose execd had just started killed one task of an array 2
+    minutes after the first qdel, the other at once."""
+    deadline = time.monotonic() + timeout
+    while not backend.wait_gone(ids, min(again, max(0.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            return False
+        backend.cancel(ids)
+    return True
+
+
 def cancel(job, timeout=120.0):
     """Stop the job's batch jobs, remove its spool, mark what had not finished Cancelled."""
     if job.state == states.CANCELLED and remote.of_job(job):
@@ -722,7 +737,7 @@ def cancel(job, timeout=120.0):
             break
         backend.cancel(ids)
         cancelled |= set(ids)
-        if not backend.wait_gone(ids, timeout):
+        if not _gone_after_cancel(backend, ids, timeout):
             raise HpcmoveError(f"{job.label}: batch jobs {', '.join(ids)} still running "
                                f"{timeout:.0f} s after cancel; state left Cancelling")
     files = list(job.files)

@@ -483,3 +483,30 @@ def test_unknown_job_is_a_clear_error(home, group, name):
     result = CliRunner().invoke(group, [name, "hm-99"])
     assert result.exit_code == 1 and "no job hm-99" in result.output
     assert "Traceback" not in result.output
+
+
+class _SlowToDie:
+    """A batch system that ends the jobs only at the `dies_at`-th cancel (or never)."""
+
+    def __init__(self, dies_at):
+        self.dies_at, self.cancels = dies_at, 0
+
+    def cancel(self, ids):
+        self.cancels += 1
+
+    def wait_gone(self, ids, timeout):
+        if self.dies_at and self.cancels >= self.dies_at:
+            return True
+        time.sleep(timeout)
+        return False
+
+
+def test_cancel_is_sent_again_while_batch_jobs_stay_and_gives_up_at_the_timeout():
+    slow = _SlowToDie(dies_at=3)
+    slow.cancel(["1"])  # as jobs.cancel does first
+    assert jobs._gone_after_cancel(slow, ["1", "2"], timeout=5, again=0.01)
+    assert slow.cancels == 3
+    never = _SlowToDie(dies_at=0)
+    started = time.monotonic()
+    assert not jobs._gone_after_cancel(never, ["1"], timeout=0.2, again=0.05)
+    assert 0.2 <= time.monotonic() - started < 2 and 3 <= never.cancels <= 5
