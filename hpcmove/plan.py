@@ -268,6 +268,7 @@ def cut(entry, slice_size):
 WAVES_AT_MOST = 4  # waves of the streams a job's slices make, for evening out
 SHARE_AT_LEAST = 4  # a slice made smaller keeps at least 1/4 of its size
 EVEN_ALIGN = 1 << 20  # sizes of evened-out slices: whole MiB (the engines' buffer)
+FACTORS_AT_MOST = 48  # factors tried
 # What a slice costs beyond its bytes, in bytes moved meanwhile (starting a session and
 # its remote process, recording, checking: tens of ms at a few hundred MB/s)
 SLICE_COST = 8 << 20
@@ -281,28 +282,32 @@ def even_waves(file_sizes, slice_sizes, streams):
                  if n > s >= SHARE_AT_LEAST * EVEN_ALIGN]
     if streams <= 1 or not cut_files:
         return slice_sizes
-    big = [n for n, s in zip(file_sizes, slice_sizes) if n >= s // SHARE_AT_LEAST]
+    # what the streams take one by one: the cut files' slices and every file of a quarter
+    # slice or more (smaller ones travel in bundles, or in a moment)
+    big = [i for i, (n, s) in enumerate(zip(file_sizes, slice_sizes))
+           if n >= s // SHARE_AT_LEAST]
+    if len(big) > WAVES_AT_MOST * streams:
+        return slice_sizes
 
     def units(sizes):
-        """Bytes of each unit the streams take: the cut files' slices and every file of
-        a quarter slice or more (smaller ones travel in bundles or in a moment)."""
         out = []
-        for n, s in zip(file_sizes, sizes):
-            if n >= s // SHARE_AT_LEAST or n > s:
-                out.extend([s] * (n // s) + ([n % s] if n % s else []))
+        for i in big:
+            n, s = file_sizes[i], sizes[i]
+            out.extend([s] * (n // s) + ([n % s] if n % s else []))
         return out
 
     first = units(slice_sizes)
-    if len(first) % streams == 0 or len(first) > WAVES_AT_MOST * streams or \
-            len(big) > WAVES_AT_MOST * streams:
+    if len(first) % streams == 0 or len(first) > WAVES_AT_MOST * streams:
         return slice_sizes
-    # the factors at which a cut file gets one slice more, largest first
+    # the factors at which a cut file gets one slice more, largest first; of many (many
+    # streams), some across their range
     factors = sorted({file_sizes[i] / (k * slice_sizes[i]) for i in cut_files
                       for k in range(math.ceil(file_sizes[i] / slice_sizes[i]) + 1,
                                      SHARE_AT_LEAST * math.ceil(file_sizes[i] /
                                                                 slice_sizes[i]) + 1)
                       if file_sizes[i] / (k * slice_sizes[i]) >= 1 / SHARE_AT_LEAST},
                      reverse=True)
+    factors = factors[::math.ceil(len(factors) / FACTORS_AT_MOST)]
     best, best_time = slice_sizes, makespan(first, streams)
     for f in factors:
         sizes = list(slice_sizes)
