@@ -82,7 +82,8 @@ def effective_settings(flags):
                    "partition has fewer CPUs; cores locally].")
 @click.option("--slice-size", type=Size(), default=None,
               help="Files larger than this are cut into slices of this size [default: 256M, "
-                   "or down to a quarter of it when the streams then end together].")
+                   "or smaller, never below a quarter of it, when the streams then end "
+                   "together].")
 @click.option("--bwlimit", type=Size(), default=None,
               help="Bandwidth limit per array task, bytes per second (e.g. 100M).")
 @click.option("--backend", type=click.Choice(["slurm", "local", "drmaa", "pyslurm"]),
