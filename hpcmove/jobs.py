@@ -470,7 +470,7 @@ def _stop_chain(backend_name, submitted, timeout=60.0):
     try:
         backend = plugins.backend(backend_name)
         backend.cancel(ids)
-        backend.wait_gone(ids, timeout)
+        _gone_after_cancel(backend, ids, timeout)
     except Exception as e:
         print(f"hpcmove: batch jobs {', '.join(ids)} may still run: {e}", file=sys.stderr)
 
