@@ -650,7 +650,7 @@ class SshEngine(CopyEngine):
     def _pull_bundle(self, items):
         parts = [untar_parts(i) for i in items] if local_gnu_tar() else [None]
         if parts[0] and all(p and p[:2] == parts[0][:2] for p in parts):
-            return self._pull_untar(items, parts[0][0], parts[0][1], [p[2] for p in parts])
+            return self._pull_tree(items, parts[0][0], parts[0][1], [p[2] for p in parts])
         srcs = [i["src"] for i in items]
         listing = b"\0".join(srcs) + b"\0"
         proc = self.remote.session(pull_bundle_cmd(len(listing), self.kind))
@@ -689,7 +689,27 @@ class SshEngine(CopyEngine):
             got[item["slice"]] = (theirs.get(item["src"], ""), ours[item["slice"]], "")
         return got
 
-    def _pull_untar(self, items, rdir, ldir, names):
+    def _pull_tree(self, items, rdir, ldir, names):
+        """_pull_untar, with this machine's tar taking the members in the order of the
+        names (--same-order): it matches each member against the next name, not against
+        all of them (a bundle of 1,667 names: 4-8 ms of tar's CPU instead of 16-24). A
+        name whose member does not come (its source gone since it was listed) makes tar
+        skip every member after it: what was not received goes once more, in a session
+        of its own, matched in any order. Should that session fail, what the first one
+        received stays received."""
+        got = self._pull_untar(items, rdir, ldir, names)
+        missing = [k for k, item in enumerate(items) if got[item["slice"]][2]]
+        if len(missing) > 1:
+            try:
+                got.update(self._pull_untar([items[k] for k in missing], rdir, ldir,
+                                            [names[k] for k in missing], in_order=False))
+            except AuthRequired:
+                raise
+            except TransferError:
+                pass  # each goes alone, as after any bundle
+        return got
+
+    def _pull_untar(self, items, rdir, ldir, names, in_order=True):
         """A pulled bundle whose files are `names` both under the remote directory `rdir`
         and under the spool directory `ldir`: the remote tar's stream goes straight into
         this machine's GNU tar, the data never through Python (20,000 files of 1-64 KiB
@@ -717,6 +737,7 @@ class SshEngine(CopyEngine):
                         ["tar", "-x", "-f", "-", "-b", TAR_READ_BLOCKS.decode(), "-B", "-C",
                          os.fsdecode(ldir), "--no-same-owner", "--same-permissions", "--null",
                          "--verbatim-files-from", "--no-recursion", "--no-wildcards",
+                         *(["--same-order"] if in_order else []),
                          "-T", f"/dev/fd/{names_fd}"],
                         stdin=proc.stdout.fileno(), stdout=subprocess.DEVNULL,
                         stderr=subprocess.PIPE, env=dict(os.environ, LC_ALL="C"),
