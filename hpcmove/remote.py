@@ -689,6 +689,23 @@ class Slots:
         timer.start()
 
 
+# What a session prints comes through a pipe of this size (Linux: F_SETPIPE_SZ, at most
+# fs.pipe-max-size, 1 MiB by default, for any user) instead of 64 KiB. The control master
+# writes every session's output, 32 KiB at a time: with room for 32 of its writes it waits
+# for the reader far less often (20,000 files pulled on six streams: 0.86-0.97 CPU s for
+# the master instead of 1.14-1.22). Its input pipe keeps the default: pushes were no
+# faster with it wider, rather slower.
+PIPE_BYTES = 1 << 20
+
+
+def widen(pipe):
+    """Give `pipe` (a file object) PIPE_BYTES of buffer where the system allows it."""
+    try:
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (OSError, AttributeError):  # over the user's pipe limit; not Linux
+        pass
+
+
 class Session(subprocess.Popen):
     """A remote command's ssh process that holds session slots until it is waited for."""
 
@@ -700,6 +717,7 @@ class Session(subprocess.Popen):
         except BaseException:
             self._let_go()
             raise
+        widen(self.stdout)
 
     def _let_go(self):
         held, self._held = self._held, []

@@ -1131,6 +1131,24 @@ def test_a_session_started_ahead_is_the_one_a_later_run_uses(tmp_path, monkeypat
     assert starts() == 2
 
 
+def test_what_a_session_prints_comes_through_a_wide_pipe(tmp_path, monkeypatch):
+    """A session's output pipe holds PIPE_BYTES (the control master writes into it); its
+    input keeps the default. Where the system refuses the size, the session still runs
+    with the pipe it has."""
+    import fcntl
+    _stub_ssh(tmp_path, monkeypatch)
+    r = remote.Remote("h", bytes(tmp_path / "sock"))
+    proc = r.session(b"cat")
+    try:
+        assert fcntl.fcntl(proc.stdout.fileno(), fcntl.F_GETPIPE_SZ) == remote.PIPE_BYTES
+        assert fcntl.fcntl(proc.stdin.fileno(), fcntl.F_GETPIPE_SZ) < remote.PIPE_BYTES
+        assert proc.communicate(b"x" * 3_000_000)[0] == b"x" * 3_000_000
+    finally:
+        proc.wait()
+    monkeypatch.setattr(remote, "PIPE_BYTES", (1 << 31) - 1)  # refused, even to root
+    assert r.script(b"echo one\n") == (0, b"one\n", b"")
+
+
 def test_a_placement_started_ahead_and_never_fed_places_nothing(tmp_path, monkeypatch):
     """finalize starts the placement program before it knows whether it will place; at
     exit an unused one gets no input: it must neither place nor remove the spool."""
