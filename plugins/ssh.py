@@ -37,9 +37,9 @@ import xxhash
 
 from hpcmove import states
 from hpcmove.errors import TransferError
-from hpcmove.remote import ASKS, SESSION_REFUSED, SESSIONS, AuthRequired, Remote, ask_later, \
-    digest_cmd, digests_script, parse_check, parse_digest, parse_digests, parse_sums, \
-    pull_slice_cmd, q, refused, sums_cmd, word, write_cmd
+from hpcmove.remote import ASKS, SESSION_REFUSED, SESSIONS, WIDE_STDIN, AuthRequired, Remote, \
+    ask_later, digest_cmd, digests_script, parse_check, parse_digest, parse_digests, \
+    parse_sums, pull_slice_cmd, q, refused, sums_cmd, word, write_cmd
 from hpcmove.ssh import further_connections
 from hpcmove_plugins.copy import BUFFER, CopyEngine, SliceWork, read_buffer, small_digest
 
@@ -191,8 +191,8 @@ class SshEngine(CopyEngine):
     def _bundle_cmd(self, spool, names):
         # tar sets each file's mode and mtime from its header (see tar_header), so that
         # placement need not touch 20,000 inodes a second time
-        cmd = (b"umask 077 && tar -x -B -b " + TAR_READ_BLOCKS + b" -f - -C " + q(word(spool))
-               + b" --no-same-owner --same-permissions")
+        cmd = (WIDE_STDIN + b"umask 077 && tar -x -B -b " + TAR_READ_BLOCKS + b" -f - -C "
+               + q(word(spool)) + b" --no-same-owner --same-permissions")
         if not self.defer_verify:  # else finalize's at-rest check hashes them there, once
             cmd += (b" && cd " + q(word(spool)) + b" && " + sums_cmd(self.kind) + b" -- "
                     + b" ".join(q(n) for n in names))
@@ -935,7 +935,7 @@ def parts_script(roots):
 
 def parts_cmd(script_size):
     """Run the parts_script that comes first on stdin (`script_size` bytes)."""
-    return b'eval "$(head -c %d)"' % script_size
+    return WIDE_STDIN + b'eval "$(head -c %d)"' % script_size
 
 
 def pull_bundle_cmd(size, kind):

@@ -1149,6 +1149,25 @@ def test_what_a_session_prints_comes_through_a_wide_pipe(tmp_path, monkeypatch):
     assert r.script(b"echo one\n") == (0, b"one\n", b"")
 
 
+def test_what_reads_a_push_on_the_remote_host_reads_a_wide_pipe(tmp_path, monkeypatch):
+    """WIDE_STDIN, ahead of the remote tar that unpacks a pushed bundle (of one spool or
+    of several), widens its stdin pipe; without Perl the command runs all the same."""
+    from hpcmove_plugins.ssh import parts_cmd
+    _stub_ssh(tmp_path, monkeypatch)
+    r = remote.Remote("h", bytes(tmp_path / "sock"))
+    size = b"python3 -c 'import fcntl; print(fcntl.fcntl(0, fcntl.F_GETPIPE_SZ))'"
+    assert r.run(remote.WIDE_STDIN + size)[1] == b"%d\n" % remote.PIPE_BYTES
+    assert r.run(size)[1] != b"%d\n" % remote.PIPE_BYTES
+    assert SshEngine(remote={"host": "h", "socket": "s", "side": "dst"})._bundle_cmd(
+        b"/s", [b"f"]).startswith(remote.WIDE_STDIN)
+    assert parts_cmd(10).startswith(remote.WIDE_STDIN)
+    bare = tmp_path / "bare"  # a PATH with a shell and no Perl
+    bare.mkdir()
+    os.symlink(shutil.which("sh"), bare / "sh")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{bare}")
+    assert r.run(remote.WIDE_STDIN + b"echo ran")[1] == b"ran\n"
+
+
 def test_a_placement_started_ahead_and_never_fed_places_nothing(tmp_path, monkeypatch):
     """finalize starts the placement program before it knows whether it will place; at
     exit an unused one gets no input: it must neither place nor remove the spool."""
