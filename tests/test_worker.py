@@ -1,6 +1,7 @@
 """The worker's retry rule: transient errors are retried a bounded number of times,
 permanent ones fail the slice at once with the engine's reason."""
 import collections
+import contextlib
 
 import pytest
 
@@ -80,7 +81,9 @@ def test_a_stream_whose_connection_is_gone_leaves_the_rest_to_the_others(plan, a
     taken = collections.defaultdict(list)
     engine = Connection(3, list(plan), taken)
     units = [[n] for n in range(40)]
-    results = list(worker._streams(engine, lambda eng, unit: eng.one(unit), units))
+    ended = list(worker._streams(engine, lambda eng, unit: eng.one(unit), units))
+    assert [left for _r, left in ended] == list(range(39, -1, -1))
+    results = [r for unit, _left in ended for r in unit]
     assert sorted(item for item, _r in results) == list(range(40))  # none lost
     states_seen = collections.Counter(r["state"] for _i, r in results)
     if auth == 1:
@@ -158,3 +161,42 @@ def test_manifest_lines_are_the_items_json_for_any_name(tmp_path):
     got = {os.path.basename(i["src"]): i for i in jobdir.read_task(path, 0)}
     assert set(got) == set(names)
     assert [got[n]["size"] for n in names] == list(range(len(names)))
+
+
+class Bundler:
+    """A task's engine of three streams that moves units of two items, all Done."""
+    streams = 3
+
+    def fork(self):
+        return self
+
+    def units(self, items):
+        return [items[k:k + 2] for k in range(0, len(items), 2)]
+
+    def copy_bundle(self, items):
+        return [(i, {"slice": i["slice"], "state": states.DONE, "seconds": 0.0,
+                     "attempts": 1, "src": "ab", "dst": "", "reason": ""}) for i in items]
+
+
+def test_the_last_wave_is_recorded_unit_by_unit(monkeypatch):
+    """Once fewer units are left to end than there are streams, each unit's results are
+    recorded as it ends: the task's last write, which finalize waits for, holds one
+    unit's rows, not all since the last timed flush."""
+    from types import SimpleNamespace
+    from hpcmove import jobdir, plugins
+    items = [dict(ITEM, slice=n, spool=b"/d/.hpcmove-t.spool/t/f%d" % n) for n in range(24)]
+    monkeypatch.setattr(jobdir, "read_task", lambda path, task: [dict(i) for i in items])
+    monkeypatch.setattr(worker.db, "connect", lambda *a: None)
+    monkeypatch.setattr(worker.db, "atomic", contextlib.nullcontext)
+    monkeypatch.setattr(worker.db.Job, "get", lambda *a: SimpleNamespace(
+        id=1, options="{}", token="t"))
+    monkeypatch.setattr(worker, "done_slices", lambda *a: set())
+    monkeypatch.setattr(worker, "start_meanwhile", lambda *a: None)
+    monkeypatch.setattr(plugins, "make_engine", lambda options: Bundler())
+    monkeypatch.setattr(worker, "FLUSH_SECONDS", 1e9)  # no flush but the rule's
+    writes = []
+    monkeypatch.setattr(worker.db, "record_results",
+                        lambda host, results: writes.append(sorted(r["slice"] for r in results)))
+    assert worker.run(b"/jobs/x", 0) == 0
+    assert sorted(s for w in writes for s in w) == list(range(24))  # each once
+    assert [len(w) for w in writes] == [20, 2, 2]  # the units ending with 2, 1, 0 left
