@@ -403,3 +403,12 @@ def test_socket_open_follows_the_site_policy(runner, tmp_path, monkeypatch, fake
     assert 1700 < row["seconds_left"] <= 1800
     runner.invoke(cli.cli, ["socket", "close", "alice@a.example.org"])
     assert os.listdir(os.environ["HPCMOVE_SOCKET_DIR"]) == []
+
+
+def test_a_command_does_not_import_what_only_slurm_needs():
+    """Every command pays its imports before it does anything (`submit` before it lists
+    a remote tree): `sh`, with asyncio behind it, is imported when a Slurm command runs."""
+    out = subprocess.run([sys.executable, "-c", "import sys, hpcmove.cli; "
+                          "print(sorted({'sh', 'asyncio'} & set(sys.modules)))"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -6,8 +6,6 @@ number of jobs; a failed command raises SchedulerError with its full output.
 import os
 import re
 
-import sh
-
 from ..errors import SchedulerError
 from ..units import parse_duration
 from . import Backend, Submitted, overall, parse_batch_ids, submission_env
@@ -20,6 +18,7 @@ _NOTHING_TO_HOLD = ("already finished", "not pending", "no longer pending",
 
 def run(command, *args):
     """Run a Slurm command; stdout as text, or SchedulerError explaining the failure."""
+    import sh  # here, not at the top: it brings asyncio, 0.01-0.02 s of every command
     argv = [command, *[os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args]]
     try:
         return str(sh.Command(command)(*argv[1:], _env=submission_env(), _tty_out=False))
